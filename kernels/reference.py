@@ -1,0 +1,78 @@
+"""Eager PyTorch definitions of the two hot spots: the oracles the Triton kernels are tested against.
+
+Switches are int8 offsets inside a 3x3 pooling window, row-major: ``offset = 3 * dy + dx``. They carry the
+same information as ``max_pool2d(return_indices=True)``'s int64 flat indices at one eighth of the bytes, and
+they are independent of the input width, so a switch map can be checked against the pooled map alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+POOL_KERNEL = 3
+POOL_STRIDE = 2
+
+
+def pooled_size(size: int, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE) -> int:
+    """Output length of a ceil-mode, unpadded max-pool (PyTorch's rule: the last window must start inside)."""
+    out = -(-(size - kernel) // stride) + 1
+    if (out - 1) * stride >= size:
+        out -= 1
+    return out
+
+
+def switches_from_indices(indices: torch.Tensor, in_width: int, stride: int = POOL_STRIDE,
+                          kernel: int = POOL_KERNEL) -> torch.Tensor:
+    """Flat int64 argmax indices (``max_pool2d(return_indices=True)``) -> int8 window offsets 0..k*k-1."""
+    oh, ow = indices.shape[-2:]
+    row = indices // in_width - (torch.arange(oh, device=indices.device) * stride).view(oh, 1)
+    col = indices % in_width - (torch.arange(ow, device=indices.device) * stride).view(1, ow)
+    return (row * kernel + col).to(torch.int8)
+
+
+def indices_from_switches(switches: torch.Tensor, in_width: int, stride: int = POOL_STRIDE,
+                          kernel: int = POOL_KERNEL) -> torch.Tensor:
+    """Inverse of :func:`switches_from_indices`: int8 window offsets -> flat int64 indices into the input."""
+    oh, ow = switches.shape[-2:]
+    s = switches.to(torch.int64)
+    row = (torch.arange(oh, device=s.device) * stride).view(oh, 1) + s // kernel
+    col = (torch.arange(ow, device=s.device) * stride).view(1, ow) + s % kernel
+    return row * in_width + col
+
+
+def max_pool_with_switches(x: torch.Tensor, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE):
+    """Ceil-mode max-pool returning ``(pooled, int8 switches)``; ties go to the first position (row-major)."""
+    pooled, indices = F.max_pool2d(x, kernel, stride, ceil_mode=True, return_indices=True)
+    return pooled, switches_from_indices(indices, x.shape[-1], stride, kernel)
+
+
+def conv1_relu_pool_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
+                              stride: int = 2, padding: int = 1, return_conv: bool = False):
+    """conv2d + bias + ReLU + 3x3/2 ceil-mode max-pool with switches, as eager PyTorch does it.
+
+    Half-precision inputs are computed in fp32 (the kernels accumulate in fp32) and cast back.
+    Returns ``(pooled, switches)`` or ``(pooled, switches, conv)`` with ``conv`` the post-ReLU activation.
+    """
+    dtype = x.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    conv = F.relu(F.conv2d(x.to(compute), weight.to(compute), bias.to(compute), stride=stride,
+                           padding=padding)).to(dtype)
+    pooled, switches = max_pool_with_switches(conv)
+    return (pooled, switches, conv) if return_conv else (pooled, switches)
+
+
+def unpool_sum_reference(pooled: torch.Tensor, switches: torch.Tensor, output_size, *,
+                         relu: bool = False) -> torch.Tensor:
+    """Max-unpool that **sums** where windows share a position: the adjoint of max-pool.
+
+    Defined through ``aten.max_pool2d_with_indices_backward``, i.e. autograd's own max-pool backward, which is
+    exactly the deconvnet's unpooling when several overlapping windows picked the same input position.
+    """
+    out_h, out_w = output_size
+    indices = indices_from_switches(switches, out_w)
+    template = pooled.new_empty(pooled.shape[:-2] + (out_h, out_w))
+    dense = torch.ops.aten.max_pool2d_with_indices_backward(
+        pooled, template, [POOL_KERNEL, POOL_KERNEL], [POOL_STRIDE, POOL_STRIDE], [0, 0], [1, 1], True,
+        indices)
+    return F.relu(dense) if relu else dense

@@ -1,0 +1,221 @@
+"""The one definition of how an image becomes the network's input. Every path (CLI, server, engines,
+training, evaluation) goes through :func:`load_image` / :func:`load_images`.
+
+Decoding untrusted bytes safely:
+- only JPEG, PNG and WebP are opened (Pillow is given the allowlist, so other decoders never run);
+- the size and frame count are read from the header and checked *before* any pixel is decoded;
+- a pixel limit (default 40 MP) and a minimum side (default 32 px) are enforced; decompression-bomb warnings
+  are errors; truncated files are errors (``LOAD_TRUNCATED_IMAGES`` stays off);
+- only the first frame of an animated PNG/WebP is decoded; EXIF orientation is applied.
+Colour: grayscale, palette and CMYK are converted to RGB; 16-bit images are scaled to 8 bits (not clipped);
+alpha is composited onto the model's mean colour, so fully transparent pixels become 0 after mean
+subtraction (the same value the occlusion engine fills with).
+Then: resize the short side to ``resize`` (bilinear, antialiased), centre-crop ``crop`` x ``crop``, subtract
+the mean (per channel, or the matching centre crop of the per-pixel mean image). Output: float32 (3, crop, crop)
+in raw pixel units minus the mean (roughly -128..128), the paper's input units.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Iterable, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import ModelConfig, PreprocessConfig
+from .errors import CorruptImageError, ImageSizeError, InvalidArgumentError, UnsupportedImageFormatError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_SIDE = 32
+DEFAULT_MAX_FRAMES = 1000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
+
+# Leading bytes of formats we refuse, so the error can name what was sent without running its decoder.
+_REFUSED_MAGIC = (
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"),
+    (b"\x00\x00\x01\x00", "ICO"), (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"),
+    (b"\x01\xda", "SGI"), (b"icns", "ICNS"), (b"SIMPLE  =", "FITS"), (b"qoif", "QOI"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"%PDF", "PDF"),
+)
+
+
+def _preprocess_config(config) -> PreprocessConfig:
+    if config is None:
+        return PreprocessConfig()
+    if isinstance(config, PreprocessConfig):
+        return config
+    if isinstance(config, ModelConfig):
+        return config.preprocess
+    if hasattr(config, "config") and isinstance(config.config, ModelConfig):  # a ZFNet
+        return config.config.preprocess
+    raise TypeError(f"expected a ModelConfig or PreprocessConfig, got {type(config).__name__}")
+
+
+def _sniff_refused(head: bytes) -> str | None:
+    for magic, name in _REFUSED_MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def _read_source(source, field: str, max_bytes: int) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise InvalidArgumentError(f"{field}: no such file: {path}", field=field)
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageSizeError(f"{field}: file is {size} bytes; at most {max_bytes} are accepted", field=field)
+        data = path.read_bytes()
+    else:
+        raise InvalidArgumentError(f"{field}: expected image bytes, a path or a uint8 array, "
+                                   f"got {type(source).__name__}", field=field)
+    if not data:
+        raise CorruptImageError(f"{field}: empty image (0 bytes); send JPEG, PNG or WebP bytes", field=field)
+    if len(data) > max_bytes:
+        raise ImageSizeError(f"{field}: {len(data)} bytes; at most {max_bytes} are accepted", field=field)
+    return data
+
+
+def _to_rgb_array(im: Image.Image, pre: PreprocessConfig) -> np.ndarray:
+    """Any decoded mode -> uint8 (H, W, 3)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit (or 32-bit) grayscale: scale to 8 bits instead of clipping everything above 255.
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
+        (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[:, :, 3:4] / 255.0
+        mean = np.asarray(pre.mean_rgb(), dtype=np.float32).reshape(1, 1, 3)
+        rgb = rgba[:, :, :3] * alpha + mean * (1.0 - alpha)
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
+                 max_frames: int = DEFAULT_MAX_FRAMES, max_bytes: int = DEFAULT_MAX_BYTES,
+                 config=None, field: str = "image") -> np.ndarray:
+    """Safely decode image bytes or a file to uint8 RGB (H, W, 3), EXIF orientation applied."""
+    pre = _preprocess_config(config)
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, field, min_side, max_pixels)
+    data = _read_source(source, field, max_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+        except UnidentifiedImageError:
+            refused = _sniff_refused(data[:16])
+            if refused:
+                raise UnsupportedImageFormatError(
+                    f"{field}: {refused} images are not accepted; accepted formats: JPEG, PNG, WebP",
+                    field=field) from None
+            raise CorruptImageError(f"{field}: not a decodable JPEG, PNG or WebP image ({len(data)} bytes)",
+                                    field=field) from None
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageSizeError(f"{field}: {exc}; at most {max_pixels} pixels are accepted", field=field) \
+                from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise CorruptImageError(f"{field}: corrupt image header ({exc})", field=field) from None
+        with im:
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageSizeError(f"{field}: {width}x{height} = {width * height} pixels; at most {max_pixels} "
+                                     f"are accepted", field=field)
+            if min(width, height) < min_side:
+                raise ImageSizeError(f"{field}: {width}x{height} is too small; each side must be at least "
+                                     f"{min_side} pixels", field=field)
+            frames = getattr(im, "n_frames", 1)
+            if frames > max_frames:
+                raise ImageSizeError(f"{field}: {frames} frames; at most {max_frames} are accepted (only the "
+                                     f"first is used)", field=field)
+            try:
+                if frames > 1:
+                    im.seek(0)
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                rgb = _to_rgb_array(im, pre)
+            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+                raise ImageSizeError(f"{field}: {exc}", field=field) from None
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise CorruptImageError(f"{field}: truncated or corrupt {im.format} data ({exc})",
+                                        field=field) from None
+    return rgb
+
+
+def _array_to_rgb(arr: np.ndarray, field: str, min_side: int, max_pixels: int) -> np.ndarray:
+    if arr.dtype != np.uint8:
+        raise InvalidArgumentError(f"{field}: arrays must be uint8 (H, W[, 1|3|4]), got dtype {arr.dtype}",
+                                   field=field)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise InvalidArgumentError(f"{field}: arrays must be shaped (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
+                                   f"got {tuple(arr.shape)}", field=field)
+    h, w = arr.shape[:2]
+    if min(h, w) < min_side or h * w > max_pixels:
+        raise ImageSizeError(f"{field}: {w}x{h} is outside the accepted size (sides >= {min_side}, "
+                             f"at most {max_pixels} pixels)", field=field)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def resize_and_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (crop, crop, 3): short side to ``resize`` (bilinear, antialiased), centre crop."""
+    h, w = rgb.shape[:2]
+    if min(h, w) != resize:
+        scale = resize / min(h, w)
+        w, h = max(resize, round(w * scale)), max(resize, round(h * scale))
+        rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+    top, left = (h - crop) // 2, (w - crop) // 2
+    return rgb[top:top + crop, left:left + crop]
+
+
+def to_input(rgb: np.ndarray, config=None) -> np.ndarray:
+    """uint8 (H, W, 3) RGB -> the network's input, float32 (3, crop, crop), mean subtracted."""
+    pre = _preprocess_config(config)
+    cropped = resize_and_crop(rgb, pre.resize, pre.crop)
+    chw = cropped.transpose(2, 0, 1).astype(np.float32)
+    return np.ascontiguousarray(chw - pre.mean_crop())
+
+
+def load_image(source: ImageSource, config=None, **limits) -> np.ndarray:
+    """bytes | path | uint8 array -> float32 (3, crop, crop), ready for the network.
+
+    ``config`` is a model's ``ModelConfig`` (``model.config``), its ``PreprocessConfig`` or a ZFNet.
+    ``limits``: ``max_pixels``, ``min_side``, ``max_frames``, ``max_bytes``, ``field`` (name used in errors).
+    """
+    return to_input(decode_image(source, config=config, **limits), config)
+
+
+def load_images(sources: Iterable[ImageSource], config=None, **limits) -> np.ndarray:
+    """Batch form of :func:`load_image`: float32 (N, 3, crop, crop). Errors name the failing item's index."""
+    field = limits.pop("field", "images")
+    arrays = [load_image(src, config, field=f"{field}[{i}]", **limits) for i, src in enumerate(sources)]
+    if not arrays:
+        raise InvalidArgumentError(f"{field}: no images given", field=field)
+    return np.stack(arrays)
+
+
+def to_display(x: np.ndarray, config=None) -> np.ndarray:
+    """Inverse of :func:`to_input` (up to the resize): float32 (3, H, W) network input -> uint8 (H, W, 3)."""
+    pre = _preprocess_config(config)
+    x = np.asarray(x, dtype=np.float32)
+    mean = pre.mean_crop()
+    if mean.shape[1:] != (1, 1) and mean.shape[1:] != x.shape[1:]:
+        mean = mean.reshape(3, -1).mean(axis=1).reshape(3, 1, 1)
+    return np.clip(np.rint(x + mean), 0, 255).astype(np.uint8).transpose(1, 2, 0)

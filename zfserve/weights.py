@@ -1,0 +1,163 @@
+"""Model directories: ``weights.safetensors`` + ``config.json`` (+ ``model.onnx``, written by the exporter).
+
+No pickle anywhere. Every failure names the file (and the tensor) that is wrong.
+
+Model names resolve to the embedded models under ``zfserve/models/<name>/``; ``zfnet-paper`` is built in: the
+untrained paper configuration (1000 classes, paper init with a fixed seed), never stored on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import ModelLoadError, NotFoundError
+
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+ONNX_FILE = "model.onnx"
+MEAN_IMAGE_TENSOR = "mean_image"
+PAPER_MODEL = "zfnet-paper"
+DEMO_MODEL = "zfnet-demo"
+PAPER_SEED = 0
+EMBEDDED_DIR = Path(__file__).resolve().parent / "models"
+
+
+def embedded_models() -> list[str]:
+    """Names of the models shipped inside the package, plus the built-in paper configuration."""
+    names = sorted(p.name for p in EMBEDDED_DIR.iterdir() if (p / CONFIG_FILE).is_file()) \
+        if EMBEDDED_DIR.is_dir() else []
+    return names + [PAPER_MODEL]
+
+
+def default_model_name() -> str:
+    """``zfnet-demo`` when it is embedded, else the untrained paper configuration."""
+    return DEMO_MODEL if (EMBEDDED_DIR / DEMO_MODEL / CONFIG_FILE).is_file() else PAPER_MODEL
+
+
+def resolve_model_dir(name_or_dir: str | Path) -> Path | None:
+    """A model directory for a name or path; ``None`` for the built-in ``zfnet-paper``."""
+    text = str(name_or_dir)
+    if text == PAPER_MODEL:
+        return None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if (EMBEDDED_DIR / text / CONFIG_FILE).is_file():
+        return EMBEDDED_DIR / text
+    raise NotFoundError(f"model {text!r} is neither a directory nor an embedded model; "
+                        f"embedded: {embedded_models()}", field="model")
+
+
+def paper_model():
+    """The untrained paper configuration, initialized deterministically."""
+    from .model import ZFNet
+    torch.manual_seed(PAPER_SEED)
+    model = ZFNet()
+    model.config.name = PAPER_MODEL
+    model.config.provenance = {"source": "built-in: paper init N(0, 0.01^2), zero biases",
+                               "seed": PAPER_SEED}
+    return model
+
+
+def read_config(directory: Path) -> ModelConfig:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing (a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+    return ModelConfig.from_json(data, source=str(path))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing, truncated or corrupt file is a ModelLoadError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+
+
+def weights_hash(directory: str | Path) -> str:
+    """SHA-256 of the weights file: identifies the exact weights an exported ONNX file came from."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_FILE, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_hash(model) -> str:
+    """SHA-256 over the model's tensors (for models that do not come from a file, such as zfnet-paper)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_model(name_or_dir: str | Path | None = None, *, device: str | torch.device = "cpu"):
+    """Load a model directory (or embedded name) into a ZFNet in eval mode; ``model.config`` holds its config."""
+    from .model import build
+    directory = resolve_model_dir(name_or_dir or default_model_name())
+    if directory is None:
+        model = paper_model()
+    else:
+        config = read_config(directory)
+        path = directory / WEIGHTS_FILE
+        tensors = read_tensors(path)
+        if isinstance(config.preprocess.mean, str):
+            mean = tensors.pop(MEAN_IMAGE_TENSOR, None)
+            expected = (3, config.preprocess.resize, config.preprocess.resize)
+            if mean is None or tuple(mean.shape) != expected:
+                got = None if mean is None else tuple(mean.shape)
+                raise ModelLoadError(f"{path}: tensor {MEAN_IMAGE_TENSOR!r} must have shape {expected} "
+                                     f"(config preprocess.mean is 'image'), got {got}")
+            config.preprocess.mean_image = mean.to(torch.float32).numpy()
+        model = build(config)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ModelLoadError(f"{path}: missing tensors {missing}, unexpected tensors {extra}")
+        for key, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ModelLoadError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(expected[key].shape)} for the config in {CONFIG_FILE}")
+            if not torch.isfinite(tensor).all():
+                raise ModelLoadError(f"{path}: tensor {key!r} holds non-finite values")
+        model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+        model.config.provenance.setdefault("directory", str(directory))
+        model.model_dir = directory
+    model.eval()
+    return model.to(device)
+
+
+def save_model(model, directory: str | Path, *, dtype: torch.dtype = torch.float32, **config_updates) -> Path:
+    """Write ``model`` as a model directory. ``dtype`` float16 halves the file (recorded in config.json)."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    for key, value in config_updates.items():
+        if not hasattr(config, key):
+            raise ModelLoadError(f"save: unknown config key {key!r}")
+        setattr(config, key, value)
+    config.weights_dtype = str(dtype).replace("torch.", "")
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if isinstance(config.preprocess.mean, str):
+        tensors[MEAN_IMAGE_TENSOR] = torch.from_numpy(np.ascontiguousarray(config.preprocess.mean_image,
+                                                                           dtype=np.float32))
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
+    return directory
