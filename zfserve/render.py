@@ -1,0 +1,264 @@
+"""Arrays -> pictures: deconv projections, input patches, labelled grids, PNG bytes.
+
+Everything here takes and returns plain numpy arrays (uint8 (H, W, 3) for pictures) and needs only Pillow,
+so the CLI, the server and the reports share one rendering path.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import InvalidArgumentError
+
+MID_GREY = 128
+BACKGROUND = (255, 255, 255)
+LABEL_COLOUR = (0, 0, 0)
+
+
+def projection_to_rgb(projection) -> np.ndarray:
+    """A deconv projection (3, H, W), unnormalized -> uint8 (H, W, 3), the way the paper shows them.
+
+    Contrast is stretched symmetrically around mid-grey: zero maps to 128 and the largest absolute value
+    to 0 or 255, so the sign of every pixel is kept and no channel is shifted. An all-zero projection
+    (a dead unit) is plain grey.
+    """
+    proj = np.asarray(projection, dtype=np.float32)
+    if proj.ndim != 3 or proj.shape[0] != 3:
+        raise InvalidArgumentError(f"projection: expected shape (3, H, W), got {tuple(proj.shape)}",
+                                   field="projection")
+    peak = float(np.abs(proj).max(initial=0.0))
+    scaled = proj * (127.0 / peak) if peak > 0 and np.isfinite(peak) else np.zeros_like(proj)
+    return np.clip(np.rint(MID_GREY + scaled), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def patch_to_rgb(patch, config=None, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """An input patch (3, h, w) in network-input units -> uint8 (h, w, 3).
+
+    With a per-pixel mean image the mean to add back depends on where the patch was cut; pass its ``box``
+    (x0, y0, x1, y1 in input pixels) to use the exact mean there, otherwise the channel means are used.
+    """
+    from .preprocess import _preprocess_config, to_display
+
+    patch = np.asarray(patch, dtype=np.float32)
+    if patch.ndim != 3 or patch.shape[0] != 3:
+        raise InvalidArgumentError(f"patch: expected shape (3, h, w), got {tuple(patch.shape)}", field="patch")
+    if box is None:
+        return to_display(patch, config)
+    x0, y0, x1, y1 = box
+    if (y1 - y0, x1 - x0) != patch.shape[1:]:
+        raise InvalidArgumentError(f"box: {box} does not match the patch size {patch.shape[1:]}", field="box")
+    # Paste into a full-size input so to_display adds the mean crop that belongs under the box.
+    size = _preprocess_config(config).crop
+    if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
+        raise InvalidArgumentError(f"box: {box} must lie inside the {size}x{size} input", field="box")
+    canvas = np.zeros((3, size, size), dtype=np.float32)
+    canvas[:, y0:y1, x0:x1] = patch
+    return to_display(canvas, config)[y0:y1, x0:x1]
+
+
+def _as_picture(image, field: str) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise InvalidArgumentError(f"{field}: expected a uint8 (H, W, 3) or (H, W) picture, got "
+                                   f"{arr.dtype} {tuple(arr.shape)}", field=field)
+    return arr
+
+
+def grid(rows: Sequence[Sequence[np.ndarray]], labels: Sequence[str] | None = None, *, pad: int = 4,
+         cell: int | None = None) -> np.ndarray:
+    """Lay pictures out in rows -> one uint8 (H, W, 3) picture on a white background.
+
+    ``rows``: a list of rows, each a list of uint8 pictures (different sizes are fine; each is centred in its
+    cell, scaled up with nearest-neighbour to ``cell`` pixels if given, otherwise cells take the largest size).
+    ``labels``: one optional text per row, drawn above it.
+    """
+    if not rows or not any(len(r) for r in rows):
+        raise InvalidArgumentError("rows: expected at least one picture", field="rows")
+    if labels is not None and len(labels) != len(rows):
+        raise InvalidArgumentError(f"labels: {len(labels)} labels for {len(rows)} rows", field="labels")
+    pictures = [[_as_picture(im, f"rows[{i}][{j}]") for j, im in enumerate(row)] for i, row in enumerate(rows)]
+    if cell is not None:
+        pictures = [[_fit(im, cell) for im in row] for row in pictures]
+    cell_h = max(im.shape[0] for row in pictures for im in row)
+    cell_w = max(im.shape[1] for row in pictures for im in row)
+    font = ImageFont.load_default()
+    label_h = 14 if labels is not None else 0
+    ncols = max(len(row) for row in pictures)
+    width = pad + ncols * (cell_w + pad)
+    height = pad + len(pictures) * (label_h + cell_h + pad)
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for i, row in enumerate(pictures):
+        if labels is not None:
+            draw.text((pad, y), str(labels[i]), fill=LABEL_COLOUR, font=font)
+            y += label_h
+        for j, im in enumerate(row):
+            x = pad + j * (cell_w + pad) + (cell_w - im.shape[1]) // 2
+            canvas.paste(Image.fromarray(im), (x, y + (cell_h - im.shape[0]) // 2))
+        y += cell_h + pad
+    return np.asarray(canvas)
+
+
+def _fit(picture: np.ndarray, cell: int) -> np.ndarray:
+    """Scale so the longer side is ``cell`` pixels (nearest neighbour keeps pixels crisp)."""
+    h, w = picture.shape[:2]
+    scale = cell / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(picture).resize(size, Image.NEAREST))
+
+
+def png_bytes(picture) -> bytes:
+    """uint8 (H, W, 3) or (H, W) -> PNG file bytes."""
+    arr = np.asarray(picture)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise InvalidArgumentError(f"picture: expected uint8 (H, W), (H, W, 3) or (H, W, 4), got {arr.dtype} "
+                                   f"{tuple(arr.shape)}", field="picture")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------- occlusion
+# Colour maps written out as a few anchor colours, linearly interpolated (no matplotlib needed).
+SEQUENTIAL = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))   # viridis-like
+DIVERGING = ((33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130), (178, 24, 43))  # blue-white-red
+# Distinct colours for class maps (cycled when there are more classes than colours).
+CLASS_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+                 (0, 0, 128), (128, 128, 0))
+
+
+def colorize(values, *, kind: str = "sequential", vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """A 2-D float map -> uint8 (H, W, 3). ``kind``: "sequential" (low dark violet .. high yellow) or
+    "diverging" (negative blue, 0 white, positive red; symmetric around 0 unless vmin/vmax are given)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 2:
+        raise InvalidArgumentError(f"values: expected a 2-D map, got shape {tuple(arr.shape)}", field="values")
+    if kind not in ("sequential", "diverging"):
+        raise InvalidArgumentError(f"kind must be 'sequential' or 'diverging', got {kind!r}", field="kind")
+    finite = arr[np.isfinite(arr)]
+    if not finite.size:
+        finite = np.zeros(1)
+    if kind == "diverging":
+        peak = float(np.abs(finite).max())
+        lo, hi = (-peak, peak) if vmin is None and vmax is None else (vmin, vmax)
+    else:
+        lo = float(finite.min()) if vmin is None else vmin
+        hi = float(finite.max()) if vmax is None else vmax
+    t = np.zeros_like(arr) if hi <= lo else np.clip((np.nan_to_num(arr, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+    anchors = np.asarray(SEQUENTIAL if kind == "sequential" else DIVERGING, dtype=np.float64)
+    position = t * (len(anchors) - 1)
+    index = np.minimum(position.astype(np.int64), len(anchors) - 2)
+    frac = (position - index)[..., None]
+    rgb = anchors[index] * (1.0 - frac) + anchors[index + 1] * frac
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _resize(picture: np.ndarray, size: int, smooth: bool) -> np.ndarray:
+    return np.asarray(Image.fromarray(picture).resize((size, size), Image.BILINEAR if smooth else Image.NEAREST))
+
+
+def heatmap_overlay(picture, values, *, kind: str = "sequential", alpha: float = 0.55,
+                    vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """Blend a colourized map over a uint8 (H, W, 3) picture. A map of another size is resized (bilinear)."""
+    base = _as_picture(picture, "picture")
+    if not 0.0 <= alpha <= 1.0:
+        raise InvalidArgumentError(f"alpha must be in 0..1, got {alpha}", field="alpha")
+    colours = colorize(values, kind=kind, vmin=vmin, vmax=vmax)
+    if colours.shape[:2] != base.shape[:2]:
+        colours = np.asarray(Image.fromarray(colours).resize(base.shape[1::-1], Image.BILINEAR))
+    return np.clip(np.rint(base * (1.0 - alpha) + colours * alpha), 0, 255).astype(np.uint8)
+
+
+def map_picture(values, *, size: int = 224, kind: str = "sequential", title: str | None = None) -> np.ndarray:
+    """A map over window positions, one cell per position (nearest neighbour), with a title and the value
+    range written below it."""
+    arr = np.asarray(values, dtype=np.float64)
+    body = _resize(colorize(arr, kind=kind), size, smooth=False)
+    finite = arr[np.isfinite(arr)]
+    caption = f"min {finite.min():.4g}  max {finite.max():.4g}" if finite.size else "no finite values"
+    return _captioned(body, [title] if title else [], [(None, caption)])
+
+
+def class_map(argmax, class_names=None, *, size: int = 224, max_legend: int = 10) -> np.ndarray:
+    """The most probable class at each window position, one colour per class, with a legend of the classes
+    that occupy the most positions (the rest are counted on one line)."""
+    arr = np.asarray(argmax)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidArgumentError(f"argmax: expected a 2-D integer map, got {arr.dtype} {tuple(arr.shape)}",
+                                   field="argmax")
+    classes, counts = np.unique(arr, return_counts=True)
+    order = classes[np.argsort(-counts, kind="stable")]
+    slot = {int(c): i for i, c in enumerate(order)}
+    palette = np.asarray(CLASS_COLOURS, dtype=np.uint8)
+    cells = palette[np.vectorize(lambda c: slot[int(c)] % len(palette))(arr)]
+    body = _resize(cells, size, smooth=False)
+
+    def name(c):
+        return class_names[c] if class_names is not None and 0 <= c < len(class_names) else f"class {c}"
+
+    legend = [(tuple(int(v) for v in palette[slot[int(c)] % len(palette)]),
+               f"{name(int(c))} ({int(counts[classes == c][0])})") for c in order[:max_legend]]
+    if len(order) > max_legend:
+        legend.append((None, f"+ {len(order) - max_legend} more classes"))
+    return _captioned(body, [], legend)
+
+
+def _captioned(body: np.ndarray, titles, lines) -> np.ndarray:
+    """``body`` with title lines above and (swatch colour or None, text) lines below, on white."""
+    font = ImageFont.load_default()
+    line_h, pad = 14, 4
+    h, w = body.shape[:2]
+    height = pad + len(titles) * line_h + h + pad + len(lines) * line_h + pad
+    width = max([w] + [8 * len(t) for t in titles] + [20 + 7 * len(t) for _, t in lines]) + 2 * pad
+    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for text in titles:
+        draw.text((pad, y), text, fill=LABEL_COLOUR, font=font)
+        y += line_h
+    canvas.paste(Image.fromarray(body), (pad, y))
+    y += h + pad
+    for colour, text in lines:
+        x = pad
+        if colour is not None:
+            draw.rectangle([x, y + 2, x + 10, y + 12], fill=colour, outline=LABEL_COLOUR)
+            x += 16
+        draw.text((x, y), text, fill=LABEL_COLOUR, font=font)
+        y += line_h
+    return np.asarray(canvas)
+
+
+def occlusion_pictures(result, picture, class_names=None) -> dict[str, np.ndarray]:
+    """Pictures for an ``OcclusionResult`` and the uint8 (224, 224, 3) input it was computed on: the target's
+    probability over the image (each pixel: the mean over the windows that covered it), the attribution,
+    the most-probable-class map and the activity map; only for the maps the result holds."""
+    from .engine.occlusion import per_pixel
+
+    base = _as_picture(picture, "picture")
+    size = base.shape[0]
+    out = {}
+    target = class_names[result.target] if class_names is not None else f"class {result.target}"
+    if result.probability is not None:
+        pixels = per_pixel(result.probability, result.starts, result.window, size)
+        # Auto range (dark = lowest): an untrained model's probabilities move in the 4th decimal.
+        out["probability"] = _captioned(heatmap_overlay(base, pixels), [f"p({target}) under occlusion"],
+                                        [(None, f"unoccluded {result.base_probability:.4g}; occluded "
+                                                f"{float(result.probability.min()):.4g} .. "
+                                                f"{float(result.probability.max()):.4g}")])
+    if result.attribution is not None:
+        out["attribution"] = _captioned(heatmap_overlay(base, result.attribution, kind="diverging"),
+                                        [f"attribution ({result.attribution_on} drop), {target}"], [])
+    if result.argmax is not None:
+        out["argmax"] = class_map(result.argmax, class_names, size=size)
+    if result.activity is not None:
+        out["activity"] = map_picture(result.activity, size=size,
+                                      title=f"{result.layer} map {result.channel} total activation")
+    return out
