@@ -1,0 +1,213 @@
+"""The dynamic batcher's semantics (Triton's): grouping, limits, overload, timeouts, deadlines, cancellation,
+draining. The engine here is a plain function that records what it was given (row i of the output is the sum
+of input row i), gated by an event so the tests can hold it busy."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from zfserve.server.batcher import (BatcherConfig, DeadlineExpired, DynamicBatcher, QueueFull, QueueTimeout,
+                                    ShuttingDown)
+
+
+class Engine:
+    def __init__(self):
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.gate.wait(10)
+        self.batches.append(x.copy())
+        if self.fail:
+            raise RuntimeError("engine failed")
+        return x.reshape(len(x), -1).sum(axis=1, keepdims=True)
+
+    @property
+    def sizes(self):
+        return [len(b) for b in self.batches]
+
+
+def _rows(rng, n):
+    return rng.normal(size=(n, 2, 3)).astype(np.float32)
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def _started(engine, config):
+    b = DynamicBatcher(engine, config)
+    b.start()
+    return b
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_rows(np_rng):
+    engine = Engine()
+    inputs = [_rows(np_rng, n) for n in (1, 2, 1, 3)]
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=16, max_queue_delay_us=200_000))
+        outs = await asyncio.gather(*(b.submit(x) for x in inputs))
+        await b.close()
+        return outs
+
+    outs = _run(main())
+    assert engine.sizes == [7]
+    for x, out in zip(inputs, outs):
+        np.testing.assert_allclose(out[:, 0], x.reshape(len(x), -1).sum(1), rtol=1e-6)
+
+
+def test_batches_respect_max_batch_size_in_arrival_order(np_rng):
+    engine = Engine()
+    engine.gate.clear()
+    inputs = [_rows(np_rng, 1) for _ in range(10)]
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=4, max_queue_delay_us=0))
+        tasks = [asyncio.ensure_future(b.submit(x)) for x in inputs]
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        outs = await asyncio.gather(*tasks)
+        await b.close()
+        return outs
+
+    outs = _run(main())
+    assert max(engine.sizes) <= 4 and sum(engine.sizes) == 10
+    np.testing.assert_array_equal(np.concatenate(engine.batches), np.concatenate(inputs))  # arrival order
+    for x, out in zip(inputs, outs):
+        assert out[0, 0] == pytest.approx(float(x.sum()), rel=1e-5)
+
+
+def test_a_request_larger_than_max_batch_runs_alone(np_rng):
+    engine = Engine()
+    big, small = _rows(np_rng, 9), _rows(np_rng, 1)
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=4, max_queue_delay_us=50_000))
+        outs = await asyncio.gather(b.submit(small), b.submit(big))
+        await b.close()
+        return outs
+
+    outs = _run(main())
+    assert sorted(engine.sizes) == [1, 9]
+    assert outs[1].shape == (9, 1)
+
+
+def test_full_queue_rejects_at_once_and_counts_add_up(np_rng):
+    engine = Engine()
+    engine.gate.clear()
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=1, max_queue_delay_us=0, max_queue_size=3))
+        first = asyncio.ensure_future(b.submit(_rows(np_rng, 1)))
+        await asyncio.sleep(0.05)          # the first is in the engine; three may wait
+        waiting = [asyncio.ensure_future(b.submit(_rows(np_rng, 1))) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="queue full"):
+            await b.submit(_rows(np_rng, 1))
+        engine.gate.set()
+        await asyncio.gather(first, *waiting)
+        await b.close()
+        return b.stats
+
+    stats = _run(main())
+    assert stats.submitted == 5 and stats.completed == 4 and stats.rejected_full == 1
+    assert engine.sizes == [1, 1, 1, 1]
+
+
+def test_queue_timeout_rejects_without_computing(np_rng):
+    engine = Engine()
+    engine.gate.clear()
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=1, max_queue_delay_us=0,
+                                                       default_timeout_us=10_000_000))
+        first = asyncio.ensure_future(b.submit(_rows(np_rng, 1)))
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(b.submit(_rows(np_rng, 1), timeout_us=20_000))  # lowers the default
+        await asyncio.sleep(0.1)
+        engine.gate.set()
+        await first
+        with pytest.raises(QueueTimeout):
+            await late
+        await b.close()
+        return b.stats
+
+    stats = _run(main())
+    assert engine.sizes == [1] and stats.dropped_timeout == 1
+
+
+def test_expired_deadline_and_cancelled_requests_never_take_a_slot(np_rng):
+    engine = Engine()
+    engine.gate.clear()
+    expired_input, cancelled_input = _rows(np_rng, 1), _rows(np_rng, 1)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        b = await _started(engine, BatcherConfig(max_batch_size=8, max_queue_delay_us=0))
+        first = asyncio.ensure_future(b.submit(_rows(np_rng, 1)))
+        await asyncio.sleep(0.05)
+        expiring = asyncio.ensure_future(b.submit(expired_input, deadline=loop.time() + 0.02))
+        leaving = asyncio.ensure_future(b.submit(cancelled_input))
+        kept = asyncio.ensure_future(b.submit(_rows(np_rng, 1)))
+        await asyncio.sleep(0.05)
+        leaving.cancel()                   # the client went away
+        with pytest.raises(DeadlineExpired):
+            await b.submit(_rows(np_rng, 1), deadline=loop.time() - 1)
+        engine.gate.set()
+        await first
+        await kept
+        with pytest.raises(DeadlineExpired):
+            await expiring
+        await b.close()
+        return b.stats
+
+    stats = _run(main())
+    assert engine.sizes == [1, 1]
+    computed = np.concatenate(engine.batches)
+    for dropped in (expired_input, cancelled_input):
+        assert not any(np.array_equal(row, dropped[0]) for row in computed)
+    assert stats.dropped_deadline == 2 and stats.dropped_cancelled == 1
+
+
+def test_close_finishes_queued_work_then_refuses(np_rng):
+    engine = Engine()
+    engine.gate.clear()
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=2, max_queue_delay_us=0))
+        tasks = [asyncio.ensure_future(b.submit(_rows(np_rng, 1))) for _ in range(5)]
+        await asyncio.sleep(0.02)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.02)
+        with pytest.raises(ShuttingDown):
+            await b.submit(_rows(np_rng, 1))
+        engine.gate.set()
+        await closing
+        return [t.result() for t in tasks]
+
+    outs = _run(main())
+    assert len(outs) == 5 and sum(engine.sizes) == 5
+
+
+def test_engine_failure_fails_that_batch_only(np_rng):
+    engine = Engine()
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=4, max_queue_delay_us=0))
+        engine.fail = True
+        with pytest.raises(RuntimeError, match="engine failed"):
+            await b.submit(_rows(np_rng, 2))
+        engine.fail = False
+        out = await b.submit(_rows(np_rng, 1))
+        await b.close()
+        return out, b.stats
+
+    out, stats = _run(main())
+    assert out.shape == (1, 1) and stats.failed == 1 and stats.completed == 1

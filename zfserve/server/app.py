@@ -1,0 +1,294 @@
+"""The gRPC server: both APIs on one port, health, reflection, auth, TLS, metrics, graceful shutdown.
+
+Life cycle:
+1. ``bind()``: the port is open and answers health (NOT_SERVING), liveness, and UNAVAILABLE for work;
+2. ``load()``: every model's classifier is loaded and warmed, its batcher started; health turns SERVING;
+3. ``stop()`` (SIGTERM / SIGINT under :func:`serve`): health NOT_SERVING, no new RPCs are accepted,
+   every accepted one finishes (up to ``shutdown_grace_s``), batchers drain, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .._proto import POOL
+from .._proto.inference import grpc_service_pb2 as oip_pb
+from .._proto.inference import grpc_service_pb2_grpc as oip_grpc
+from .._proto.v1 import zfserve_pb2 as v1_pb
+from .._proto.v1 import zfserve_pb2_grpc as v1_grpc
+from ..errors import InvalidArgumentError
+from .auth import BearerTokenInterceptor, read_token
+from .batcher import BatcherConfig, DynamicBatcher
+from .heavy import HeavyScheduler
+from .metrics import Metrics
+from .oip import InferenceServicer
+from .repository import ModelRepository
+from .service import ZFServeServicer
+
+log = logging.getLogger("zfserve.server")
+
+ZFSERVE_SERVICE = v1_pb.DESCRIPTOR.services_by_name["ZFServe"].full_name
+OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+DEFAULT_PORT = 8001                      # Triton's gRPC port, which tritonclient users expect
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20     # 64 MiB: ~100 preprocessed 224x224 images, or 96 deconv projections
+# Shutdown drains before it closes the port: new work is refused with UNAVAILABLE ("shutting down") while
+# accepted RPCs finish; the port closes once no RPC has been active for this long. Closing it earlier would
+# make gRPC cancel calls that are already in transit (clients would see CANCELLED, not a retryable status).
+DRAIN_QUIET_S = 0.2
+
+
+@dataclass
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    model_repository: str | None = None
+    model: str | None = None
+    device: str = "cpu"
+    threads: int | None = None           # ONNX Runtime intra-op threads (None: its default)
+    batching: BatcherConfig = field(default_factory=BatcherConfig)
+    max_images_per_request: int = 64
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    heavy_workers: int = 1
+    heavy_queue_size: int = 4
+    heavy_threads: int | None = 1        # PyTorch intra-op threads for deconv/occlusion (None: unchanged)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None
+    metrics_port: int | None = None
+    shutdown_grace_s: float = 30.0
+
+    def validate(self) -> None:
+        def bounded(name, value, lo, hi):
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                flag = "--" + name.replace("_", "-")
+                raise InvalidArgumentError(f"{flag}: {value!r} out of range; accepted {lo}..{hi}", field=name)
+
+        b = self.batching
+        bounded("port", self.port, 0, 65535)
+        bounded("max_batch_size", b.max_batch_size, 1, 4096)
+        bounded("max_queue_delay_us", b.max_queue_delay_us, 0, 10_000_000)
+        bounded("max_queue_size", b.max_queue_size, 0, 1_000_000)
+        bounded("default_timeout_us", b.default_timeout_us, 0, 3_600_000_000)
+        bounded("max_images_per_request", self.max_images_per_request, 1, 4096)
+        bounded("max_message_bytes", self.max_message_bytes, 1 << 20, 2**31 - 1)
+        bounded("heavy_workers", self.heavy_workers, 1, 64)
+        bounded("heavy_queue_size", self.heavy_queue_size, 0, 1024)
+        if self.heavy_threads is not None:
+            bounded("heavy_threads", self.heavy_threads, 1, 1024)
+        if self.threads is not None:
+            bounded("threads", self.threads, 1, 1024)
+        if self.metrics_port is not None:
+            bounded("metrics_port", self.metrics_port, 0, 65535)
+        if not self.shutdown_grace_s >= 0:
+            raise InvalidArgumentError("--shutdown-grace-s: must be >= 0", field="shutdown_grace_s")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgumentError("--tls-cert and --tls-key: give both or neither", field="tls_cert")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidArgumentError("--tls-client-ca: needs --tls-cert and --tls-key (mutual TLS)",
+                                       field="tls_client_ca")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise InvalidArgumentError(f"--{name.replace('_', '-')}: no such file: {path}", field=name)
+
+
+class AppState:
+    """What the servicers share."""
+
+    def __init__(self, options: ServerOptions, repository: ModelRepository, metrics: Metrics,
+                 heavy: HeavyScheduler):
+        self.options = options
+        self.repository = repository
+        self.metrics = metrics
+        self.heavy = heavy
+        self.shutting_down = False
+        self.active_rpcs = 0      # RPCs inside a handler now (the drain phase of shutdown waits for them)
+
+    @property
+    def ready(self) -> bool:
+        return not self.shutting_down and all(m.ready for m in self.repository)
+
+
+def _register_in_pool(module) -> None:
+    """Copy a descriptor from protobuf's default pool into ours, so reflection can describe it too."""
+    from google.protobuf import descriptor_pb2
+    try:
+        POOL.FindFileByName(module.DESCRIPTOR.name)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    module.DESCRIPTOR.CopyToProto(proto)
+    POOL.AddSerializedFile(proto.SerializeToString())
+
+
+class ZFServer:
+    def __init__(self, options: ServerOptions | None = None):
+        self.options = options or ServerOptions()
+        self.options.validate()
+        self.metrics = Metrics()
+        engine_options = dict(device=self.options.device, max_batch_size=self.options.batching.max_batch_size,
+                              threads=self.options.threads)
+        self.repository = ModelRepository.open(self.options.model_repository, self.options.model,
+                                               **engine_options)
+        self.heavy = HeavyScheduler(self.options.heavy_workers, self.options.heavy_queue_size,
+                                    on_admitted=self.metrics.heavy_in_flight.set)
+        self.state = AppState(self.options, self.repository, self.metrics, self.heavy)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+        self._stopping: asyncio.Task | None = None
+        self._torch_threads: int | None = None
+
+    # ------------------------------------------------------------------------------------------ start
+    async def _set_health(self, status) -> None:
+        for name in ("", ZFSERVE_SERVICE, OIP_SERVICE):
+            await self.health.set(name, status)
+
+    def _credentials(self):
+        o = self.options
+        key, cert = Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes()
+        ca = Path(o.tls_client_ca).read_bytes() if o.tls_client_ca else None
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+    async def bind(self) -> int:
+        """Open the port; health says NOT_SERVING until :meth:`load` has finished."""
+        o = self.options
+        interceptors = []
+        if o.auth_token_file:
+            interceptors.append(BearerTokenInterceptor(read_token(o.auth_token_file)))
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", o.max_message_bytes),
+            ("grpc.max_send_message_length", o.max_message_bytes),
+            ("grpc.so_reuseport", 0),   # a second server on the same port is an error, not a silent split
+        ])
+        v1_grpc.add_ZFServeServicer_to_server(ZFServeServicer(self.state), self._server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        from grpc_reflection.v1alpha import reflection_pb2
+        for module in (health_pb2, reflection_pb2):
+            _register_in_pool(module)
+        reflection.enable_server_reflection(
+            [ZFSERVE_SERVICE, OIP_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], self._server, pool=POOL)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        from google.protobuf.internal import api_implementation
+        if api_implementation.Type() != "upb":  # the pure-Python protobuf is several times slower per message
+            log.warning("protobuf runs its %s implementation, not upb: expect slower requests",
+                        api_implementation.Type())
+        address = f"{o.host}:{o.port}"
+        if o.tls_cert:
+            self.port = self._server.add_secure_port(address, self._credentials())
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise InvalidArgumentError(f"--host/--port: cannot bind {address}", field="port")
+        await self._server.start()
+        if o.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(o.host, o.metrics_port)
+        log.info("listening on %s:%d (tls=%s, auth=%s)", o.host, self.port, bool(o.tls_cert),
+                 bool(o.auth_token_file))
+        return self.port
+
+    async def load(self) -> None:
+        """Load and warm every model, start its batcher, then report SERVING."""
+        if self.options.heavy_threads is not None:
+            import torch
+            self._torch_threads = torch.get_num_threads()   # restored on stop (matters when embedded)
+            torch.set_num_threads(self.options.heavy_threads)
+        for model in self.repository:
+            await asyncio.to_thread(model.load)
+            model.batcher = DynamicBatcher(
+                model.classifier.probabilities, self.options.batching, name=model.name,
+                on_batch=self.metrics.batch_size.labels(model=model.name).observe,
+                on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set)
+            model.batcher.start()
+            model.ready = True
+            log.info("model %s (version %s, %d classes) ready", model.name, model.version, model.num_classes)
+        if not self.state.shutting_down:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def start(self) -> int:
+        port = await self.bind()
+        await self.load()
+        return port
+
+    # ------------------------------------------------------------------------------------------ stop
+    async def _stop(self, grace: float) -> None:
+        self.state.shutting_down = True
+        await self.health.enter_graceful_shutdown()   # every service NOT_SERVING; later sets are ignored
+        log.info("shutting down: refusing new work; finishing accepted requests (grace %.0f s)", grace)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + grace
+        quiet_since = None
+        while loop.time() < give_up:   # drain: accepted RPCs finish (their batches keep running)
+            if self.state.active_rpcs:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= DRAIN_QUIET_S:
+                break
+            await asyncio.sleep(0.01)
+        # Only streams that never end on their own (health Watch) can remain: a short grace closes them.
+        await self._server.stop(min(1.0, max(0.0, give_up - loop.time())))
+        for model in self.repository:
+            if model.batcher is not None:
+                await model.batcher.close()
+        await asyncio.to_thread(self.heavy.shutdown)
+        self.metrics.stop_http()
+        if self._torch_threads is not None:
+            import torch
+            torch.set_num_threads(self._torch_threads)
+        log.info("stopped")
+        self._stopped.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful shutdown; calling it again waits for the first call."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(
+                self._stop(self.options.shutdown_grace_s if grace is None else grace))
+        await asyncio.shield(self._stopping)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(options: ServerOptions, *, ready_line: bool = True) -> int:
+    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit status (0)."""
+    server = ZFServer(options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    port = await server.bind()
+    if ready_line:  # scripts and tests read the bound port from here (use --port 0 for a free one)
+        print(f"zfserve: listening on {options.host}:{port}", flush=True)
+    await server.load()
+    if ready_line:
+        print(f"zfserve: ready ({', '.join(server.repository.models)})", flush=True)
+    await server.wait_stopped()
+    if ready_line:
+        for model in server.repository:
+            s = model.batcher.stats if model.batcher else None
+            if s is not None:
+                print(f"zfserve: model {model.name}: completed={s.completed} rejected_full={s.rejected_full} "
+                      f"dropped_timeout={s.dropped_timeout} dropped_deadline={s.dropped_deadline} "
+                      f"dropped_cancelled={s.dropped_cancelled} failed={s.failed}", flush=True)
+        print("zfserve: stopped", flush=True)
+    return 0
+
+
+def configure_logging(level: str = "info") -> None:
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")

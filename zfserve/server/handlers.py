@@ -1,0 +1,86 @@
+"""What every RPC handler shares: error -> status mapping, metrics, one structured log line per request, and
+the client's deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+
+from .status import to_status
+
+log = logging.getLogger("zfserve.server")
+
+
+def deadline_of(context) -> tuple[float | None, float | None]:
+    """The client's deadline as (loop time, time.monotonic()), or (None, None) when it set none."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None, None
+    return asyncio.get_running_loop().time() + remaining, time.monotonic() + remaining
+
+
+def _peer(context) -> str:
+    try:
+        return context.peer()
+    except Exception:  # peer() is informational only
+        return "?"
+
+
+def _finish(servicer, rpc: str, code: grpc.StatusCode, started: float, context, detail: str = "") -> None:
+    seconds = time.perf_counter() - started
+    servicer.metrics.record(rpc, code.name, seconds)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("rpc=%s code=%s ms=%.2f peer=%s%s", rpc, code.name, seconds * 1e3, _peer(context),
+                  f" detail={detail!r}" if detail else "")
+
+
+def unary(rpc: str):
+    """Wrap an ``async def handler(self, request, context)``: typed errors become statuses, never crashes."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def handler(self, request, context):
+            started = time.perf_counter()
+            self.state.active_rpcs += 1
+            try:
+                response = await fn(self, request, context)
+            except asyncio.CancelledError:
+                _finish(self, rpc, grpc.StatusCode.CANCELLED, started, context)
+                raise
+            except Exception as exc:
+                code, message = to_status(exc)
+                _finish(self, rpc, code, started, context, message)
+                await context.abort(code, message)
+            finally:
+                self.state.active_rpcs -= 1
+            _finish(self, rpc, grpc.StatusCode.OK, started, context)
+            return response
+        return handler
+    return wrap
+
+
+def server_stream(rpc: str):
+    """Wrap an async-generator handler the same way."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def handler(self, request, context):
+            started = time.perf_counter()
+            self.state.active_rpcs += 1
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except asyncio.CancelledError:
+                _finish(self, rpc, grpc.StatusCode.CANCELLED, started, context)
+                raise
+            except Exception as exc:
+                code, message = to_status(exc)
+                _finish(self, rpc, code, started, context, message)
+                await context.abort(code, message)
+            finally:
+                self.state.active_rpcs -= 1
+            _finish(self, rpc, grpc.StatusCode.OK, started, context)
+        return handler
+    return wrap

@@ -1,0 +1,105 @@
+"""Scheduling of the long computations (deconv projections, occlusion sweeps) apart from classification.
+
+Why a long sweep cannot starve classification:
+- heavy work runs on its own small thread pool (``--heavy-workers``, default 1), never on the batcher's
+  thread, so the classification batch loop keeps forming and sending batches while a sweep runs;
+- PyTorch's intra-op threads in the server process are capped (``--heavy-threads``, default 1): on a 2-core
+  host a sweep can take at most one core, ONNX Runtime's classification session keeps the other;
+- admission is bounded (``--heavy-queue-size`` waiting beyond the running ones): one more is rejected at once
+  with UNAVAILABLE instead of piling up;
+- a sweep checks, between chunks of positions (its progress callback), whether its client has gone or its
+  deadline has passed, and stops there; a request that expires or is cancelled while waiting never starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from typing import Callable
+
+from .batcher import DeadlineExpired
+from .status import Cancelled, Unavailable
+
+
+class Aborted(Exception):
+    """Raised inside a running computation (from its progress callback) to stop it."""
+
+
+class Job:
+    """What a heavy computation sees: a progress reporter that also stops it when it must stop."""
+
+    def __init__(self, deadline_mono: float | None, on_progress: Callable[[int, int], None] | None):
+        self.cancelled = threading.Event()
+        self.deadline_mono = deadline_mono
+        self.on_progress = on_progress
+        self.expired = False
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Aborted("cancelled")
+        if self.deadline_mono is not None and time.monotonic() >= self.deadline_mono:
+            self.expired = True
+            raise Aborted("deadline")
+
+    def progress(self, done: int, total: int) -> None:
+        self.check()
+        if self.on_progress is not None:
+            self.on_progress(int(done), int(total))
+
+
+class HeavyScheduler:
+    def __init__(self, workers: int = 1, queue_size: int = 4, on_admitted: Callable[[int], None] | None = None):
+        self.workers = workers
+        self.queue_size = queue_size
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="heavy")
+        self._admitted = 0
+        self._on_admitted = on_admitted or (lambda n: None)
+        self.completed = 0
+        self.aborted = 0
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    def _release(self) -> None:
+        self._admitted -= 1
+        self._on_admitted(self._admitted)
+
+    async def run(self, fn: Callable[[Job], object], *, deadline_mono: float | None = None,
+                  on_progress: Callable[[int, int], None] | None = None):
+        """Run ``fn(job)`` on the heavy pool; raises Unavailable when full, DeadlineExpired, Cancelled."""
+        limit = self.workers + self.queue_size
+        if self._admitted >= limit:
+            raise Unavailable(f"busy: {self._admitted} deconv/occlusion requests admitted (--heavy-workers "
+                              f"{self.workers} + --heavy-queue-size {self.queue_size}); retry later")
+        job = Job(deadline_mono, on_progress)
+        if deadline_mono is not None and time.monotonic() >= deadline_mono:
+            raise DeadlineExpired("deadline expired before the computation started")
+        loop = asyncio.get_running_loop()
+        self._admitted += 1
+        self._on_admitted(self._admitted)
+
+        def call():
+            job.check()  # expired or cancelled while waiting: never started
+            return fn(job)
+
+        future = self._executor.submit(call)
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            job.cancelled.set()   # the client has gone: stop the computation at its next check
+            self.aborted += 1
+            raise
+        except Aborted:
+            self.aborted += 1
+            if job.expired:
+                raise DeadlineExpired("deadline exceeded; the computation was stopped") from None
+            raise Cancelled("cancelled") from None
+        self.completed += 1
+        return result
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,51 @@
+"""Mapping of errors to gRPC statuses, in one place for every servicer.
+
+- zfserve's typed errors: NotFoundError -> NOT_FOUND, every other input error -> INVALID_ARGUMENT, with the
+  error's own message (it names the field and the accepted range);
+- :class:`ServiceError` subclasses carry their own code (UNAVAILABLE for overload and shutdown,
+  DEADLINE_EXCEEDED, CANCELLED);
+- anything else is a bug: INTERNAL with a generic message (the traceback goes to the log, never to a client).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ..errors import ModelLoadError, NotFoundError, ZFServeError
+
+log = logging.getLogger("zfserve.server")
+
+
+class ServiceError(Exception):
+    """An error with a fixed gRPC status code."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class Unavailable(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, ModelLoadError):
+        log.error("model error: %s", exc)
+        return grpc.StatusCode.INTERNAL, f"model error: {exc}"
+    if isinstance(exc, ZFServeError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
