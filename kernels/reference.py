@@ -22,23 +22,30 @@ def pooled_size(size: int, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE)
     return out
 
 
+def _window_starts(oh: int, ow: int, in_width: int, stride: int, device) -> torch.Tensor:
+    """Flat input index of each window's top-left corner, shape (oh, ow)."""
+    rows = torch.arange(oh, device=device) * (stride * in_width)
+    cols = torch.arange(ow, device=device) * stride
+    return rows.view(oh, 1) + cols.view(1, ow)
+
+
 def switches_from_indices(indices: torch.Tensor, in_width: int, stride: int = POOL_STRIDE,
                           kernel: int = POOL_KERNEL) -> torch.Tensor:
     """Flat int64 argmax indices (``max_pool2d(return_indices=True)``) -> int8 window offsets 0..k*k-1."""
     oh, ow = indices.shape[-2:]
-    row = indices // in_width - (torch.arange(oh, device=indices.device) * stride).view(oh, 1)
-    col = indices % in_width - (torch.arange(ow, device=indices.device) * stride).view(1, ow)
-    return (row * kernel + col).to(torch.int8)
+    offset = indices - _window_starts(oh, ow, in_width, stride, indices.device)  # dy * in_width + dx
+    # dy by comparisons instead of an integer division (several times faster on CPUs)
+    dy = sum((offset >= r * in_width).to(offset.dtype) for r in range(1, kernel))
+    return (offset - dy * (in_width - kernel)).to(torch.int8)
 
 
 def indices_from_switches(switches: torch.Tensor, in_width: int, stride: int = POOL_STRIDE,
                           kernel: int = POOL_KERNEL) -> torch.Tensor:
     """Inverse of :func:`switches_from_indices`: int8 window offsets -> flat int64 indices into the input."""
     oh, ow = switches.shape[-2:]
-    s = switches.to(torch.int64)
-    row = (torch.arange(oh, device=s.device) * stride).view(oh, 1) + s // kernel
-    col = (torch.arange(ow, device=s.device) * stride).view(1, ow) + s % kernel
-    return row * in_width + col
+    table = torch.tensor([dy * in_width + dx for dy in range(kernel) for dx in range(kernel)],
+                         device=switches.device)
+    return _window_starts(oh, ow, in_width, stride, switches.device) + table[switches.long()]
 
 
 def max_pool_with_switches(x: torch.Tensor, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE):
@@ -68,11 +75,17 @@ def unpool_sum_reference(pooled: torch.Tensor, switches: torch.Tensor, output_si
 
     Defined through ``aten.max_pool2d_with_indices_backward``, i.e. autograd's own max-pool backward, which is
     exactly the deconvnet's unpooling when several overlapping windows picked the same input position.
+    aten does not bounds-check its indices (an index past the output corrupts memory), so the backward runs
+    on a (2*PH+1, 2*PW+1) map that holds every window and is then cropped (or zero-padded) to
+    ``output_size``: switches that point outside the output are dropped.
     """
     out_h, out_w = output_size
-    indices = indices_from_switches(switches, out_w)
-    template = pooled.new_empty(pooled.shape[:-2] + (out_h, out_w))
+    ph, pw = pooled.shape[-2:]
+    full_h, full_w = 2 * ph + 1, 2 * pw + 1  # pooled_size(2P + 1) == P, and window P-1 ends at 2P
+    indices = indices_from_switches(switches, full_w)
+    template = pooled.new_empty(pooled.shape[:-2] + (full_h, full_w))
     dense = torch.ops.aten.max_pool2d_with_indices_backward(
         pooled, template, [POOL_KERNEL, POOL_KERNEL], [POOL_STRIDE, POOL_STRIDE], [0, 0], [1, 1], True,
         indices)
+    dense = F.pad(dense, (0, out_w - full_w, 0, out_h - full_h))  # negative pads crop
     return F.relu(dense) if relu else dense
