@@ -1,0 +1,197 @@
+"""Classification on ONNX Runtime: preprocessed float32 batches in, probabilities and top-k out.
+
+One ``InferenceSession`` per Classifier; ``run`` is thread-safe, so concurrent callers share it (each call
+builds its own IO binding on CUDA). Batches above ``max_batch_size`` are split into several runs. CPU
+threads: intra-op = all cores this process may use, inter-op 1 (the graph is a chain; a second pool only
+competes for the same cores).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import InvalidArgumentError, ModelLoadError
+from ..export import INPUT_NAME, PROBABILITIES, ensure_onnx, read_model_config
+from ..model import ZFNet
+from ..weights import default_model_name, paper_model, resolve_model_dir
+
+DEVICES = ("cpu", "cuda")
+MAX_BATCH_SIZE_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    name: str
+    probability: float
+
+
+def available_threads() -> int:
+    """The cores this process may run on (affinity aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Classifier:
+    """A model's ONNX export under ONNX Runtime.
+
+    ``model``: a model name, a model directory, or a loaded :class:`~zfserve.model.ZFNet` (exported to the
+    cache, see :func:`zfserve.export.ensure_onnx`); default: the default model. ``device``: ``"cpu"`` or
+    ``"cuda"`` (the CUDA execution provider with IO binding; falls back to CPU with a warning when this
+    onnxruntime has no CUDA provider). ``threads``: intra-op threads (default: all usable cores).
+    ``profile_prefix``: turn on ONNX Runtime's profiler, writing ``<prefix>_<date>.json`` on
+    :meth:`end_profiling`.
+
+    Input errors raise :class:`~zfserve.errors.InvalidArgumentError` with ``field`` ``"batch"`` (type, dtype,
+    rank, shape, size), ``"image"`` (non-finite values in one image) or ``"top_k"``.
+    """
+
+    def __init__(self, model=None, *, device: str = "cpu", max_batch_size: int = 64, threads: int | None = None,
+                 warmup: bool = True, profile_prefix: str | None = None):
+        import onnxruntime as ort
+
+        if device not in DEVICES:
+            raise InvalidArgumentError(f"device: {device!r} is not one of {list(DEVICES)}", field="device")
+        if not _is_int(max_batch_size) or not 1 <= max_batch_size <= MAX_BATCH_SIZE_LIMIT:
+            raise InvalidArgumentError(f"max_batch_size: {max_batch_size!r} is outside 1..{MAX_BATCH_SIZE_LIMIT}",
+                                       field="max_batch_size")
+        if threads is not None and (not _is_int(threads) or threads < 1):
+            raise InvalidArgumentError(f"threads: {threads!r} must be a positive integer or None (all cores)",
+                                       field="threads")
+        self.config, self.onnx_path = _resolve(model)
+        self.name = self.config.name
+        self.class_names = list(self.config.class_names)
+        self.num_classes = self.config.num_classes
+        self.input_size = self.config.preprocess.crop
+        self.max_batch_size = int(max_batch_size)
+        self.threads = int(threads or available_threads())
+
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            warnings.warn("device 'cuda' asked for, but this onnxruntime has no CUDAExecutionProvider; "
+                          "running on CPU", RuntimeWarning, stacklevel=2)
+            device = "cpu"
+        self.device = device
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile_prefix)
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types  # noqa: BLE001
+            raise ModelLoadError(f"{self.onnx_path}: ONNX Runtime cannot load it ({exc})") from None
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if PROBABILITIES not in outputs or outputs[PROBABILITIES][-1] != self.num_classes:
+            raise ModelLoadError(f"{self.onnx_path}: expected output {PROBABILITIES!r} with {self.num_classes} "
+                                 f"classes, found {outputs}")
+        if warmup:
+            # The first run allocates the arena and picks kernels; pay that here, not in a request.
+            self._run(np.zeros((1, 3, self.input_size, self.input_size), np.float32))
+
+    # ------------------------------------------------------------------------------------------ inference
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 3, S, S) preprocessed images -> float32 (N, num_classes) probabilities."""
+        batch = self._validate(batch)
+        n = batch.shape[0]
+        if n <= self.max_batch_size:
+            return self._run(batch)
+        out = np.empty((n, self.num_classes), np.float32)
+        for start in range(0, n, self.max_batch_size):
+            stop = min(n, start + self.max_batch_size)
+            out[start:stop] = self._run(batch[start:stop])
+        return out
+
+    def classify(self, batch: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
+        """The ``top_k`` most probable classes of each image, most probable first."""
+        self._check_k(top_k)
+        return self.top_k(self.probabilities(batch), top_k)
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[list[Prediction]]:
+        """Rows of probabilities -> their ``k`` largest entries as Predictions (ties: lower index first)."""
+        self._check_k(k)
+        probabilities = np.asarray(probabilities)
+        if probabilities.ndim != 2 or probabilities.shape[1] != self.num_classes:
+            raise InvalidArgumentError(f"probabilities: expected shape (N, {self.num_classes}), got "
+                                       f"{probabilities.shape}", field="probabilities")
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return [[Prediction(int(i), self.class_names[i], float(row[i])) for i in idx]
+                for row, idx in zip(probabilities, order)]
+
+    def end_profiling(self) -> str:
+        """Stop ONNX Runtime's profiler (``profile_prefix``) and return the trace file's path."""
+        return self.session.end_profiling()
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self.device == "cuda":
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, batch)
+            binding.bind_output(PROBABILITIES, "cpu")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0]
+        return self.session.run([PROBABILITIES], {INPUT_NAME: batch})[0]
+
+    def _check_k(self, k) -> None:
+        if not _is_int(k) or not 1 <= k <= self.num_classes:
+            raise InvalidArgumentError(f"top_k: {k!r} is outside the accepted range 1..{self.num_classes}",
+                                       field="top_k")
+
+    def _validate(self, batch) -> np.ndarray:
+        s = self.input_size
+        expected = f"float32 (N, 3, {s}, {s}) with N >= 1"
+        if not isinstance(batch, np.ndarray):
+            raise InvalidArgumentError(f"batch: expected a numpy array {expected}, got {type(batch).__name__}",
+                                       field="batch")
+        if batch.dtype != np.float32:
+            raise InvalidArgumentError(f"batch: dtype {batch.dtype} is not accepted; expected {expected}",
+                                       field="batch")
+        if batch.ndim != 4:
+            raise InvalidArgumentError(f"batch: rank {batch.ndim} (shape {batch.shape}) is not accepted; "
+                                       f"expected {expected}", field="batch")
+        if batch.shape[1:] != (3, s, s) or batch.shape[0] < 1:
+            raise InvalidArgumentError(f"batch: shape {batch.shape} is not accepted; expected {expected}",
+                                       field="batch")
+        finite = np.isfinite(batch).all(axis=(1, 2, 3))
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise InvalidArgumentError(f"image: {len(bad)} image(s) of the batch hold NaN or infinite values "
+                                       f"(first: index {int(bad[0])}); every value must be finite",
+                                       field="image")
+        return np.ascontiguousarray(batch)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _resolve(model) -> tuple[ModelConfig, Path]:
+    """(config with preprocessing, path of a current ONNX export) for a name, directory or ZFNet."""
+    if isinstance(model, ZFNet):
+        return model.config, ensure_onnx(model)
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise InvalidArgumentError(f"model: expected a model name, a directory or a ZFNet, got "
+                                   f"{type(model).__name__}", field="model")
+    directory = resolve_model_dir(model or default_model_name())
+    if directory is None:  # built-in zfnet-paper: build it once for its config and (cached) export
+        built = paper_model()
+        return built.config, ensure_onnx(built)
+    return read_model_config(directory), ensure_onnx(directory)

@@ -1,0 +1,359 @@
+"""ONNX export of a ZFNet, with a parity check against PyTorch, and the cached ``model.onnx`` of a model.
+
+The graph has one input, ``image`` (float32 N x 3 x S x S, preprocessed, dynamic N), and the outputs
+``logits``, ``probabilities`` (softmax inside the graph) and, when asked, named intermediate activations
+(``conv5``, ``pool5``, ... as :data:`zfserve.model.LAYER_NAMES` defines them, taken by ``ZFNet.trace``).
+
+Local response normalization is written as ONNX ops chosen for ONNX Runtime's CPU speed (see
+``_LRNFunction``): PyTorch's own decomposition (Pad + 3-D AveragePool + Pow, with shape arithmetic and an
+``If``) and ONNX's ``LRN`` op (single-threaded, forces layout reorders) were both slower, measured.
+
+Every export runs ``onnx.checker`` (full check) and compares ONNX Runtime against eager PyTorch on a fresh
+random batch before the file is moved into place; a failure raises :class:`ExportError` and leaves no file.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import __version__
+from .config import ModelConfig
+from .errors import InvalidArgumentError, ModelLoadError, ZFServeError
+from .model import LAYER_NAMES, ZFNet
+from .weights import (CONFIG_FILE, MEAN_IMAGE_TENSOR, ONNX_FILE, WEIGHTS_FILE, default_model_name, paper_model,
+                      read_config, resolve_model_dir, state_dict_hash, weights_hash)
+
+INPUT_NAME = "image"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+MIN_OPSET, MAX_OPSET = 17, 20
+# Bump when the exported graph changes shape or semantics, so cached files are re-exported.
+EXPORT_FORMAT = "1"
+# Metadata keys written into every exported file.
+META_CLASS_NAMES = "zfserve.class_names"
+META_PREPROCESS = "zfserve.preprocess"
+META_MODEL_NAME = "zfserve.model_name"
+META_MODEL_VERSION = "zfserve.model_version"
+META_WEIGHTS_HASH = "zfserve.weights_sha256"
+META_WEIGHTS_SOURCE = "zfserve.weights_source"
+META_CONFIG_HASH = "zfserve.config_sha256"
+META_OUTPUTS = "zfserve.outputs"
+META_FORMAT = "zfserve.export_format"
+META_EXPORTER = "zfserve.exporter"
+
+PARITY_BATCH = 3          # not the batch the graph was traced with: exercises the dynamic batch dimension
+PROBABILITY_ATOL = 1e-5
+ACTIVATION_RTOL = 1e-4    # of the largest magnitude of that output
+
+
+class ExportError(ZFServeError):
+    """The exported graph failed the ONNX checker or does not match PyTorch."""
+
+
+# ---------------------------------------------------------------------------------------------------- LRN
+class _LRNFunction(torch.autograd.Function):
+    """PyTorch's LRN in eager mode; in the ONNX graph: x / (k + alpha/n * sum_window(x^2)) ** beta.
+
+    The window sum over channels is a 1x1 Conv with a banded C x C weight: ONNX Runtime runs it multi-threaded
+    in its blocked (NCHWc) conv layout, so no layout reorder is needed around it. beta = 0.75 (the paper's)
+    becomes sqrt(s) * sqrt(sqrt(s)), much cheaper than Pow on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x, channels, size, alpha, beta, k):
+        return F.local_response_norm(x, size, alpha, beta, k)
+
+    @staticmethod
+    def symbolic(g, x, channels, size, alpha, beta, k):
+        index = torch.arange(channels)
+        # PyTorch pads the channel axis by size // 2 in front and (size - 1) // 2 behind, then averages.
+        offset = index[None, :] - index[:, None]  # input channel minus output channel
+        band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).to(torch.float32) * (alpha / size)
+        weight = g.op("Constant", value_t=band.reshape(channels, channels, 1, 1))
+        bias = g.op("Constant", value_t=torch.full((channels,), float(k)))
+        scale = g.op("Conv", g.op("Mul", x, x), weight, bias, kernel_shape_i=[1, 1])
+        if beta == 0.75:
+            root = g.op("Sqrt", scale)
+            denominator = g.op("Mul", root, g.op("Sqrt", root))
+        else:
+            denominator = g.op("Pow", scale, g.op("Constant", value_t=torch.tensor(float(beta))))
+        return g.op("Div", x, denominator)
+
+
+class _ExportLRN(nn.Module):
+    def __init__(self, lrn: nn.LocalResponseNorm):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = lrn.size, lrn.alpha, lrn.beta, lrn.k
+
+    def forward(self, x):
+        return _LRNFunction.apply(x, int(x.shape[1]), self.size, self.alpha, self.beta, self.k)
+
+
+class _ExportGraph(nn.Module):
+    """The exported function: image -> logits, probabilities, requested activations."""
+
+    def __init__(self, model: ZFNet, extra_outputs: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.extra_outputs = extra_outputs
+
+    def forward(self, image):
+        if self.extra_outputs:
+            trace = self.model.trace(image, layers=self.extra_outputs)
+            logits, extras = trace.logits, [trace.activations[name] for name in self.extra_outputs]
+        else:
+            logits, extras = self.model(image), []
+        return (logits, torch.softmax(logits, dim=1), *extras)
+
+
+def _export_copy(model: ZFNet) -> ZFNet:
+    """A CPU eval copy with every LocalResponseNorm swapped for the ONNX-friendly form (the caller's model,
+    which may be serving other requests, is never mutated)."""
+    clone = copy.deepcopy(model).to("cpu").eval()
+    for name, child in list(clone.named_children()):
+        if isinstance(child, nn.LocalResponseNorm):
+            setattr(clone, name, _ExportLRN(child))
+    return clone
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def config_hash(config: ModelConfig) -> str:
+    """SHA-256 of the config as stored in config.json (class names and preprocessing included), less the
+    provenance notes, which loading adds to (the source directory) and which do not change the graph."""
+    data = {k: v for k, v in config.to_json().items() if k != "provenance"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _check_extra_outputs(extra_outputs) -> tuple[str, ...]:
+    if isinstance(extra_outputs, str):
+        extra_outputs = (extra_outputs,)
+    extra = tuple(extra_outputs)
+    allowed = [n for n in LAYER_NAMES if n != "fc8"]  # fc8 is the logits output already
+    bad = [n for n in extra if n not in allowed]
+    if bad or len(set(extra)) != len(extra):
+        raise InvalidArgumentError(f"extra_outputs: {list(extra)} must be distinct layer names from {allowed}",
+                                   field="extra_outputs")
+    return extra
+
+
+def export_onnx(model: ZFNet, path: str | Path, *, extra_outputs=(), opset: int = 17, check: bool = True,
+                weights_sha256: str | None = None, weights_source: str = "state_dict") -> Path:
+    """Export ``model`` to ``path`` (written atomically) and return the path.
+
+    ``weights_sha256`` identifies the source weights in the metadata (default: :func:`state_dict_hash` of
+    ``model``; :func:`ensure_onnx` passes the hash of the directory's weights file). With ``check`` (default)
+    the file must pass ``onnx.checker`` (full check) and match eager PyTorch on a random batch.
+    """
+    import onnx
+
+    if not isinstance(model, ZFNet):
+        raise InvalidArgumentError(f"model: expected a zfserve ZFNet, got {type(model).__name__}", field="model")
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise InvalidArgumentError(f"opset: {opset!r} is outside the accepted range {MIN_OPSET}..{MAX_OPSET}",
+                                   field="opset")
+    extra = _check_extra_outputs(extra_outputs)
+    path = Path(path)
+    config = model.config
+    size = model.input_size
+    output_names = [LOGITS, PROBABILITIES, *extra]
+    graph = _ExportGraph(_export_copy(model), extra)
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 50.0
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        # The TorchScript exporter (dynamo=False) is the one that honours the LRN symbolic above; its
+        # deprecation and tracer warnings are about features this fixed graph does not use.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example,), buffer, input_names=[INPUT_NAME], output_names=output_names,
+                          dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *output_names]},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    del buffer
+    metadata = {
+        META_CLASS_NAMES: json.dumps(list(config.class_names)),
+        META_PREPROCESS: json.dumps(config.preprocess.to_json()),
+        META_MODEL_NAME: config.name,
+        META_MODEL_VERSION: str(config.version),
+        META_WEIGHTS_HASH: weights_sha256 or state_dict_hash(model),
+        META_WEIGHTS_SOURCE: weights_source,
+        META_CONFIG_HASH: config_hash(config),
+        META_OUTPUTS: json.dumps(output_names),
+        META_FORMAT: EXPORT_FORMAT,
+        META_EXPORTER: f"zfserve {__version__}, torch {torch.__version__}, opset {opset}",
+    }
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = f"ZFNet {config.name} (version {config.version}) exported by zfserve"
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(proto.SerializeToString())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the export is as readable as the weights beside it
+        del proto
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+                raise ExportError(f"export: {path.name} fails the ONNX checker: {exc}") from None
+            check_parity(tmp, model, extra_outputs=extra)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_parity(onnx_path: str | Path, model: ZFNet, *, extra_outputs=(), batch: int = PARITY_BATCH,
+                 seed: int = 1) -> float:
+    """Run the ONNX file under ONNX Runtime and eager PyTorch on one random batch; raise ExportError unless
+    probabilities agree within 1e-5 absolute and every other output within 1e-4 of its largest magnitude.
+    Returns the largest probability difference."""
+    import onnxruntime as ort
+
+    extra = tuple(extra_outputs)
+    size = model.input_size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 50.0
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: x.numpy()})))
+    if next(model.parameters()).device.type != "cpu":
+        # The reference runs in fp32 on the CPU, like the session: GPU convs may use TF32 and miss 1e-5.
+        model = copy.deepcopy(model).to("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            trace = model.trace(x, layers=extra)
+    finally:
+        model.train(was_training)
+    expected = {LOGITS: trace.logits, PROBABILITIES: torch.softmax(trace.logits, dim=1), **trace.activations}
+    worst = 0.0
+    for name, reference in expected.items():
+        reference = reference.float().cpu().numpy()
+        if name not in got or got[name].shape != reference.shape:
+            raise ExportError(f"export parity: output {name!r} has shape "
+                              f"{None if name not in got else got[name].shape}, PyTorch gives {reference.shape}")
+        diff = float(np.abs(got[name] - reference).max())
+        if name == PROBABILITIES:
+            worst = diff
+            limit = PROBABILITY_ATOL
+        else:
+            limit = ACTIVATION_RTOL * max(1e-6, float(np.abs(reference).max()))
+        if not diff <= limit:  # also catches NaN
+            raise ExportError(f"export parity: output {name!r} differs from PyTorch by {diff:.3g} "
+                              f"(accepted: at most {limit:.3g})")
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+def cache_root() -> Path:
+    """Where exports of built-in models, in-memory models and read-only model directories are cached:
+    ``$ZFSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/zfserve``, else ``~/.cache/zfserve``."""
+    if os.environ.get("ZFSERVE_CACHE_DIR"):
+        return Path(os.environ["ZFSERVE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "zfserve"
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata props of an ONNX file (empty if it is missing or unreadable)."""
+    import onnx
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a truncated or foreign file is simply not a usable cache entry  # noqa: BLE001
+        return {}
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _is_current(path: Path, weights_sha256: str, config_sha256: str) -> bool:
+    if not path.is_file():
+        return False
+    meta = read_metadata(path)
+    return (meta.get(META_WEIGHTS_HASH) == weights_sha256 and meta.get(META_CONFIG_HASH) == config_sha256
+            and meta.get(META_FORMAT) == EXPORT_FORMAT)
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".zfserve-write-probe.")
+        probe.close()
+        return True
+    except OSError:
+        return False
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    """A model directory's config, with the mean image loaded when the preprocessing uses one (without
+    reading the other weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    config = read_config(directory)
+    if isinstance(config.preprocess.mean, str):
+        path = directory / WEIGHTS_FILE
+        try:
+            with safe_open(str(path), framework="np") as fh:
+                mean = fh.get_tensor(MEAN_IMAGE_TENSOR) if MEAN_IMAGE_TENSOR in fh.keys() else None
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
+        expected = (3, config.preprocess.resize, config.preprocess.resize)
+        if mean is None or tuple(mean.shape) != expected:
+            raise ModelLoadError(f"{path}: tensor {MEAN_IMAGE_TENSOR!r} must have shape {expected} "
+                                 f"(config preprocess.mean is 'image')")
+        config.preprocess.mean_image = mean.astype(np.float32)
+    return config
+
+
+def ensure_onnx(model_dir_or_name: str | Path | ZFNet | None = None) -> Path:
+    """The path of an up-to-date ONNX export of a model, exporting it only when needed.
+
+    A model directory keeps ``model.onnx`` beside its weights; it is re-exported when the hash of
+    ``weights.safetensors`` (or of config.json) no longer matches the file's metadata. Read-only directories
+    (an installed package), the built-in ``zfnet-paper`` and in-memory ZFNets use
+    ``cache_root()/<name>-<hash>/model.onnx``, keyed by the weights hash.
+    """
+    from .weights import load_model
+
+    if isinstance(model_dir_or_name, ZFNet):
+        model = model_dir_or_name
+        source, source_kind, config = state_dict_hash(model), "state_dict", model.config
+        candidates, load = [], (lambda: model)
+    else:
+        directory = resolve_model_dir(model_dir_or_name or default_model_name())
+        if directory is None:  # the built-in paper configuration: deterministic init, no files
+            model = paper_model().eval()
+            source, source_kind, config = state_dict_hash(model), "state_dict", model.config
+            candidates, load = [], (lambda: model)
+        else:
+            if not (directory / WEIGHTS_FILE).is_file():
+                raise ModelLoadError(f"{directory / WEIGHTS_FILE}: missing (a model directory holds "
+                                     f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+            config = read_config(directory)
+            source, source_kind = weights_hash(directory), WEIGHTS_FILE
+            candidates, load = [directory], (lambda: load_model(directory))
+    digest = config_hash(config)
+    candidates.append(cache_root() / f"{config.name}-{source[:16]}")
+    for folder in candidates:
+        if _is_current(folder / ONNX_FILE, source, digest):
+            return folder / ONNX_FILE
+    for folder in candidates:
+        if _writable(folder):
+            return export_onnx(load(), folder / ONNX_FILE, weights_sha256=source, weights_source=source_kind)
+    raise ModelLoadError(f"cannot write {ONNX_FILE}: neither {candidates[0]} nor the cache directory "
+                         f"{candidates[-1]} is writable (set ZFSERVE_CACHE_DIR)")
