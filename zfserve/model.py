@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zfserve.kernels.reference import max_pool_with_switches
+from zfserve.kernels import conv1_relu_pool
+from zfserve.kernels.reference import max_pool_with_switches, pooled_size
 
 from .config import ModelConfig
 
@@ -63,9 +64,8 @@ def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
 
 
 def _pool_out(size: int) -> int:
-    k, s, _ = POOL_GEOMETRY
-    out = -(-(size - k) // s) + 1
-    return out - 1 if (out - 1) * s >= size else out
+    kernel, stride, _ = POOL_GEOMETRY
+    return pooled_size(size, kernel, stride)
 
 
 class ZFNet(nn.Module):
@@ -180,8 +180,10 @@ class ZFNet(nn.Module):
 
         ``stop_after`` ends the pass early at a named layer (logits are then an empty tensor).
         """
-        keep = set(layers)
+        keep = {layers} if isinstance(layers, str) else set(layers)
         unknown = keep - set(LAYER_NAMES)
+        if stop_after is not None and stop_after not in LAYER_NAMES:
+            unknown.add(stop_after)
         if unknown:
             from .errors import InvalidArgumentError
             raise InvalidArgumentError(f"unknown layer(s) {sorted(unknown)}; accepted: {list(LAYER_NAMES)}",
@@ -194,6 +196,14 @@ class ZFNet(nn.Module):
             return stop_after == name
 
         def block(conv_name, relu, x):
+            if conv_name == "conv1" and switches and _use_fused_conv1(x, self.conv1):
+                # One Triton kernel for conv1 + ReLU + pool1 with int8 switches (zfserve.kernels).
+                want_conv = "conv1" in keep or stop_after == "conv1"
+                fused = conv1_relu_pool(x, self.conv1.weight, self.conv1.bias, return_conv=want_conv)
+                if want_conv and record("conv1", fused[2]):
+                    return fused[2], True
+                out.switches["pool1"] = fused[1]
+                return fused[0], record("pool1", fused[0])
             x = relu(getattr(self, conv_name)(x))
             if record(conv_name, x):
                 return x, True
@@ -228,6 +238,12 @@ class ZFNet(nn.Module):
         out.logits = self.fc8(x)
         record("fc8", out.logits)
         return out
+
+
+def _use_fused_conv1(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """The fused conv1 kernel serves CUDA inputs when no gradient must flow through it (it has no backward)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+    return x.is_cuda and not needs_grad and conv.stride == (2, 2) and conv.padding == (1, 1)
 
 
 def build(config: ModelConfig) -> ZFNet:

@@ -4,22 +4,23 @@ training, evaluation) goes through :func:`load_image` / :func:`load_images`.
 Decoding untrusted bytes safely:
 - only JPEG, PNG and WebP are opened (Pillow is given the allowlist, so other decoders never run);
 - the size and frame count are read from the header and checked *before* any pixel is decoded;
-- a pixel limit (default 40 MP) and a minimum side (default 32 px) are enforced; decompression-bomb warnings
-  are errors; truncated files are errors (``LOAD_TRUNCATED_IMAGES`` stays off);
+- a pixel limit (default 40 MP) and a minimum side (default 32 px) are enforced (Pillow's own bomb check, at
+  89 MP, only ever warns about images we refuse anyway); truncated files are errors (``LOAD_TRUNCATED_IMAGES``
+  stays off);
 - only the first frame of an animated PNG/WebP is decoded; EXIF orientation is applied.
 Colour: grayscale, palette and CMYK are converted to RGB; 16-bit images are scaled to 8 bits (not clipped);
 alpha is composited onto the model's mean colour, so fully transparent pixels become 0 after mean
 subtraction (the same value the occlusion engine fills with).
-Then: resize the short side to ``resize`` (bilinear, antialiased), centre-crop ``crop`` x ``crop``, subtract
-the mean (per channel, or the matching centre crop of the per-pixel mean image). Output: float32 (3, crop, crop)
-in raw pixel units minus the mean (roughly -128..128), the paper's input units.
+Then: resize the short side to ``resize`` (bilinear, antialiased; images longer than 16:1 are first cut to
+their centre 16:1 part, which holds all the crop needs), centre-crop ``crop`` x ``crop``, subtract the mean
+(per channel, or the matching centre crop of the per-pixel mean image). Output: float32 (3, crop, crop) in raw
+pixel units minus the mean (roughly -128..128), the paper's input units.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -34,6 +35,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 32
 DEFAULT_MAX_FRAMES = 1000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+MAX_ASPECT = 16
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
 
@@ -94,15 +96,21 @@ def _to_rgb_array(im: Image.Image, pre: PreprocessConfig) -> np.ndarray:
         top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
+    # Transparency is an alpha channel, or a palette index / colour key (PNG tRNS) in P, L, 1 and RGB images.
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
-        (im.mode == "P" and "transparency" in im.info)
+        (im.mode in ("P", "L", "1", "RGB") and "transparency" in im.info)
     if has_alpha:
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[:, :, 3:4] / 255.0
-        mean = np.asarray(pre.mean_rgb(), dtype=np.float32).reshape(1, 1, 3)
-        rgb = rgba[:, :, :3] * alpha + mean * (1.0 - alpha)
-        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        return _composite_on_mean(np.asarray(im.convert("RGBA")), pre)
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _composite_on_mean(rgba: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
+    """uint8 (H, W, 4) -> uint8 (H, W, 3): alpha-blend onto the mean colour (transparent -> 0 after subtraction)."""
+    rgba = rgba.astype(np.float32)
+    alpha = rgba[:, :, 3:4] / 255.0
+    mean = np.asarray(pre.mean_rgb(), dtype=np.float32).reshape(1, 1, 3)
+    rgb = rgba[:, :, :3] * alpha + mean * (1.0 - alpha)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
 def decode_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
@@ -111,52 +119,54 @@ def decode_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, m
     """Safely decode image bytes or a file to uint8 RGB (H, W, 3), EXIF orientation applied."""
     pre = _preprocess_config(config)
     if isinstance(source, np.ndarray):
-        return _array_to_rgb(source, field, min_side, max_pixels)
+        return _array_to_rgb(source, field, min_side, max_pixels, pre)
     data = _read_source(source, field, max_bytes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    # No warning filters are touched here: they are process-global (a race between threads could leak one),
+    # and our own pixel limit, checked right after the header is read, is below Pillow's bomb threshold.
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except UnidentifiedImageError:
+        refused = _sniff_refused(data[:16])
+        if refused:
+            raise UnsupportedImageFormatError(
+                f"{field}: {refused} images are not accepted; accepted formats: JPEG, PNG, WebP",
+                field=field) from None
+        raise CorruptImageError(f"{field}: not a decodable JPEG, PNG or WebP image ({len(data)} bytes)",
+                                field=field) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageSizeError(f"{field}: too many pixels ({exc}); at most {max_pixels} pixels are accepted",
+                             field=field) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"{field}: corrupt image header ({exc})", field=field) from None
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ImageSizeError(f"{field}: {width}x{height} = {width * height} pixels; at most {max_pixels} "
+                                 f"pixels are accepted", field=field)
+        if min(width, height) < min_side:
+            raise ImageSizeError(f"{field}: {width}x{height} is too small; each side must be at least "
+                                 f"{min_side} pixels", field=field)
+        frames = getattr(im, "n_frames", 1)
+        if frames > max_frames:
+            raise ImageSizeError(f"{field}: {frames} frames; at most {max_frames} are accepted (only the "
+                                 f"first is used)", field=field)
         try:
-            im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-        except UnidentifiedImageError:
-            refused = _sniff_refused(data[:16])
-            if refused:
-                raise UnsupportedImageFormatError(
-                    f"{field}: {refused} images are not accepted; accepted formats: JPEG, PNG, WebP",
-                    field=field) from None
-            raise CorruptImageError(f"{field}: not a decodable JPEG, PNG or WebP image ({len(data)} bytes)",
+            if frames > 1:
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb_array(im, pre)
+        except Image.DecompressionBombError as exc:
+            raise ImageSizeError(f"{field}: {exc}", field=field) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise CorruptImageError(f"{field}: truncated or corrupt {im.format} data ({exc})",
                                     field=field) from None
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise ImageSizeError(f"{field}: {exc}; at most {max_pixels} pixels are accepted", field=field) \
-                from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise CorruptImageError(f"{field}: corrupt image header ({exc})", field=field) from None
-        with im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageSizeError(f"{field}: {width}x{height} = {width * height} pixels; at most {max_pixels} "
-                                     f"are accepted", field=field)
-            if min(width, height) < min_side:
-                raise ImageSizeError(f"{field}: {width}x{height} is too small; each side must be at least "
-                                     f"{min_side} pixels", field=field)
-            frames = getattr(im, "n_frames", 1)
-            if frames > max_frames:
-                raise ImageSizeError(f"{field}: {frames} frames; at most {max_frames} are accepted (only the "
-                                     f"first is used)", field=field)
-            try:
-                if frames > 1:
-                    im.seek(0)
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                rgb = _to_rgb_array(im, pre)
-            except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-                raise ImageSizeError(f"{field}: {exc}", field=field) from None
-            except (OSError, SyntaxError, ValueError, EOFError) as exc:
-                raise CorruptImageError(f"{field}: truncated or corrupt {im.format} data ({exc})",
-                                        field=field) from None
     return rgb
 
 
-def _array_to_rgb(arr: np.ndarray, field: str, min_side: int, max_pixels: int) -> np.ndarray:
+def _array_to_rgb(arr: np.ndarray, field: str, min_side: int, max_pixels: int,
+                  pre: PreprocessConfig) -> np.ndarray:
+    """A uint8 (H, W[, 1|3|4]) array, treated like a decoded image of that mode (RGBA is composited)."""
     if arr.dtype != np.uint8:
         raise InvalidArgumentError(f"{field}: arrays must be uint8 (H, W[, 1|3|4]), got dtype {arr.dtype}",
                                    field=field)
@@ -170,13 +180,22 @@ def _array_to_rgb(arr: np.ndarray, field: str, min_side: int, max_pixels: int) -
         raise ImageSizeError(f"{field}: {w}x{h} is outside the accepted size (sides >= {min_side}, "
                              f"at most {max_pixels} pixels)", field=field)
     if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr[:, :, :3])
+        return np.ascontiguousarray(np.repeat(arr, 3, axis=2))
+    if arr.shape[2] == 4:
+        return _composite_on_mean(arr, pre)
+    return np.ascontiguousarray(arr)
 
 
 def resize_and_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (crop, crop, 3): short side to ``resize`` (bilinear, antialiased), centre crop."""
     h, w = rgb.shape[:2]
+    # Only the centre of a very long image reaches the crop: cut it to MAX_ASPECT:1 first, so that a thin
+    # 40 MP strip (32 x 1,250,000) is not resized to gigabytes. Images up to 16:1 are untouched.
+    longest = MAX_ASPECT * min(h, w)
+    if max(h, w) > longest:
+        top, left = max(0, (h - longest) // 2), max(0, (w - longest) // 2)
+        rgb = rgb[top:top + longest, left:left + longest]
+        h, w = rgb.shape[:2]
     if min(h, w) != resize:
         scale = resize / min(h, w)
         w, h = max(resize, round(w * scale)), max(resize, round(h * scale))

@@ -1,6 +1,7 @@
 """Model directories: ``weights.safetensors`` + ``config.json`` (+ ``model.onnx``, written by the exporter).
 
-No pickle anywhere. Every failure names the file (and the tensor) that is wrong.
+No pickle anywhere. Every failure names the file (and the tensor) that is wrong. torch is imported where it is
+used, so that resolving a model name (``zfserve --help``) does not pay for it.
 
 Model names resolve to the embedded models under ``zfserve/models/<name>/``; ``zfnet-paper`` is built in: the
 untrained paper configuration (1000 classes, paper init with a fixed seed), never stored on disk.
@@ -11,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .config import ModelConfig
 from .errors import ModelLoadError, NotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
@@ -56,9 +60,11 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path | None:
 
 def paper_model():
     """The untrained paper configuration, initialized deterministically."""
+    import torch
     from .model import ZFNet
-    torch.manual_seed(PAPER_SEED)
-    model = ZFNet()
+    with torch.random.fork_rng(devices=[]):  # seed locally: loading a model must not reset the caller's RNG
+        torch.manual_seed(PAPER_SEED)
+        model = ZFNet()
     model.config.name = PAPER_MODEL
     model.config.provenance = {"source": "built-in: paper init N(0, 0.01^2), zero biases",
                                "seed": PAPER_SEED}
@@ -99,6 +105,7 @@ def weights_hash(directory: str | Path) -> str:
 
 def state_dict_hash(model) -> str:
     """SHA-256 over the model's tensors (for models that do not come from a file, such as zfnet-paper)."""
+    import torch
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -108,10 +115,12 @@ def state_dict_hash(model) -> str:
 
 def load_model(name_or_dir: str | Path | None = None, *, device: str | torch.device = "cpu"):
     """Load a model directory (or embedded name) into a ZFNet in eval mode; ``model.config`` holds its config."""
+    import torch
     from .model import build
     directory = resolve_model_dir(name_or_dir or default_model_name())
     if directory is None:
         model = paper_model()
+        model.model_dir = None
     else:
         config = read_config(directory)
         path = directory / WEIGHTS_FILE
@@ -143,8 +152,11 @@ def load_model(name_or_dir: str | Path | None = None, *, device: str | torch.dev
     return model.to(device)
 
 
-def save_model(model, directory: str | Path, *, dtype: torch.dtype = torch.float32, **config_updates) -> Path:
-    """Write ``model`` as a model directory. ``dtype`` float16 halves the file (recorded in config.json)."""
+def save_model(model, directory: str | Path, *, dtype: torch.dtype | None = None, **config_updates) -> Path:
+    """Write ``model`` as a model directory. ``dtype`` (default float32) float16 halves the file (recorded in
+    config.json)."""
+    import torch
+    dtype = dtype or torch.float32
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

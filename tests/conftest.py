@@ -1,0 +1,56 @@
+"""Shared test set-up: Triton's interpreter on CPU hosts, the ``gpu`` marker, small seeded fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Must happen before anything imports triton: on a host without CUDA, kernels run under the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# pytester lets a test run the hooks below on a throw-away test file.
+pytest_plugins = ("pytester",)
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A seeded torch generator: fresh random inputs that are the same on every run."""
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def np_rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def make_model():
+    """Factory for small ZFNets (paper conv widths, tiny classifier) in eval mode, seeded."""
+    from zfserve.model import ZFNet
+
+    def make(num_classes: int = 10, fc_width: int = 64, widths=(96, 256, 384, 384, 256), seed: int = 0):
+        torch.manual_seed(seed)
+        return ZFNet(num_classes=num_classes, fc_width=fc_width, widths=tuple(widths)).eval()
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(make_model):
+    return make_model()
