@@ -1,0 +1,592 @@
+"""The paper's training recipe (ZFNet v3 §3): SGD lr 1e-2, momentum 0.9, mini-batch 128, dropout 0.5,
+N(0, 0.01^2) weights and zero biases, RMS filter clipping (radius 0.1) after every update, per-pixel mean
+image, random 224 crops of the 256 images with horizontal flips, learning rate /10 when validation plateaus.
+
+Determinism: the sample order, crop offsets and flips of epoch ``e`` come from a generator seeded with
+``(seed, e)`` and dropout from the global generator re-seeded at each epoch start, so a run resumed from an
+epoch checkpoint continues bit-identically (on CPU). Checkpoints are safetensors + JSON, never pickle.
+Crop offsets are drawn per sample (not per batch position), so a DDP run with dropout 0 computes the same
+updates as one process with the same global batch.
+
+DDP: launch with ``torchrun --nproc_per_node N -m zfserve.cli train ...``; gloo on CPU, nccl on CUDA. Each
+rank takes every N-th sample of the epoch's order and ``batch_size / N`` per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, PreprocessConfig
+from .errors import InvalidArgumentError
+from .model import CONV_LAYERS, ZFNet, build
+from .weights import MEAN_IMAGE_TENSOR, save_model
+
+# The paper's feature-evolution epochs (Fig. 4), out of its 70-epoch run.
+PAPER_EVOLUTION_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 64)
+PAPER_EPOCHS = 64
+CHECKPOINT_DIR = "checkpoint"
+SNAPSHOT_DIR = "snapshots"
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    data: str = "synthetic"
+    val_data: str | None = None        # ImageFolder for validation; default: a held-out synthetic seed / 10% split
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-2
+    momentum: float = 0.9
+    optimizer: str = "sgd"             # "sgd" (the paper) or "adam" (a documented deviation for short runs)
+    weight_decay: float = 0.0          # not stated in the paper
+    dropout: float = 0.5
+    init: str = "paper"                # "paper": N(0, 0.01^2); "scaled": see init_weights
+    clip_radius: float = 0.1
+    fc_width: int = 4096
+    resize: int = 256                  # images are resize x resize; crops are crop x crop
+    crop: int = 224
+    seed: int = 0
+    train_seed: int = 1                # synthetic data seeds
+    train_n: int = 11000
+    val_seed: int = 2
+    val_n: int = 550
+    plateau_patience: int = 1          # epochs without val-loss improvement before lr /10
+    plateau_threshold: float = 0.01    # relative improvement that counts
+    min_lr: float = 1e-5
+    warmup_steps: int = 0              # linear lr warmup (0 = the paper: none)
+    amp: str = "none"                  # "bf16" autocast (fp32 master weights) or "none"
+    channels_last: bool = True
+    device: str = "auto"
+    snapshot_epochs: list = field(default_factory=list)   # empty: the paper's epochs scaled to this run
+    evolution: bool = False            # compute OUT/evolution.npz from the snapshots when training ends
+    cache_dir: str | None = None
+    workers: int = 1                   # processes that render synthetic data before training
+    max_steps_per_epoch: int = 0       # 0 = whole epoch (tests use a few)
+    name: str = "zfnet-demo"
+    command: str = ""
+
+    def validate(self) -> None:
+        checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                  ("lr", self.lr > 0, "> 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                  ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("clip_radius", self.clip_radius > 0, "> 0"),
+                  ("fc_width", self.fc_width >= 1, ">= 1"), ("crop", 32 <= self.crop <= self.resize,
+                                                               f"in [32, resize={self.resize}]"),
+                  ("init", self.init in ("paper", "scaled"), "'paper' or 'scaled'"),
+                  ("amp", self.amp in ("none", "bf16"), "'none' or 'bf16'"),
+                  ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
+                  ("train_n", self.train_n >= 1, ">= 1"), ("val_n", self.val_n >= 1, ">= 1")]
+        for name, ok, accepted in checks:
+            if not ok:
+                raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is out of range; accepted: {accepted}",
+                                           field=name)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def scaled_evolution_epochs(epochs: int) -> list[int]:
+    """The paper's evolution epochs (1, 2, 5, 10, 20, 30, 40, 64 of ~70) scaled to a run of ``epochs``."""
+    return sorted({max(1, min(epochs, round(e * epochs / PAPER_EPOCHS))) for e in PAPER_EVOLUTION_EPOCHS})
+
+
+def init_weights(model: ZFNet, scheme: str, generator: torch.Generator, input_rms: float | None = None) -> None:
+    """``paper``: every weight N(0, 0.01^2), biases 0.
+
+    ``scaled`` (a documented deviation for short runs): conv1 weights N(0, s^2) with s = 1 / (sqrt(fan_in) *
+    input_rms), so conv1's outputs start with unit RMS on the mean-subtracted raw-pixel input; conv2..fc7 He's
+    fan-in scaling N(0, 2 / fan_in), which keeps that scale through the ReLUs; fc8 keeps N(0, 0.01^2) (small
+    initial logits); biases 0. With 0.01 everywhere the signal shrinks ~2-4x per layer (logits start near 1e-3)
+    and plain SGD sits on a plateau far longer than a short run lasts. Filter clipping still applies.
+    """
+    model.reset_parameters(generator)
+    if scheme == "paper":
+        return
+    if input_rms is None or input_rms <= 0:
+        raise InvalidArgumentError("init 'scaled' needs the RMS of the mean-subtracted input", field="init")
+    with torch.no_grad():
+        for name in CONV_LAYERS + ("fc6", "fc7"):
+            weight = getattr(model, name).weight
+            fan_in = weight[0].numel()
+            std = 1.0 / (math.sqrt(fan_in) * input_rms) if name == "conv1" else math.sqrt(2.0 / fan_in)
+            weight.normal_(0.0, std, generator=generator)
+
+
+def input_rms(images: np.ndarray, mean: np.ndarray, n: int = 256) -> float:
+    """RMS of the mean-subtracted pixels of the first ``n`` images (raw pixel units)."""
+    x = np.asarray(images[:n], dtype=np.float32).transpose(0, 3, 1, 2) - mean
+    return float(np.sqrt(np.mean(x * x)))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device={name!r}: no CUDA device available; accepted: cpu, auto", field="device")
+    return torch.device(name)
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, S, S, 3) -> (N, size, size, 3) by area averaging (only for small test configurations)."""
+    if images.shape[1] == size:
+        return images
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for start in range(0, len(images), 256):
+        x = torch.from_numpy(np.array(images[start:start + 256])).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(size, size), mode="area")
+        out[start:start + 256] = x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def load_data(cfg: TrainConfig, log=None):
+    """(train_images, train_labels, val_images, val_labels, class_names); images uint8 (N, R, R, 3)."""
+    from .data import CLASSES, image_folder_arrays, synthetic_arrays
+    if cfg.data == "synthetic":
+        tr, trl = synthetic_arrays(cfg.train_seed, cfg.train_n, cache_dir=cfg.cache_dir, workers=cfg.workers,
+                                   log=log)
+        va, val = synthetic_arrays(cfg.val_seed, cfg.val_n, cache_dir=cfg.cache_dir, workers=cfg.workers)
+        classes = list(CLASSES)
+    else:
+        tr, trl, classes = image_folder_arrays(cfg.data, resize=256)
+        if cfg.val_data:
+            va, val, val_classes = image_folder_arrays(cfg.val_data, resize=256)
+            if val_classes != classes:
+                raise InvalidArgumentError(f"val_data classes {val_classes} differ from data classes {classes}",
+                                           field="val_data")
+        else:  # a fixed 10% split (every 10th image) keeps the class balance of the folder
+            held = np.arange(len(trl)) % 10 == 9
+            va, val, tr, trl = tr[held], trl[held], tr[~held], trl[~held]
+    return _resize_images(tr, cfg.resize), trl, _resize_images(va, cfg.resize), val, classes
+
+
+def mean_image(images: np.ndarray) -> np.ndarray:
+    """The per-pixel mean (3, R, R) float32 of uint8 (N, R, R, 3) images, accumulated in float64."""
+    total = np.zeros(images.shape[1:], dtype=np.float64)
+    for start in range(0, len(images), 512):
+        total += np.asarray(images[start:start + 512], dtype=np.float64).sum(axis=0)
+    return (total / len(images)).transpose(2, 0, 1).astype(np.float32)
+
+
+def _state_to_tensors(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Optimizer state (momentum buffers; Adam's moments and step) keyed ``<param name>/<state key>``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    out[f"{names[id(p)]}/{key}"] = value.detach().cpu().contiguous()
+    return out
+
+
+def _tensors_to_state(optimizer: torch.optim.Optimizer, model: nn.Module, tensors: dict) -> None:
+    for name, p in model.named_parameters():
+        for full, value in tensors.items():
+            prefix, _, key = full.rpartition("/")
+            if prefix == name:
+                device = p.device if value.dim() else "cpu"    # Adam keeps its step count on the CPU
+                optimizer.state[p][key] = value.to(device).clone()
+
+
+def _atomic_write_tensors(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+class _Progress:
+    """One status line on stderr: redrawn in place on a terminal, a line every ``every`` steps otherwise."""
+
+    def __init__(self, enabled: bool, every: int = 10):
+        self.enabled, self.tty, self.every = enabled, sys.stderr.isatty(), every
+
+    def update(self, text: str, step: int, last: bool) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r" + text + ("\n" if last else ""))
+            sys.stderr.flush()
+        elif last or step % self.every == 0:
+            print(text, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def _crop_batch(images: np.ndarray, indices: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+                mean: torch.Tensor, crop: int) -> torch.Tensor:
+    """Random crops: subtract the full per-pixel mean image, then cut each sample's crop and maybe flip it."""
+    order = indices.numpy()
+    x = torch.from_numpy(np.asarray(images[order])).permute(0, 3, 1, 2).float() - mean
+    out = torch.empty(len(order), 3, crop, crop)
+    for row, i in enumerate(indices.tolist()):
+        oy, ox = offsets[i].tolist()
+        patch = x[row, :, oy:oy + crop, ox:ox + crop]
+        out[row] = patch.flip(-1) if flips[i] else patch
+    return out
+
+
+def centre_inputs(images: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """uint8 (N, R, R, 3) -> float32 (N, 3, crop, crop) through ``zfserve.preprocess.to_input`` (one definition)."""
+    from .preprocess import to_input
+    return np.stack([to_input(np.asarray(img), config) for img in images])
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, config: ModelConfig, batch: int = 64,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Logits (N, C) for uint8 (N, R, R, 3) images, centre crop, in eval mode."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(centre_inputs(images[start:start + batch], config)).to(device)
+        outs.append(model(x).float().cpu())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def accuracy_report(logits: torch.Tensor, labels: np.ndarray, class_names: list[str]) -> dict:
+    """top-1, top-5 (top-k with k = min(5, C)), mean cross-entropy and per-class top-1."""
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    top1 = topk[:, 0] == labels_t
+    hit_k = (topk == labels_t[:, None]).any(dim=1)
+    per_class = {name: float(top1[labels_t == c].float().mean())
+                 for c, name in enumerate(class_names) if bool((labels_t == c).any())}
+    return {"n": int(len(labels_t)), "top1": float(top1.float().mean()), "top5": float(hit_k.float().mean()),
+            "top5_k": k, "loss": float(F.cross_entropy(logits, labels_t)), "per_class": per_class}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=None) -> dict:
+    """Run (or resume) training; returns the final state dict of metrics. Writes ``cfg.out`` as a model dir."""
+    cfg.validate()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = _device(cfg.device)
+    if distributed:
+        import torch.distributed as dist
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+    if cfg.batch_size % world:
+        raise InvalidArgumentError(f"batch_size={cfg.batch_size} must be divisible by the number of processes "
+                                   f"({world})", field="batch_size")
+    say = (log or (lambda msg: print(msg, file=sys.stderr, flush=True))) if rank == 0 else (lambda msg: None)
+    out = Path(cfg.out)
+    ckpt = out / CHECKPOINT_DIR
+
+    images, labels, val_images, val_labels, classes = load_data(cfg, log=say)
+    state = {"epoch": 0, "step": 0, "lr": cfg.lr, "best_val_loss": None, "bad_epochs": 0, "history": [],
+             "wall_time_s": 0.0}
+    model_config = ModelConfig(name=cfg.name, num_classes=len(classes), fc_width=cfg.fc_width,
+                               input_size=cfg.crop, class_names=list(classes),
+                               preprocess=PreprocessConfig(resize=cfg.resize, crop=cfg.crop, mean="image"))
+    model = build(model_config)
+    model.drop6.p = model.drop7.p = cfg.dropout
+    if resume and (ckpt / "state.json").is_file():
+        from .weights import read_tensors
+        state = json.loads((ckpt / "state.json").read_text())
+        saved = json.loads((ckpt / "train_config.json").read_text())
+        for key in ("seed", "batch_size", "crop", "resize", "fc_width", "train_seed", "train_n", "data"):
+            if saved.get(key) != getattr(cfg, key):
+                raise InvalidArgumentError(f"resume: {key}={getattr(cfg, key)!r} differs from the checkpoint's "
+                                           f"{saved.get(key)!r}", field=key)
+        if saved.get("lr") != cfg.lr:   # an explicit new --lr on resume replaces the checkpoint's rate
+            say(f"resume: lr {state['lr']:g} -> {cfg.lr:g} (--lr differs from the checkpoint's {saved.get('lr')})")
+            state["lr"] = cfg.lr
+            state.setdefault("lr_overrides", []).append({"after_epoch": state["epoch"], "lr": cfg.lr})
+        tensors = read_tensors(ckpt / "model.safetensors")
+        model_config.preprocess.mean_image = tensors.pop(MEAN_IMAGE_TENSOR).numpy()
+        model.load_state_dict(tensors)
+        say(f"resumed from {ckpt} after epoch {state['epoch']} (lr {state['lr']:g})")
+    else:
+        if resume:
+            say(f"resume: no checkpoint in {ckpt}; starting fresh")
+        model_config.preprocess.mean_image = mean_image(images)
+        init_weights(model, cfg.init, torch.Generator().manual_seed(cfg.seed),
+                     input_rms(images, model_config.preprocess.mean_image))
+        model.clip_filter_rms_(cfg.clip_radius)
+    mean = torch.from_numpy(model_config.preprocess.mean_image)
+    model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=state["lr"], momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+    else:   # Adam's per-weight step size is indifferent to conv1's raw-pixel gradient scale
+        optimizer = torch.optim.Adam(model.parameters(), lr=state["lr"], betas=(cfg.momentum, 0.999),
+                                     weight_decay=cfg.weight_decay)
+    if resume and (ckpt / "optimizer.safetensors").is_file() and state["epoch"] > 0:
+        from .weights import read_tensors
+        _tensors_to_state(optimizer, model, read_tensors(ckpt / "optimizer.safetensors"))
+    snapshots = [int(e) for e in cfg.snapshot_epochs] or scaled_evolution_epochs(cfg.epochs)
+    if rank == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", ckpt / "train_config.json")
+
+    per_rank = cfg.batch_size // world
+    steps = len(labels) // cfg.batch_size
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if steps < 1:
+        raise InvalidArgumentError(f"batch_size={cfg.batch_size} exceeds the {len(labels)} training images",
+                                   field="batch_size")
+    bar = _Progress(progress and rank == 0)
+    say(f"training {len(labels)} images ({len(classes)} classes), {steps} steps/epoch of {cfg.batch_size}, "
+        f"{world} process(es) on {device}, init {cfg.init}, lr {state['lr']:g}, snapshots at epochs {snapshots}")
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        gen = _epoch_generator(cfg.seed, epoch)
+        order = torch.randperm(len(labels), generator=gen)
+        offsets = torch.randint(0, cfg.resize - cfg.crop + 1, (len(labels), 2), generator=gen)
+        flips = torch.rand(len(labels), generator=gen) < 0.5
+        torch.manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)   # dropout masks
+        net.train()
+        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        for step in range(steps):
+            batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
+            x = _crop_batch(images, batch, offsets, flips, mean, cfg.crop).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.from_numpy(labels[batch.numpy()]).to(device)
+            lr = state["lr"]
+            if cfg.warmup_steps and state["step"] < cfg.warmup_steps:
+                lr = lr * (state["step"] + 1) / cfg.warmup_steps
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.clip_filter_rms_(cfg.clip_radius)
+            state["step"] += 1
+            stats = torch.tensor([float(loss.detach()) * len(y), float((logits.argmax(1) == y).sum()), len(y)])
+            if distributed:
+                torch.distributed.all_reduce(stats)
+            loss_sum += float(stats[0])
+            correct += int(stats[1])
+            seen += int(stats[2])
+            rate = seen / max(time.time() - t0, 1e-9)
+            bar.update(f"epoch {epoch}/{cfg.epochs} step {step + 1}/{steps} loss {loss_sum / seen:.4f} "
+                       f"acc {correct / seen:.3f} lr {lr:.2g} {rate:.1f} img/s", step + 1, step + 1 == steps)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training diverged in epoch {epoch} (loss {loss_sum}); lower --lr")
+        # Validation on every rank's share, summed: the lr decision is identical everywhere.
+        logits = predict_logits(model, val_images[rank::world], model_config, device=device)
+        vy = torch.as_tensor(val_labels[rank::world])
+        vstats = torch.tensor([float(F.cross_entropy(logits, vy, reduction="sum")),
+                               float((logits.argmax(1) == vy).sum()), len(vy)], dtype=torch.float64)
+        if distributed:
+            torch.distributed.all_reduce(vstats)
+        val_loss, val_acc = float(vstats[0] / vstats[2]), float(vstats[1] / vstats[2])
+        best = state["best_val_loss"]
+        if best is None or val_loss < best * (1 - cfg.plateau_threshold):
+            state["best_val_loss"], state["bad_epochs"] = val_loss, 0
+        else:
+            state["bad_epochs"] += 1
+            if state["bad_epochs"] >= cfg.plateau_patience and state["lr"] / 10 >= cfg.min_lr:
+                state["lr"] /= 10
+                state["bad_epochs"] = 0
+                say(f"validation plateau: lr -> {state['lr']:g}")
+        epoch_time = time.time() - t0
+        state["wall_time_s"] += epoch_time
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                                 "val_loss": val_loss, "val_top1": val_acc, "lr": lr,
+                                 "seconds": round(epoch_time, 1), "img_per_s": round(seen / epoch_time, 2)})
+        say(f"epoch {epoch}: train loss {loss_sum / seen:.4f} acc {correct / seen:.3f} | val loss {val_loss:.4f} "
+            f"top-1 {val_acc:.4f} | {epoch_time:.0f}s")
+        if rank == 0:
+            _write_checkpoint(model, optimizer, model_config, state, cfg, ckpt, epoch in snapshots, device)
+        if distributed:
+            torch.distributed.barrier()
+    if cfg.evolution and rank == 0:
+        say(f"feature evolution -> {write_evolution(out)}")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return state
+
+
+def _write_checkpoint(model, optimizer, model_config, state, cfg, ckpt: Path, snapshot: bool, device) -> None:
+    out = ckpt.parent
+    weights = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
+    if snapshot:
+        (out / SNAPSHOT_DIR).mkdir(parents=True, exist_ok=True)
+        _atomic_write_tensors(weights, out / SNAPSHOT_DIR / f"epoch_{state['epoch']:03d}.safetensors")
+    _atomic_write_tensors({**weights, MEAN_IMAGE_TENSOR: torch.from_numpy(model_config.preprocess.mean_image)},
+                          ckpt / "model.safetensors")
+    _atomic_write_tensors(_state_to_tensors(optimizer, model), ckpt / "optimizer.safetensors")
+    _atomic_write_text(json.dumps(state, indent=2) + "\n", ckpt / "state.json")
+    # The model directory itself (weights + config.json) always holds the latest epoch.
+    last = state["history"][-1]
+    provenance = {
+        "source": "zfserve train", "command": cfg.command, "seed": cfg.seed, "init": cfg.init,
+        "data": cfg.data if cfg.data != "synthetic" else
+        {"kind": "synthetic", "train_seed": cfg.train_seed, "train_n": cfg.train_n, "val_seed": cfg.val_seed,
+         "val_n": cfg.val_n},
+        "recipe": {k: getattr(cfg, k) for k in ("optimizer", "batch_size", "lr", "momentum", "weight_decay", "dropout",
+                                                  "clip_radius", "warmup_steps", "amp", "plateau_patience")},
+        "epochs": state["epoch"], "steps": state["step"], "final": {"val_top1": last["val_top1"],
+                                                                    "val_loss": last["val_loss"],
+                                                                    "train_loss": last["train_loss"]},
+        "wall_time_s": round(state["wall_time_s"], 1), "hardware": _hardware(device),
+        "torch": torch.__version__,
+    }
+    model_config.provenance = provenance
+    save_model(model, out)   # copies tensors to CPU itself
+
+
+def load_snapshot(path: Path, config: ModelConfig) -> ZFNet:
+    from .weights import read_tensors
+    model = build(config)
+    model.load_state_dict({k: v.float() for k, v in read_tensors(path).items()})
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- feature evolution
+EVOLUTION_FILE = "evolution.npz"
+EVOLUTION_SIZE = 64
+
+
+def snapshot_paths(run_dir: str | Path) -> dict[int, Path]:
+    """The epoch snapshots a run kept: {epoch: path}."""
+    folder = Path(run_dir) / SNAPSHOT_DIR
+    paths = sorted(folder.glob("epoch_*.safetensors")) if folder.is_dir() else []
+    return {int(p.stem.split("_")[1]): p for p in paths}
+
+
+def _render_projection(projection: np.ndarray, box, size: int) -> np.ndarray:
+    """The projection inside the unit's receptive field, grey = 0, scaled by its own peak, as uint8 RGB."""
+    from PIL import Image
+    x0, y0, x1, y1 = box
+    patch = projection[:, y0:y1, x0:x1].transpose(1, 2, 0)
+    peak = float(np.abs(patch).max())
+    img = np.clip(np.rint(127.5 + 127.5 * (patch / peak if peak > 0 else patch)), 0, 255).astype(np.uint8)
+    resample = Image.NEAREST if max(img.shape[:2]) < size // 2 else Image.BILINEAR
+    return np.asarray(Image.fromarray(img).resize((size, size), resample))
+
+
+def evolution_data(snapshots: dict[int, Path], config: ModelConfig, probes: np.ndarray, *,
+                   layers=CONV_LAYERS, maps_per_layer: int = 6, seed: int = 0,
+                   size: int = EVOLUTION_SIZE) -> dict[str, np.ndarray]:
+    """Feature evolution (paper Fig. 4): for a seeded subset of feature maps per layer, at every snapshot
+    epoch, the deconv projection of that map's strongest activation over the probe images.
+
+    ``probes`` are network inputs (N, 3, crop, crop). Returns arrays for ``np.savez``: ``renders`` uint8
+    (layers, maps, epochs, size, size, 3), ``epochs``, ``layers``, ``maps`` (layers, maps), and per render the
+    ``image_index``, ``position`` (y, x) in the layer's map and the ``activation``.
+    """
+    from .engine.deconv import DeconvEngine
+    if not snapshots:
+        raise InvalidArgumentError("no snapshots to compute feature evolution from", field="snapshots")
+    epochs = sorted(snapshots)
+    rng = np.random.default_rng(seed)
+    probe_t = torch.from_numpy(np.ascontiguousarray(probes, dtype=np.float32))
+    model = build(config)
+    widths = {name: getattr(model, name).out_channels for name in CONV_LAYERS}
+    maps = np.stack([np.sort(rng.choice(widths[layer], maps_per_layer, replace=False)) for layer in layers])
+    shape = (len(layers), maps_per_layer, len(epochs))
+    renders = np.zeros(shape + (size, size, 3), dtype=np.uint8)
+    image_index = np.zeros(shape, dtype=np.int64)
+    position = np.zeros(shape + (2,), dtype=np.int64)
+    activation = np.zeros(shape, dtype=np.float32)
+    for e, epoch in enumerate(epochs):
+        model = load_snapshot(snapshots[epoch], config)
+        with torch.no_grad():
+            acts = model.trace(probe_t, layers=layers, switches=False).activations
+        engine = DeconvEngine(model)
+        for li, layer in enumerate(layers):
+            a = acts[layer]
+            n_img, _, h, w = a.shape
+            units, where = [], []
+            for mi, channel in enumerate(maps[li]):
+                flat = int(a[:, channel].flatten().argmax())   # strongest over all probes and positions
+                n, rest = divmod(flat, h * w)
+                units.append((n, int(channel), rest // w, rest % w))
+                where.append(mi)
+            # Forward only the images that hold a chosen unit.
+            chosen = sorted({u[0] for u in units})
+            remap = {n: i for i, n in enumerate(chosen)}
+            projected = engine.project(probe_t[chosen], layer,
+                                       units=[(remap[n], c, y, x) for n, c, y, x in units])
+            for mi, (unit, proj) in zip(where, zip(units, projected)):
+                renders[li, mi, e] = _render_projection(proj.projection, proj.box, size)
+                image_index[li, mi, e] = unit[0]
+                position[li, mi, e] = unit[2:]
+                activation[li, mi, e] = proj.activation
+    return {"renders": renders, "epochs": np.asarray(epochs, dtype=np.int64),
+            "layers": np.asarray(layers, dtype="U8"), "maps": maps.astype(np.int64),
+            "image_index": image_index, "position": position, "activation": activation}
+
+
+def probe_inputs(config: ModelConfig, *, seed: int, n: int) -> np.ndarray:
+    """The fixed probe set: the first ``n`` synthetic images of ``seed`` through the model's preprocessing."""
+    from .data import synthetic_arrays
+    images, _ = synthetic_arrays(seed, n)
+    return centre_inputs(_resize_images(images, config.preprocess.resize), config)
+
+
+def write_evolution(run_dir: str | Path, model_dir: str | Path | None = None, *, probe_seed: int = 1,
+                    probe_n: int = 110, maps_per_layer: int = 6, seed: int = 0) -> Path:
+    """Compute feature evolution from a run's snapshots into ``model_dir/evolution.npz`` (default: the run
+    directory itself, which is also a model directory). Used after training and by ``--evolution``."""
+    from .weights import read_config, read_tensors
+    run_dir = Path(run_dir)
+    model_dir = Path(model_dir or run_dir)
+    config = read_config(run_dir)
+    config.preprocess.mean_image = read_tensors(run_dir / CHECKPOINT_DIR / "model.safetensors")[
+        MEAN_IMAGE_TENSOR].numpy()
+    probes = probe_inputs(config, seed=probe_seed, n=probe_n)
+    data = evolution_data(snapshot_paths(run_dir), config, probes, maps_per_layer=maps_per_layer, seed=seed)
+    data["probe"] = np.asarray([probe_seed, probe_n], dtype=np.int64)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / EVOLUTION_FILE
+    np.savez_compressed(path, **data)
+    return path
