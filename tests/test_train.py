@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from zfserve.model import CONV_LAYERS, load
-from zfserve.train import (TrainConfig, accuracy_report, init_weights, input_rms, load_data, predict_logits,
-                           scaled_evolution_epochs, train)
+from zfserve.train import (TrainConfig, _crop_batch, accuracy_report, conv1_lr_factor, init_weights, input_rms,
+                           load_data, predict_logits, scaled_evolution_epochs, train)
 
 TINY = dict(fc_width=32, resize=72, crop=64, train_n=44, val_n=22, batch_size=22, train_seed=5, val_seed=6)
 
@@ -64,9 +64,9 @@ def test_steps_lower_the_loss(tmp_path):
 
 
 def test_clipping_keeps_filters_within_radius(tmp_path):
-    # One SGD step large enough (lr 5) to push conv1 filters far past the radius from the scaled init (conv1
-    # starts at RMS ~0.0015): the clipping is exercised, not vacuous, and no conv filter ends above 0.1.
-    cfg = _cfg(tmp_path, epochs=1, init="scaled", optimizer="sgd", lr=5.0, max_steps_per_epoch=1,
+    # One Adam step of lr 5 moves every weight by ~5 (Adam's first step is lr * sign(gradient)), far past the
+    # radius: the clipping is exercised, not vacuous, and no conv filter ends above 0.1.
+    cfg = _cfg(tmp_path, epochs=1, init="paper", optimizer="adam", lr=5.0, max_steps_per_epoch=1,
                cache_dir=str(tmp_path / "cache"))
     train(cfg, progress=False)
     model = load(cfg.out)
@@ -151,6 +151,52 @@ def test_accuracy_report_matches_brute_force(generator):
         sel = labels == c
         if sel.any():
             assert report["per_class"][name] == pytest.approx(np.mean(order[sel, 0] == c))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_crop_batch_matches_slicing(generator, as_tensor):
+    """The one-gather crop equals subtract-mean, slice, flip done image by image."""
+    n, size, crop = 9, 40, 31
+    images = torch.randint(0, 256, (n, size, size, 3), generator=generator, dtype=torch.uint8)
+    mean = torch.rand(3, size, size, generator=generator) * 255
+    offsets = torch.randint(0, size - crop + 1, (n, 2), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    indices = torch.tensor([7, 2, 2, 0, 8, 5])
+    source = images if as_tensor else images.numpy()
+    got = _crop_batch(source, indices, offsets, flips, mean, crop)
+    for row, i in enumerate(indices.tolist()):
+        oy, ox = offsets[i].tolist()
+        want = (images[i].permute(2, 0, 1).float() - mean)[:, oy:oy + crop, ox:ox + crop]
+        torch.testing.assert_close(got[row], want.flip(-1) if flips[i] else want, rtol=0, atol=0)
+
+
+def test_conv1_lr_factor_is_the_unit_input_equivalent():
+    """Scaled init: conv1 moves like a unit-RMS-input network's conv1 (SGD lr/r^2, Adam lr/r); paper init: 1."""
+    assert conv1_lr_factor(TrainConfig(out="x", init="paper"), 64.0) == 1.0
+    assert conv1_lr_factor(TrainConfig(out="x", init="scaled", optimizer="sgd"), 64.0) == pytest.approx(1 / 64 ** 2)
+    assert conv1_lr_factor(TrainConfig(out="x", init="scaled", optimizer="adam"), 64.0) == pytest.approx(1 / 64)
+    # SGD on raw inputs with lr/r^2 for conv1 == SGD on unit inputs (x / r) with conv1 weights r * w.
+    g = torch.Generator().manual_seed(1)
+    r, lr = 50.0, 0.1
+    x = torch.randn(4, 3, 9, 9, generator=g) * r
+    w = torch.randn(5, 3, 7, 7, generator=g) / r
+    target = torch.randn(4, 5, 3, 3, generator=g)
+    w_raw, w_unit = w.clone().requires_grad_(), (w * r).clone().requires_grad_()
+    torch.nn.functional.mse_loss(torch.nn.functional.conv2d(x, w_raw), target).backward()
+    torch.nn.functional.mse_loss(torch.nn.functional.conv2d(x / r, w_unit), target).backward()
+    stepped_raw = w_raw - lr * conv1_lr_factor(TrainConfig(out="x", init="scaled", optimizer="sgd"), r) * w_raw.grad
+    stepped_unit = w_unit - lr * w_unit.grad
+    torch.testing.assert_close(stepped_raw * r, stepped_unit, rtol=1e-4, atol=1e-6)
+
+
+def test_time_budget_stops_after_an_epoch_and_keeps_it(tmp_path):
+    cfg = _cfg(tmp_path, epochs=3, max_minutes=1e-6, max_steps_per_epoch=1, snapshot_epochs=[3],
+               cache_dir=str(tmp_path / "cache"))
+    state = train(cfg, progress=False)
+    assert state["epoch"] == 1 and "after epoch 1 of 3" in state["stopped"]
+    assert (Path(cfg.out) / "snapshots" / "epoch_001.safetensors").is_file()
+    config = json.loads((Path(cfg.out) / "config.json").read_text())
+    assert config["provenance"]["stopped"] == state["stopped"]
 
 
 def test_scaled_evolution_epochs():

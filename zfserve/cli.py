@@ -387,7 +387,9 @@ def add_train(sub) -> None:
             ("warmup_steps", int, "linear lr warmup steps (paper: 0)"), ("amp", str, "'none' or 'bf16'"),
             ("device", str, "auto, cpu or cuda[:i]"), ("cache_dir", str, "keep rendered synthetic sets here"),
             ("workers", int, "processes rendering synthetic data"),
-            ("max_steps_per_epoch", int, "cap steps per epoch (0: all)"), ("name", str, "model name")]:
+            ("max_steps_per_epoch", int, "cap steps per epoch (0: all)"),
+            ("max_minutes", float, "training time budget: stop after the last epoch that fits (0: none)"),
+            ("name", str, "model name")]:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")
     p.add_argument("--snapshot-epochs", default="", help="comma-separated epochs to keep weights for feature "

@@ -75,6 +75,7 @@ class TrainConfig:
     cache_dir: str | None = None
     workers: int = 1                   # processes that render synthetic data before training
     max_steps_per_epoch: int = 0       # 0 = whole epoch (tests use a few)
+    max_minutes: float = 0.0           # > 0: stop after the epoch past which another would overrun this budget
     name: str = "zfnet-demo"
     command: str = ""
 
@@ -120,6 +121,20 @@ def init_weights(model: ZFNet, scheme: str, generator: torch.Generator, input_rm
             fan_in = weight[0].numel()
             std = 1.0 / (math.sqrt(fan_in) * input_rms) if name == "conv1" else math.sqrt(2.0 / fan_in)
             weight.normal_(0.0, std, generator=generator)
+
+
+def conv1_lr_factor(cfg: "TrainConfig", input_rms: float) -> float:
+    """conv1's learning-rate multiplier. ``paper`` init: 1 (the paper trains every layer alike).
+
+    ``scaled`` init trains conv1 as if the input had unit RMS: with raw-pixel inputs of RMS r, conv1's weight
+    gradients are r times, and its weights 1/r times, those of the unit-input network, so plain SGD needs
+    lr / r^2 and Adam (whose steps ignore the gradient's scale) lr / r for conv1 to move at the same relative
+    rate as the other layers. Without it Adam changes conv1's tiny weights by ~10% per step (noise filters)
+    and SGD diverges.
+    """
+    if cfg.init != "scaled":
+        return 1.0
+    return 1.0 / input_rms ** 2 if cfg.optimizer == "sgd" else 1.0 / input_rms
 
 
 def input_rms(images: np.ndarray, mean: np.ndarray, n: int = 256) -> float:
@@ -246,17 +261,29 @@ class _Progress:
 
 
 # ---------------------------------------------------------------------------------------------- batches
-def _crop_batch(images: np.ndarray, indices: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
+def _crop_batch(images, indices: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
                 mean: torch.Tensor, crop: int) -> torch.Tensor:
-    """Random crops: subtract the full per-pixel mean image, then cut each sample's crop and maybe flip it."""
-    order = indices.numpy()
-    x = torch.from_numpy(np.asarray(images[order])).permute(0, 3, 1, 2).float() - mean
-    out = torch.empty(len(order), 3, crop, crop)
-    for row, i in enumerate(indices.tolist()):
-        oy, ox = offsets[i].tolist()
-        patch = x[row, :, oy:oy + crop, ox:ox + crop]
-        out[row] = patch.flip(-1) if flips[i] else patch
-    return out
+    """Random crops on ``mean``'s device: subtract the per-pixel mean image, cut each sample's crop, maybe flip it.
+
+    ``images`` is uint8 (N, R, R, 3): a numpy array (possibly memory-mapped; only the batch's rows are read) or
+    a torch tensor already on the training device (CUDA keeps the whole set there, so no per-step copies).
+    One gather for the whole batch: row indices ``ys`` and column indices ``xs`` (reversed for a flipped
+    sample) pick each crop out of its image and out of the mean image, so the values equal
+    ``(image - mean)[..., oy:oy + crop, ox:ox + crop]`` (flipped) exactly. Returns float32 (B, 3, crop, crop)
+    in channels-last memory order.
+    """
+    device = mean.device
+    if torch.is_tensor(images):
+        rows = images[indices.to(images.device)].to(device)
+    else:
+        rows = torch.from_numpy(np.asarray(images[indices.numpy()])).to(device)
+    offsets, flips = offsets[indices].to(device), flips[indices].to(device)
+    base = torch.arange(crop, device=device)
+    ys = (offsets[:, 0:1] + base)[:, :, None]                                            # (B, crop, 1)
+    xs = (offsets[:, 1:2] + torch.where(flips[:, None], crop - 1 - base, base))[:, None, :]  # (B, 1, crop)
+    batch = torch.arange(len(rows), device=device)[:, None, None]
+    patches = rows[batch, ys, xs].float() - mean.permute(1, 2, 0)[ys, xs]               # (B, crop, crop, 3)
+    return patches.permute(0, 3, 1, 2)
 
 
 def centre_inputs(images: np.ndarray, config: ModelConfig) -> np.ndarray:
@@ -347,7 +374,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         init_weights(model, cfg.init, torch.Generator().manual_seed(cfg.seed),
                      input_rms(images, model_config.preprocess.mean_image))
         model.clip_filter_rms_(cfg.clip_radius)
-    mean = torch.from_numpy(model_config.preprocess.mean_image)
+    mean = torch.from_numpy(model_config.preprocess.mean_image).to(device)
+    rms = input_rms(images, model_config.preprocess.mean_image)
+    # On CUDA the uint8 training set lives on the GPU (40,000 images are 7.9 GB), so batches are one gather.
+    batch_source = torch.from_numpy(np.asarray(images)).to(device) if device.type == "cuda" else images
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed shapes: let cuDNN pick its fastest algorithms once
     model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -355,11 +387,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    factor = conv1_lr_factor(cfg, rms)
+    groups = [{"params": [model.conv1.weight], "lr_factor": factor},
+              {"params": [p for p in model.parameters() if p is not model.conv1.weight], "lr_factor": 1.0}]
     if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=state["lr"], momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay)
-    else:   # Adam's per-weight step size is indifferent to conv1's raw-pixel gradient scale
-        optimizer = torch.optim.Adam(model.parameters(), lr=state["lr"], betas=(cfg.momentum, 0.999),
+        optimizer = torch.optim.SGD(groups, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=state["lr"], betas=(cfg.momentum, 0.999),
                                      weight_decay=cfg.weight_decay)
     if resume and (ckpt / "optimizer.safetensors").is_file() and state["epoch"] > 0:
         from .weights import read_tensors
@@ -390,15 +424,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
         for step in range(steps):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
-            x = _crop_batch(images, batch, offsets, flips, mean, cfg.crop).to(device)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = _crop_batch(batch_source, batch, offsets, flips, mean, cfg.crop)
+            x = x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
             y = torch.from_numpy(labels[batch.numpy()]).to(device)
             lr = state["lr"]
             if cfg.warmup_steps and state["step"] < cfg.warmup_steps:
                 lr = lr * (state["step"] + 1) / cfg.warmup_steps
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_factor"]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -443,10 +476,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
                                  "seconds": round(epoch_time, 1), "img_per_s": round(seen / epoch_time, 2)})
         say(f"epoch {epoch}: train loss {loss_sum / seen:.4f} acc {correct / seen:.3f} | val loss {val_loss:.4f} "
             f"top-1 {val_acc:.4f} | {epoch_time:.0f}s")
+        # A time budget ends the run after the last epoch that fits (judged by this epoch's length); that epoch
+        # is kept as a snapshot too, so the evolution figure ends where training did.
+        stop = bool(cfg.max_minutes) and epoch < cfg.epochs and \
+            state["wall_time_s"] + epoch_time > cfg.max_minutes * 60
+        if distributed:   # every rank must take the same decision
+            flag = torch.tensor([float(stop)], device=device if device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            state["stopped"] = f"time budget of {cfg.max_minutes:g} min reached after epoch {epoch} of {cfg.epochs}"
+            say(state["stopped"])
         if rank == 0:
-            _write_checkpoint(model, optimizer, model_config, state, cfg, ckpt, epoch in snapshots, device)
+            _write_checkpoint(model, optimizer, model_config, state, cfg, ckpt, epoch in snapshots or stop, device)
         if distributed:
             torch.distributed.barrier()
+        if stop:
+            break
     if cfg.evolution and rank == 0:
         say(f"feature evolution -> {write_evolution(out)}")
     if distributed:
@@ -477,6 +523,7 @@ def _write_checkpoint(model, optimizer, model_config, state, cfg, ckpt: Path, sn
                                                                     "val_loss": last["val_loss"],
                                                                     "train_loss": last["train_loss"]},
         "wall_time_s": round(state["wall_time_s"], 1), "hardware": _hardware(device),
+        **({"stopped": state["stopped"]} if "stopped" in state else {}),
         "torch": torch.__version__,
     }
     model_config.provenance = provenance
