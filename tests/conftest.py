@@ -51,6 +51,28 @@ def make_model():
     return make
 
 
+@pytest.fixture(scope="session")
+def spread_model():
+    """Factory: a ZFNet with He-scaled random weights and biases, fc8 scaled so the logits spread over a few
+    units. Its probabilities are far from uniform and far from one-hot, so a 1e-5 comparison means something."""
+    from zfserve.model import ZFNet
+
+    def make(seed: int = 0, widths=(96, 256, 384, 384, 256), num_classes: int = 10, fc_width: int = 64):
+        torch.manual_seed(seed)
+        model = ZFNet(num_classes=num_classes, fc_width=fc_width, widths=tuple(widths)).eval()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                    module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=gen)
+                    module.bias.normal_(0.0, 0.1, generator=gen)
+            logits = model(torch.randn(4, 3, 224, 224, generator=gen) * 50)
+            model.fc8.weight.mul_(3.0 / logits.std())
+        return model
+
+    return make
+
+
 @pytest.fixture
 def tiny_model(make_model):
     return make_model()

@@ -11,32 +11,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 
 from zfserve.cli import main
 from zfserve.engine.classifier import Classifier, Prediction
 from zfserve.errors import InvalidArgumentError, NotFoundError
-from zfserve.model import ZFNet, save
+from zfserve.model import save
 from zfserve.preprocess import load_image
 
 CLASS_NAMES = [f"kind {i}" for i in range(10)]
-
-
-def spread_model(seed=0) -> ZFNet:
-    """Paper conv widths, tiny classifier; He-scaled random weights and fc8 scaled so the logits spread over
-    a few units (probabilities neither uniform nor one-hot)."""
-    torch.manual_seed(seed)
-    model = ZFNet(num_classes=10, fc_width=64).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=gen)
-                module.bias.normal_(0.0, 0.1, generator=gen)
-        logits = model(torch.randn(4, 3, 224, 224, generator=gen) * 50)
-        model.fc8.weight.mul_(3.0 / logits.std())
-    return model
 
 
 def batch(n, seed) -> np.ndarray:
@@ -49,7 +32,7 @@ def eager_probabilities(model, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, spread_model):
     model = spread_model()
     directory = save(model, tmp_path_factory.mktemp("model") / "tiny", class_names=CLASS_NAMES)
     return model, directory
@@ -174,7 +157,7 @@ def test_unknown_model_is_not_found(tmp_path):
         Classifier(str(tmp_path / "no-such-model"))
 
 
-def test_from_in_memory_model(tmp_path, monkeypatch):
+def test_from_in_memory_model(tmp_path, monkeypatch, spread_model):
     monkeypatch.setenv("ZFSERVE_CACHE_DIR", str(tmp_path))
     model = spread_model(seed=7)
     clf = Classifier(model, threads=1, warmup=False)

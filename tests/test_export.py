@@ -9,7 +9,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-import torch.nn as nn
 
 from zfserve import export as zexport
 from zfserve.cli import main
@@ -18,25 +17,8 @@ from zfserve.export import ExportError, check_parity, ensure_onnx, export_onnx, 
 from zfserve.model import ZFNet, save
 from zfserve.weights import ONNX_FILE, state_dict_hash, weights_hash
 
-PAPER_WIDTHS = (96, 256, 384, 384, 256)
 NARROW_WIDTHS = (8, 16, 16, 16, 16)  # for the cache and CLI tests, which are about files, not numerics
 EXTRA = ("pool2", "conv5", "fc6")
-
-
-def spread_model(seed=0, widths=PAPER_WIDTHS, num_classes=10, fc_width=64) -> ZFNet:
-    """Random He-scaled weights and biases, fc8 scaled so the logits spread over a few units: the
-    probabilities are far from uniform and far from one-hot, so a 1e-5 comparison means something."""
-    torch.manual_seed(seed)
-    model = ZFNet(num_classes=num_classes, fc_width=fc_width, widths=widths).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=gen)
-                module.bias.normal_(0.0, 0.1, generator=gen)
-        logits = model(torch.randn(4, 3, 224, 224, generator=gen) * 50)
-        model.fc8.weight.mul_(3.0 / logits.std())
-    return model
 
 
 def images(n, seed) -> torch.Tensor:
@@ -44,7 +26,7 @@ def images(n, seed) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, spread_model):
     model = spread_model()
     path = export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx", extra_outputs=EXTRA)
     return model, path
@@ -103,14 +85,14 @@ def test_metadata(exported):
     assert json.loads(meta["zfserve.outputs"]) == ["logits", "probabilities", *EXTRA]
 
 
-def test_parity_check_detects_a_different_model(exported):
+def test_parity_check_detects_a_different_model(exported, spread_model):
     model, path = exported
     assert check_parity(path, model, batch=1) <= 1e-5
     with pytest.raises(ExportError, match="differs from PyTorch"):
         check_parity(path, spread_model(seed=1), batch=1)
 
 
-def test_failed_parity_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
+def test_failed_parity_is_an_error_and_writes_nothing(tmp_path, monkeypatch, spread_model):
     model = spread_model(widths=NARROW_WIDTHS)
     real_copy = zexport._export_copy
 
@@ -134,7 +116,7 @@ def test_bad_export_arguments(tmp_path, kwargs):
     assert info.value.field in ("extra_outputs", "opset")
 
 
-def test_model_dir_cache_reexports_when_weights_change(tmp_path, cache_dir, monkeypatch):
+def test_model_dir_cache_reexports_when_weights_change(tmp_path, cache_dir, monkeypatch, spread_model):
     directory = save(spread_model(seed=2, widths=NARROW_WIDTHS), tmp_path / "model")
     path = ensure_onnx(directory)
     assert path == directory / ONNX_FILE
@@ -154,7 +136,7 @@ def test_model_dir_cache_reexports_when_weights_change(tmp_path, cache_dir, monk
     assert not cache_dir.exists()
 
 
-def test_read_only_model_dir_falls_back_to_cache(tmp_path, cache_dir, monkeypatch):
+def test_read_only_model_dir_falls_back_to_cache(tmp_path, cache_dir, monkeypatch, spread_model):
     directory = save(spread_model(seed=4, widths=NARROW_WIDTHS), tmp_path / "model")
     real_writable = zexport._writable
     # Tests run as root here, which ignores permission bits: simulate a read-only installed package.
@@ -166,7 +148,7 @@ def test_read_only_model_dir_falls_back_to_cache(tmp_path, cache_dir, monkeypatc
     assert read_metadata(path)["zfserve.weights_sha256"] == digest
 
 
-def test_in_memory_model_is_cached_by_state_hash(cache_dir):
+def test_in_memory_model_is_cached_by_state_hash(cache_dir, spread_model):
     model = spread_model(seed=5, widths=NARROW_WIDTHS)
     first = ensure_onnx(model)
     assert first.is_relative_to(cache_dir) and ensure_onnx(model) == first
@@ -177,7 +159,7 @@ def test_in_memory_model_is_cached_by_state_hash(cache_dir):
     assert read_metadata(second)["zfserve.weights_sha256"] == state_dict_hash(model)
 
 
-def test_export_cli(tmp_path, cache_dir, capsys):
+def test_export_cli(tmp_path, cache_dir, capsys, spread_model):
     directory = save(spread_model(seed=6, widths=NARROW_WIDTHS), tmp_path / "model")
     out = tmp_path / "out" / "exported.onnx"
     assert main(["export", "--model", str(directory), "--out", str(out), "--extra-outputs", "conv5"]) == 0
