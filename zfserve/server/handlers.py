@@ -4,6 +4,7 @@ the client's deadline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -38,26 +39,34 @@ def _finish(servicer, rpc: str, code: grpc.StatusCode, started: float, context, 
                   f" detail={detail!r}" if detail else "")
 
 
+@contextlib.asynccontextmanager
+async def _accounted(servicer, rpc: str, context):
+    """One RPC's bookkeeping: the active count, its status and latency in the metrics, typed errors turned into
+    gRPC statuses (``context.abort``) so a handler never crashes the server."""
+    started = time.perf_counter()
+    servicer.state.active_rpcs += 1
+    try:
+        yield
+    except asyncio.CancelledError:
+        _finish(servicer, rpc, grpc.StatusCode.CANCELLED, started, context)
+        raise
+    except Exception as exc:
+        code, message = to_status(exc)
+        _finish(servicer, rpc, code, started, context, message)
+        await context.abort(code, message)
+    else:
+        _finish(servicer, rpc, grpc.StatusCode.OK, started, context)
+    finally:
+        servicer.state.active_rpcs -= 1
+
+
 def unary(rpc: str):
-    """Wrap an ``async def handler(self, request, context)``: typed errors become statuses, never crashes."""
+    """Wrap an ``async def handler(self, request, context)`` in :func:`_accounted`."""
     def wrap(fn):
         @functools.wraps(fn)
         async def handler(self, request, context):
-            started = time.perf_counter()
-            self.state.active_rpcs += 1
-            try:
-                response = await fn(self, request, context)
-            except asyncio.CancelledError:
-                _finish(self, rpc, grpc.StatusCode.CANCELLED, started, context)
-                raise
-            except Exception as exc:
-                code, message = to_status(exc)
-                _finish(self, rpc, code, started, context, message)
-                await context.abort(code, message)
-            finally:
-                self.state.active_rpcs -= 1
-            _finish(self, rpc, grpc.StatusCode.OK, started, context)
-            return response
+            async with _accounted(self, rpc, context):
+                return await fn(self, request, context)
         return handler
     return wrap
 
@@ -67,20 +76,8 @@ def server_stream(rpc: str):
     def wrap(fn):
         @functools.wraps(fn)
         async def handler(self, request, context):
-            started = time.perf_counter()
-            self.state.active_rpcs += 1
-            try:
+            async with _accounted(self, rpc, context):
                 async for item in fn(self, request, context):
                     yield item
-            except asyncio.CancelledError:
-                _finish(self, rpc, grpc.StatusCode.CANCELLED, started, context)
-                raise
-            except Exception as exc:
-                code, message = to_status(exc)
-                _finish(self, rpc, code, started, context, message)
-                await context.abort(code, message)
-            finally:
-                self.state.active_rpcs -= 1
-            _finish(self, rpc, grpc.StatusCode.OK, started, context)
         return handler
     return wrap
