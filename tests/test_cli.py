@@ -26,6 +26,14 @@ def test_version():
     assert result.stdout.strip() == f"zfserve {zfserve.__version__}"
 
 
+def test_parser_and_version_do_not_load_torch():
+    """`zfserve --version` and `--help` stay fast: building the parser imports no torch (or matplotlib)."""
+    code = ("import sys, zfserve.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_info_json_reports_the_papers_figures():
     result = run_cli("info", "--model", "zfnet-paper", "--json")
     assert result.returncode == 0, result.stderr

@@ -366,7 +366,7 @@ def cmd_data_synth(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------- train
 def add_train(sub) -> None:
-    from .train import TrainConfig
+    from .config import TrainConfig
     d = TrainConfig(out="")
     p = sub.add_parser("train", help="train a ZFNet with the paper's recipe (torchrun for DDP)")
     p.add_argument("--data", default="synthetic", help="ImageFolder directory or 'synthetic' (default)")

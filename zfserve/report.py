@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import analysis as A
+# zfserve.engine.analysis (torch) is imported inside the functions that use it, so that the CLI can build its
+# parser from SECTIONS and Settings without loading torch.
 from .errors import InvalidArgumentError, ZFServeError
 from .render import patch_to_rgb, projection_to_rgb
 
@@ -113,6 +114,7 @@ def _section(out: Path, name: str, title: str, figures: list[dict], metrics: dic
 
 
 def _maps(model, layer: str, count: int, seed: int) -> list[int]:
+    from .engine import analysis as A
     channels = getattr(model, layer).out_channels
     rng = np.random.default_rng([seed, A.LAYER_NAMES.index(layer)])
     return sorted(rng.choice(channels, min(count, channels), replace=False).tolist())
@@ -121,6 +123,7 @@ def _maps(model, layer: str, count: int, seed: int) -> list[int]:
 # ------------------------------------------------------------------------------------------------- top-9
 def section_top9(model, data: A.AnalysisData, out: Path, s: Settings) -> Path:
     plt = _plt()
+    from .engine import analysis as A
     from .render import grid
     wanted = {layer: _maps(model, layer, s.maps_per_layer, s.map_seed) for layer in s.top9_layers}
     k = min(s.k, len(data))
@@ -160,6 +163,7 @@ def section_top9(model, data: A.AnalysisData, out: Path, s: Settings) -> Path:
 # ------------------------------------------------------------------------------------------------- evolution
 def section_evolution(model, data, out: Path, s: Settings) -> Path:
     plt = _plt()
+    from .engine import analysis as A
     ev = A.load_evolution(model)
     renders, epochs, layers, maps = ev["renders"], ev["epochs"], [str(v) for v in ev["layers"]], ev["maps"]
     n_layers, n_maps, n_epochs = renders.shape[:3]
@@ -195,6 +199,7 @@ def section_evolution(model, data, out: Path, s: Settings) -> Path:
 # ------------------------------------------------------------------------------------------------- invariance
 def section_invariance(model, data, out: Path, s: Settings) -> Path:
     plt = _plt()
+    from .engine import analysis as A
     indices = list(range(min(s.invariance_images, len(data))))
     result = A.invariance(model, data, indices, amounts=s.amounts, batch=s.batch)
     low, high = result["layers"]
@@ -246,6 +251,7 @@ def section_invariance(model, data, out: Path, s: Settings) -> Path:
 # ------------------------------------------------------------------------------------------------- architecture
 def section_architecture(model, data, out: Path, s: Settings) -> Path:
     plt = _plt()
+    from .engine import analysis as A
     from .evaluate import filter_grid
     import torch
     cache = out / "architecture-cache"
@@ -298,6 +304,7 @@ def section_architecture(model, data, out: Path, s: Settings) -> Path:
 # ------------------------------------------------------------------------------------------------- occlusion
 def section_occlusion(model, data, out: Path, s: Settings) -> Path:
     plt = _plt()
+    from .engine import analysis as A
     from .engine.deconv import DeconvEngine
     from .engine.occlusion import OcclusionEngine
     from .preprocess import to_display, to_input
@@ -407,6 +414,7 @@ def section_occlusion(model, data, out: Path, s: Settings) -> Path:
 # ------------------------------------------------------------------------------------------------- correspondence
 def section_correspondence(model, data, out: Path, s: Settings) -> Path:
     plt = _plt()
+    from .engine import analysis as A
     from .data import CLASSES
     from .preprocess import to_display
     if "face" not in data.classes:
@@ -486,6 +494,7 @@ def section_correspondence(model, data, out: Path, s: Settings) -> Path:
 # ------------------------------------------------------------------------------------------------- filters
 def section_filters(model, data, out: Path, s: Settings) -> Path:
     plt = _plt()
+    from .engine import analysis as A
     from .evaluate import filter_grid
     weight = model.conv1.weight.detach().cpu()
     fig, ax = plt.subplots(figsize=(7, 7))
@@ -513,6 +522,7 @@ RUNNERS = {"top9": section_top9, "evolution": section_evolution, "invariance": s
 def build(model, out, sections=SECTIONS, settings: Settings | None = None, *, strict: bool = True) -> dict:
     """Run ``sections`` into ``out`` and rebuild ``report.html``. With ``strict=False`` a section that cannot
     run on this model or data (say, no recorded evolution) is noted in the report instead of failing."""
+    from .engine import analysis as A
     s = settings or Settings()
     unknown = [name for name in sections if name not in RUNNERS]
     if unknown:

@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, PreprocessConfig
+from .config import ModelConfig, PreprocessConfig, TrainConfig
 from .errors import InvalidArgumentError
 from .model import CONV_LAYERS, ZFNet, build
 from .weights import MEAN_IMAGE_TENSOR, save_model
@@ -39,60 +38,6 @@ PAPER_EVOLUTION_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 64)
 PAPER_EPOCHS = 64
 CHECKPOINT_DIR = "checkpoint"
 SNAPSHOT_DIR = "snapshots"
-
-
-@dataclass
-class TrainConfig:
-    out: str
-    data: str = "synthetic"
-    val_data: str | None = None        # ImageFolder for validation; default: a held-out synthetic seed / 10% split
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-2
-    momentum: float = 0.9
-    optimizer: str = "sgd"             # "sgd" (the paper) or "adam" (a documented deviation for short runs)
-    weight_decay: float = 0.0          # not stated in the paper
-    dropout: float = 0.5
-    init: str = "paper"                # "paper": N(0, 0.01^2); "scaled": see init_weights
-    clip_radius: float = 0.1
-    fc_width: int = 4096
-    resize: int = 256                  # images are resize x resize; crops are crop x crop
-    crop: int = 224
-    seed: int = 0
-    train_seed: int = 1                # synthetic data seeds
-    train_n: int = 11000
-    val_seed: int = 2
-    val_n: int = 550
-    plateau_patience: int = 1          # epochs without val-loss improvement before lr /10
-    plateau_threshold: float = 0.01    # relative improvement that counts
-    min_lr: float = 1e-5
-    warmup_steps: int = 0              # linear lr warmup (0 = the paper: none)
-    amp: str = "none"                  # "bf16" autocast (fp32 master weights) or "none"
-    channels_last: bool = True
-    device: str = "auto"
-    snapshot_epochs: list = field(default_factory=list)   # empty: the paper's epochs scaled to this run
-    evolution: bool = False            # compute OUT/evolution.npz from the snapshots when training ends
-    cache_dir: str | None = None
-    workers: int = 1                   # processes that render synthetic data before training
-    max_steps_per_epoch: int = 0       # 0 = whole epoch (tests use a few)
-    max_minutes: float = 0.0           # > 0: stop after the epoch past which another would overrun this budget
-    name: str = "zfnet-demo"
-    command: str = ""
-
-    def validate(self) -> None:
-        checks = [("epochs", self.epochs >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
-                  ("lr", self.lr > 0, "> 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                  ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("clip_radius", self.clip_radius > 0, "> 0"),
-                  ("fc_width", self.fc_width >= 1, ">= 1"), ("crop", 32 <= self.crop <= self.resize,
-                                                               f"in [32, resize={self.resize}]"),
-                  ("init", self.init in ("paper", "scaled"), "'paper' or 'scaled'"),
-                  ("amp", self.amp in ("none", "bf16"), "'none' or 'bf16'"),
-                  ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
-                  ("train_n", self.train_n >= 1, ">= 1"), ("val_n", self.val_n >= 1, ">= 1")]
-        for name, ok, accepted in checks:
-            if not ok:
-                raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is out of range; accepted: {accepted}",
-                                           field=name)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
