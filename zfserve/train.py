@@ -190,18 +190,23 @@ def _hardware(device: torch.device) -> str:
 
 
 class _Progress:
-    """One status line on stderr: redrawn in place on a terminal, a line every ``every`` steps otherwise."""
+    """One status line on stderr: redrawn in place on a terminal, a line every ``every`` steps otherwise.
 
-    def __init__(self, enabled: bool, every: int = 10):
-        self.enabled, self.tty, self.every = enabled, sys.stderr.isatty(), every
+    ``due`` says whether this step shows a line, so the caller only pays for the numbers (on CUDA, a device
+    sync) when they are printed."""
 
-    def update(self, text: str, step: int, last: bool) -> None:
-        if not self.enabled:
-            return
+    def __init__(self, enabled: bool, every: int = 10, tty_every: int = 1):
+        self.enabled, self.tty = enabled, sys.stderr.isatty()
+        self.every = tty_every if self.tty else every
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.enabled and (last or step % self.every == 0)
+
+    def show(self, text: str, last: bool) -> None:
         if self.tty:
             sys.stderr.write("\r" + text + ("\n" if last else ""))
             sys.stderr.flush()
-        elif last or step % self.every == 0:
+        else:
             print(text, file=sys.stderr, flush=True)
 
 
@@ -355,7 +360,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     if steps < 1:
         raise InvalidArgumentError(f"batch_size={cfg.batch_size} exceeds the {len(labels)} training images",
                                    field="batch_size")
-    bar = _Progress(progress and rank == 0)
+    # On CUDA the running loss and accuracy stay on the device and are read only when a line is shown.
+    bar = _Progress(progress and rank == 0, tty_every=10 if device.type == "cuda" else 1)
+
+    def reduce_sum(values) -> list[float]:
+        """Sum ``values`` over the ranks (NCCL needs CUDA tensors, gloo CPU ones)."""
+        t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+        if distributed:
+            torch.distributed.all_reduce(t)
+        return t.cpu().tolist()
+
     say(f"training {len(labels)} images ({len(classes)} classes), {steps} steps/epoch of {cfg.batch_size}, "
         f"{world} process(es) on {device}, init {cfg.init}, lr {state['lr']:g}, snapshots at epochs {snapshots}")
 
@@ -366,7 +380,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         flips = torch.rand(len(labels), generator=gen) < 0.5
         torch.manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)   # dropout masks
         net.train()
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        t0, seen_here = time.time(), 0
+        loss_here = torch.zeros((), dtype=torch.float64, device=device)
+        correct_here = torch.zeros((), dtype=torch.int64, device=device)
         for step in range(steps):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
             x = _crop_batch(batch_source, batch, offsets, flips, mean, cfg.crop)
@@ -385,25 +401,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             optimizer.step()
             model.clip_filter_rms_(cfg.clip_radius)
             state["step"] += 1
-            stats = torch.tensor([float(loss.detach()) * len(y), float((logits.argmax(1) == y).sum()), len(y)])
-            if distributed:
-                torch.distributed.all_reduce(stats)
-            loss_sum += float(stats[0])
-            correct += int(stats[1])
-            seen += int(stats[2])
-            rate = seen / max(time.time() - t0, 1e-9)
-            bar.update(f"epoch {epoch}/{cfg.epochs} step {step + 1}/{steps} loss {loss_sum / seen:.4f} "
-                       f"acc {correct / seen:.3f} lr {lr:.2g} {rate:.1f} img/s", step + 1, step + 1 == steps)
+            loss_here += loss.detach().double() * len(y)
+            correct_here += (logits.argmax(1) == y).sum()
+            seen_here += len(y)
+            if bar.due(step + 1, step + 1 == steps):    # rank 0's running numbers; the rate is all ranks'
+                rate = seen_here * world / max(time.time() - t0, 1e-9)
+                bar.show(f"epoch {epoch}/{cfg.epochs} step {step + 1}/{steps} loss {float(loss_here) / seen_here:.4f} "
+                         f"acc {int(correct_here) / seen_here:.3f} lr {lr:.2g} {rate:.1f} img/s", step + 1 == steps)
+        loss_sum, correct, seen = reduce_sum([float(loss_here), float(correct_here), seen_here])
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training diverged in epoch {epoch} (loss {loss_sum}); lower --lr")
         # Validation on every rank's share, summed: the lr decision is identical everywhere.
         logits = predict_logits(model, val_images[rank::world], model_config, device=device)
         vy = torch.as_tensor(val_labels[rank::world])
-        vstats = torch.tensor([float(F.cross_entropy(logits, vy, reduction="sum")),
-                               float((logits.argmax(1) == vy).sum()), len(vy)], dtype=torch.float64)
-        if distributed:
-            torch.distributed.all_reduce(vstats)
-        val_loss, val_acc = float(vstats[0] / vstats[2]), float(vstats[1] / vstats[2])
+        vstats = reduce_sum([float(F.cross_entropy(logits, vy, reduction="sum")),
+                             float((logits.argmax(1) == vy).sum()), len(vy)])
+        val_loss, val_acc = vstats[0] / vstats[2], vstats[1] / vstats[2]
         best = state["best_val_loss"]
         if best is None or val_loss < best * (1 - cfg.plateau_threshold):
             state["best_val_loss"], state["bad_epochs"] = val_loss, 0
@@ -425,10 +438,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         # is kept as a snapshot too, so the evolution figure ends where training did.
         stop = bool(cfg.max_minutes) and epoch < cfg.epochs and \
             state["wall_time_s"] + epoch_time > cfg.max_minutes * 60
-        if distributed:   # every rank must take the same decision
-            flag = torch.tensor([float(stop)], device=device if device.type == "cuda" else "cpu")
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
+        stop = reduce_sum([float(stop)])[0] > 0     # every rank takes the same decision
         if stop:
             state["stopped"] = f"time budget of {cfg.max_minutes:g} min reached after epoch {epoch} of {cfg.epochs}"
             say(state["stopped"])
