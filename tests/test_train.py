@@ -38,10 +38,13 @@ def _max_rms(model) -> dict:
             for name in CONV_LAYERS}
 
 
-def test_steps_lower_the_loss(tmp_path):
+@pytest.mark.parametrize("device, amp", [("cpu", "none"),
+                                         pytest.param("cuda", "bf16", marks=pytest.mark.gpu, id="cuda-bf16")])
+def test_steps_lower_the_loss(tmp_path, device, amp):
     # Adam + scaled init (the demo run's deviation) on a small set it can fit; dropout off for a clean signal.
+    # On CUDA: the GPU-resident data, bf16 autocast and device-side running statistics.
     cfg = _cfg(tmp_path, epochs=8, train_n=22, batch_size=11, init="scaled", optimizer="adam", lr=1e-3,
-               dropout=0.0, plateau_patience=100, cache_dir=str(tmp_path / "cache"))
+               dropout=0.0, plateau_patience=100, cache_dir=str(tmp_path / "cache"), device=device, amp=amp)
     images, labels, _, _, classes = load_data(cfg)
     state = train(cfg, progress=False)
     model = load(cfg.out)
@@ -168,6 +171,18 @@ def test_crop_batch_matches_slicing(generator, as_tensor):
         oy, ox = offsets[i].tolist()
         want = (images[i].permute(2, 0, 1).float() - mean)[:, oy:oy + crop, ox:ox + crop]
         torch.testing.assert_close(got[row], want.flip(-1) if flips[i] else want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_crop_batch_on_cuda_equals_cpu(generator):
+    images = torch.randint(0, 256, (6, 40, 40, 3), generator=generator, dtype=torch.uint8)
+    mean = torch.rand(3, 40, 40, generator=generator) * 255
+    offsets = torch.randint(0, 10, (6, 2), generator=generator)
+    flips = torch.rand(6, generator=generator) < 0.5
+    indices = torch.tensor([5, 0, 3])
+    want = _crop_batch(images.numpy(), indices, offsets, flips, mean, 31)
+    got = _crop_batch(images.cuda(), indices, offsets, flips, mean.cuda(), 31)
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
 def test_conv1_lr_factor_is_the_unit_input_equivalent():
