@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from zfserve.model import CONV_LAYERS, load
-from zfserve.train import (TrainConfig, _crop_batch, accuracy_report, conv1_lr_factor, init_weights, input_rms,
+from zfserve.train import (TrainConfig, TrainingNet, _crop_batch, accuracy_report, conv1_lr_factor, init_weights, input_rms,
                            load_data, predict_logits, scaled_evolution_epochs, train)
 
 TINY = dict(fc_width=32, resize=72, crop=64, train_n=44, val_n=22, batch_size=22, train_seed=5, val_seed=6)
@@ -95,11 +95,12 @@ def test_paper_init_and_clipping_rule():
     assert float(cos.min()) > 1 - 1e-6
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("fold", [{}, {"batchnorm": True, "tied_fc6": True}], ids=["plain", "batchnorm-tied-fc6"])
+def test_resume_is_bit_identical(tmp_path, fold):
     cache = str(tmp_path / "cache")
-    straight = _cfg(tmp_path, "straight", epochs=2, cache_dir=cache)
+    straight = _cfg(tmp_path, "straight", epochs=2, cache_dir=cache, **fold)
     train(straight, progress=False)
-    split = _cfg(tmp_path, "split", epochs=1, cache_dir=cache)
+    split = _cfg(tmp_path, "split", epochs=1, cache_dir=cache, **fold)
     train(split, progress=False)
     split.epochs = 2
     state = train(split, resume=True, progress=False)
@@ -114,6 +115,65 @@ def test_resume_is_bit_identical(tmp_path):
     # The snapshots of the scaled paper epochs are kept for feature evolution.
     assert sorted(p.name for p in (Path(straight.out) / "snapshots").iterdir()) == \
         ["epoch_001.safetensors", "epoch_002.safetensors"]
+
+
+def _spread_training_net(batchnorm: bool, tied_fc6: bool, seed: int = 0) -> TrainingNet:
+    """A TrainingNet with He-scaled weights and random BN statistics and affines (so the fold is not trivial)."""
+    from zfserve.model import ZFNet
+    g = torch.Generator().manual_seed(seed)
+    model = ZFNet(num_classes=11, fc_width=32)
+    net = TrainingNet(model, batchnorm=batchnorm, tied_fc6=tied_fc6)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5, generator=g)
+                module.bias.normal_(0.0, 0.1, generator=g)
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 3.0, generator=g)
+                module.running_var.uniform_(0.5, 20.0, generator=g)
+                module.weight.uniform_(0.5, 1.5, generator=g)
+                module.bias.normal_(0.0, 0.5, generator=g)
+        model.conv1.weight.div_(50.0)   # raw-pixel inputs
+    return net.eval()
+
+
+@pytest.mark.parametrize("batchnorm, tied_fc6", [(True, False), (False, True), (True, True)])
+def test_training_net_exports_the_same_function_as_a_plain_zfnet(batchnorm, tied_fc6, generator):
+    """BN folded into the convs and the tied fc6 expanded give a plain ZFNet equal to the training network."""
+    from zfserve.model import ZFNet
+    net = _spread_training_net(batchnorm, tied_fc6)
+    exported = net.export()
+    assert type(exported) is ZFNet and set(exported.state_dict()) == set(ZFNet(11, 32).state_dict())
+    x = torch.randn(4, 3, 224, 224, generator=generator) * 60
+    with torch.no_grad():
+        want, got = net(x), exported(x)
+    assert want.std() > 0.1   # logits that differ: the comparison means something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    if tied_fc6:   # the expanded fc6 is the shared weight / positions, the same at every position
+        w = exported.fc6.weight.view(32, 256, 36)
+        torch.testing.assert_close(w, net.fc6.weight[:, :, None].expand(-1, -1, 36) / 36, rtol=0, atol=0)
+
+
+def test_training_with_batchnorm_and_tied_fc6_saves_the_folded_model(tmp_path):
+    cfg = _cfg(tmp_path, epochs=2, batchnorm=True, tied_fc6=True, optimizer="adam", lr=1e-3, init="scaled",
+               cache_dir=str(tmp_path / "cache"), snapshot_epochs=[2])
+    state = train(cfg, progress=False)
+    saved = load(cfg.out)                      # the model directory: a plain ZFNet
+    ckpt = load_file(str(Path(cfg.out) / "checkpoint" / "model.safetensors"))
+    assert "bn.conv1.running_var" in ckpt and "fc6.weight" in ckpt and ckpt["fc6.weight"].shape == (32, 256)
+    net = TrainingNet(load(cfg.out), batchnorm=True, tied_fc6=True)
+    net.load_state_dict({k: v for k, v in ckpt.items() if k != "mean_image"})
+    _, _, val_images, val_labels, _ = load_data(cfg)
+    want = predict_logits(net, val_images, saved.config)
+    got = predict_logits(saved, val_images, saved.config)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    # The validation numbers the run recorded are the saved model's.
+    assert accuracy_report(got, val_labels, saved.config.class_names)["top1"] == \
+        pytest.approx(state["history"][-1]["val_top1"])
+    config = json.loads((Path(cfg.out) / "config.json").read_text())
+    assert config["provenance"]["recipe"]["batchnorm"] is True and config["provenance"]["recipe"]["tied_fc6"]
+    snapshot = load_file(str(Path(cfg.out) / "snapshots" / "epoch_002.safetensors"))
+    assert set(snapshot) == set(saved.state_dict())
 
 
 def _free_port() -> int:

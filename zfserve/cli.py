@@ -396,6 +396,10 @@ def add_train(sub) -> None:
                    "evolution (default: the paper's 1,2,5,10,20,30,40,64 scaled to --epochs)")
     p.add_argument("--evolution", action="store_true", help="when training ends, compute the feature-evolution "
                    "data (OUT/evolution.npz) from the snapshots")
+    p.add_argument("--batchnorm", action="store_true", help="train with BatchNorm after each conv, folded into "
+                   "the convs when saved (the saved model is the plain paper network; a deviation for short runs)")
+    p.add_argument("--tied-fc6", action="store_true", help="train fc6 with one weight per channel shared by "
+                   "pool5's positions, expanded into the full fc6 when saved (a deviation for short runs)")
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=cmd_train)

@@ -169,6 +169,8 @@ class TrainConfig:
     dropout: float = 0.5
     init: str = "paper"                # "paper": N(0, 0.01^2); "scaled": see init_weights
     clip_radius: float = 0.1
+    batchnorm: bool = False            # train with BatchNorm after conv1..5, folded into the convs when saved
+    tied_fc6: bool = False             # train fc6 shared over pool5's positions, expanded when saved
     fc_width: int = 4096
     resize: int = 256                  # images are resize x resize; crops are crop x crop
     crop: int = 224

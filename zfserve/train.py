@@ -269,6 +269,72 @@ def accuracy_report(logits: torch.Tensor, labels: np.ndarray, class_names: list[
             "top5_k": k, "loss": float(F.cross_entropy(logits, labels_t)), "per_class": per_class}
 
 
+# ---------------------------------------------------------------------------------------------- training-only structure
+class TrainingNet(nn.Module):
+    """ZFNet plus structure that exists only while training and folds away exactly when the model is saved
+    (``--batchnorm``, ``--tied-fc6``; documented deviations that make short runs learn, see the README).
+
+    * ``batchnorm``: a BatchNorm2d after each conv, before its ReLU. In eval mode BN is affine per channel, so
+      :meth:`export` folds it into the conv: ``w' = w * g / s``, ``b' = (b - mu) * g / s + beta`` with
+      ``s = sqrt(running_var + eps)``.
+    * ``tied_fc6``: fc6 sees the mean of pool5 over its positions, i.e. one weight per (unit, channel) shared
+      by all 6 x 6 positions, so the classifier need not learn each position separately. :meth:`export`
+      writes the full fc6 whose weight for input ``c * P + p`` (flatten order) is ``W[:, c] / P``.
+
+    The exported network is the plain paper ZFNet, equal in eval mode to this one (up to float rounding).
+    """
+
+    def __init__(self, model: ZFNet, *, batchnorm: bool, tied_fc6: bool):
+        super().__init__()
+        self.model = model
+        self.bn = nn.ModuleDict({name: nn.BatchNorm2d(getattr(model, name).out_channels)
+                                 for name in CONV_LAYERS}) if batchnorm else None
+        self.fc6 = nn.Linear(model.conv5.out_channels, model.fc6.out_features) if tied_fc6 else None
+
+    def trained_parameters(self):
+        """Everything the optimizer updates: with a tied fc6, the model's own fc6 is only written by export."""
+        skip = {id(p) for p in self.model.fc6.parameters()} if self.fc6 is not None else set()
+        return [p for p in self.parameters() if id(p) not in skip]
+
+    def _conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        x = getattr(self.model, name)(x)
+        return self.bn[name](x) if self.bn is not None else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.norm1(m.pool1(m.relu1(self._conv("conv1", x))))
+        x = m.norm2(m.pool2(m.relu2(self._conv("conv2", x))))
+        x = m.relu3(self._conv("conv3", x))
+        x = m.relu4(self._conv("conv4", x))
+        x = m.pool5(m.relu5(self._conv("conv5", x)))
+        x = self.fc6(x.mean(dim=(2, 3))) if self.fc6 is not None else m.fc6(torch.flatten(x, 1))
+        x = m.drop6(m.relu6(x))
+        x = m.drop7(m.relu7(m.fc7(x)))
+        return m.fc8(x)
+
+    @torch.no_grad()
+    def export(self) -> ZFNet:
+        """A plain ZFNet (float32, CPU, eval mode, sharing ``model.config``) with BN and the tied fc6 folded in."""
+        out = build(self.model.config)
+        out.load_state_dict({k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()})
+        if self.bn is not None:
+            for name in CONV_LAYERS:
+                conv, bn = getattr(out, name), self.bn[name]
+                scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).float().cpu()
+                conv.bias.copy_((conv.bias - bn.running_mean.float().cpu()) * scale + bn.bias.float().cpu())
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        if self.fc6 is not None:
+            positions = out.fc6.in_features // out.conv5.out_channels
+            out.fc6.weight.copy_(self.fc6.weight.float().cpu().repeat_interleave(positions, dim=1) / positions)
+            out.fc6.bias.copy_(self.fc6.bias.float().cpu())
+        out.config = self.model.config
+        return out.eval()
+
+
+def _exported(trainee: nn.Module) -> ZFNet:
+    return trainee.export() if isinstance(trainee, TrainingNet) else trainee
+
+
 # ---------------------------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=None) -> dict:
     """Run (or resume) training; returns the final state dict of metrics. Writes ``cfg.out`` as a model dir."""
@@ -301,11 +367,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
                                preprocess=PreprocessConfig(resize=cfg.resize, crop=cfg.crop, mean="image"))
     model = build(model_config)
     model.drop6.p = model.drop7.p = cfg.dropout
+    # What the optimizer trains: the model itself, or the model inside TrainingNet's fold-away structure.
+    trainee = TrainingNet(model, batchnorm=cfg.batchnorm, tied_fc6=cfg.tied_fc6) \
+        if cfg.batchnorm or cfg.tied_fc6 else model
     if resume and (ckpt / "state.json").is_file():
         from .weights import read_tensors
         state = json.loads((ckpt / "state.json").read_text())
         saved = json.loads((ckpt / "train_config.json").read_text())
-        for key in ("seed", "batch_size", "crop", "resize", "fc_width", "train_seed", "train_n", "data"):
+        for key in ("seed", "batch_size", "crop", "resize", "fc_width", "train_seed", "train_n", "data",
+                    "batchnorm", "tied_fc6"):
             if saved.get(key) != getattr(cfg, key):
                 raise InvalidArgumentError(f"resume: {key}={getattr(cfg, key)!r} differs from the checkpoint's "
                                            f"{saved.get(key)!r}", field=key)
@@ -315,7 +385,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             state.setdefault("lr_overrides", []).append({"after_epoch": state["epoch"], "lr": cfg.lr})
         tensors = read_tensors(ckpt / "model.safetensors")
         model_config.preprocess.mean_image = tensors.pop(MEAN_IMAGE_TENSOR).numpy()
-        model.load_state_dict(tensors)
+        trainee.load_state_dict(tensors)
         say(f"resumed from {ckpt} after epoch {state['epoch']} (lr {state['lr']:g})")
     else:
         if resume:
@@ -323,6 +393,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         model_config.preprocess.mean_image = mean_image(images)
         init_weights(model, cfg.init, torch.Generator().manual_seed(cfg.seed),
                      input_rms(images, model_config.preprocess.mean_image))
+        if cfg.tied_fc6:    # He's fan-in init for the shared weights (fan-in: conv5's channels)
+            trainee.fc6.weight.data.normal_(0.0, math.sqrt(2.0 / trainee.fc6.in_features),
+                                            generator=torch.Generator().manual_seed(cfg.seed + 1))
+            trainee.fc6.bias.data.zero_()
         model.clip_filter_rms_(cfg.clip_radius)
     mean = torch.from_numpy(model_config.preprocess.mean_image).to(device)
     rms = input_rms(images, model_config.preprocess.mean_image)
@@ -330,16 +404,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     batch_source = torch.from_numpy(np.asarray(images)).to(device) if device.type == "cuda" else images
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: let cuDNN pick its fastest algorithms once
-    model.to(device)
+    trainee.to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = model
+        trainee.to(memory_format=torch.channels_last)
+    net = trainee
     if distributed:
         from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
     factor = conv1_lr_factor(cfg, rms)
     groups = [{"params": [model.conv1.weight], "lr_factor": factor},
-              {"params": [p for p in model.parameters() if p is not model.conv1.weight], "lr_factor": 1.0}]
+              {"params": [p for p in (trainee.trained_parameters() if trainee is not model else model.parameters())
+                          if p is not model.conv1.weight], "lr_factor": 1.0}]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
@@ -347,7 +422,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
                                      weight_decay=cfg.weight_decay)
     if resume and (ckpt / "optimizer.safetensors").is_file() and state["epoch"] > 0:
         from .weights import read_tensors
-        _tensors_to_state(optimizer, model, read_tensors(ckpt / "optimizer.safetensors"))
+        _tensors_to_state(optimizer, trainee, read_tensors(ckpt / "optimizer.safetensors"))
     snapshots = [int(e) for e in cfg.snapshot_epochs] or scaled_evolution_epochs(cfg.epochs)
     if rank == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -412,7 +487,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"training diverged in epoch {epoch} (loss {loss_sum}); lower --lr")
         # Validation on every rank's share, summed: the lr decision is identical everywhere.
-        logits = predict_logits(model, val_images[rank::world], model_config, device=device)
+        logits = predict_logits(trainee, val_images[rank::world], model_config, device=device)
         vy = torch.as_tensor(val_labels[rank::world])
         vstats = reduce_sum([float(F.cross_entropy(logits, vy, reduction="sum")),
                              float((logits.argmax(1) == vy).sum()), len(vy)])
@@ -443,7 +518,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
             state["stopped"] = f"time budget of {cfg.max_minutes:g} min reached after epoch {epoch} of {cfg.epochs}"
             say(state["stopped"])
         if rank == 0:
-            _write_checkpoint(model, optimizer, model_config, state, cfg, ckpt, epoch in snapshots or stop, device)
+            _write_checkpoint(trainee, optimizer, model_config, state, cfg, ckpt, epoch in snapshots or stop, device)
         if distributed:
             torch.distributed.barrier()
         if stop:
@@ -455,15 +530,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     return state
 
 
-def _write_checkpoint(model, optimizer, model_config, state, cfg, ckpt: Path, snapshot: bool, device) -> None:
+def _write_checkpoint(trainee, optimizer, model_config, state, cfg, ckpt: Path, snapshot: bool, device) -> None:
+    """checkpoint/ holds what training resumes from (``trainee``'s full state: BN statistics, a tied fc6); the
+    model directory and the snapshots hold the exported plain ZFNet."""
     out = ckpt.parent
-    weights = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
+    model = _exported(trainee)
     if snapshot:
         (out / SNAPSHOT_DIR).mkdir(parents=True, exist_ok=True)
-        _atomic_write_tensors(weights, out / SNAPSHOT_DIR / f"epoch_{state['epoch']:03d}.safetensors")
+        _atomic_write_tensors({k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()},
+                              out / SNAPSHOT_DIR / f"epoch_{state['epoch']:03d}.safetensors")
+    weights = {k: v.detach().cpu().float().contiguous() for k, v in trainee.state_dict().items()}
     _atomic_write_tensors({**weights, MEAN_IMAGE_TENSOR: torch.from_numpy(model_config.preprocess.mean_image)},
                           ckpt / "model.safetensors")
-    _atomic_write_tensors(_state_to_tensors(optimizer, model), ckpt / "optimizer.safetensors")
+    _atomic_write_tensors(_state_to_tensors(optimizer, trainee), ckpt / "optimizer.safetensors")
     _atomic_write_text(json.dumps(state, indent=2) + "\n", ckpt / "state.json")
     # The model directory itself (weights + config.json) always holds the latest epoch.
     last = state["history"][-1]
@@ -473,7 +552,8 @@ def _write_checkpoint(model, optimizer, model_config, state, cfg, ckpt: Path, sn
         {"kind": "synthetic", "train_seed": cfg.train_seed, "train_n": cfg.train_n, "val_seed": cfg.val_seed,
          "val_n": cfg.val_n},
         "recipe": {k: getattr(cfg, k) for k in ("optimizer", "batch_size", "lr", "momentum", "weight_decay", "dropout",
-                                                  "clip_radius", "warmup_steps", "amp", "plateau_patience")},
+                                                  "clip_radius", "warmup_steps", "amp", "plateau_patience",
+                                                  "batchnorm", "tied_fc6")},
         "epochs": state["epoch"], "steps": state["step"], "final": {"val_top1": last["val_top1"],
                                                                     "val_loss": last["val_loss"],
                                                                     "train_loss": last["train_loss"]},
