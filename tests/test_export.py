@@ -148,6 +148,14 @@ def test_read_only_model_dir_falls_back_to_cache(tmp_path, cache_dir, monkeypatc
     assert read_metadata(path)["zfserve.weights_sha256"] == digest
 
 
+def test_embedded_model_exports_to_the_cache_not_the_package(tmp_path, cache_dir, monkeypatch, spread_model):
+    embedded = tmp_path / "models"
+    directory = save(spread_model(seed=8, widths=NARROW_WIDTHS), embedded / "zfnet-demo")
+    monkeypatch.setattr(zexport, "EMBEDDED_DIR", embedded.resolve())
+    path = ensure_onnx(directory)
+    assert path.parent.parent == cache_dir and not (directory / ONNX_FILE).exists()
+
+
 def test_in_memory_model_is_cached_by_state_hash(cache_dir, spread_model):
     model = spread_model(seed=5, widths=NARROW_WIDTHS)
     first = ensure_onnx(model)

@@ -32,8 +32,8 @@ from . import __version__
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .model import LAYER_NAMES, ZFNet
-from .weights import (CONFIG_FILE, MEAN_IMAGE_TENSOR, ONNX_FILE, WEIGHTS_FILE, default_model_name, paper_model,
-                      read_config, resolve_model_dir, state_dict_hash, weights_hash)
+from .weights import (CONFIG_FILE, EMBEDDED_DIR, MEAN_IMAGE_TENSOR, ONNX_FILE, WEIGHTS_FILE, default_model_name,
+                      paper_model, read_config, resolve_model_dir, state_dict_hash, weights_hash)
 
 INPUT_NAME = "image"
 LOGITS = "logits"
@@ -325,7 +325,7 @@ def ensure_onnx(model_dir_or_name: str | Path | ZFNet | None = None) -> Path:
 
     A model directory keeps ``model.onnx`` beside its weights; it is re-exported when the hash of
     ``weights.safetensors`` (or of config.json) no longer matches the file's metadata. Read-only directories
-    (an installed package), the built-in ``zfnet-paper`` and in-memory ZFNets use
+    (an installed package), embedded models (package data), the built-in ``zfnet-paper`` and in-memory ZFNets use
     ``cache_root()/<name>-<hash>/model.onnx``, keyed by the weights hash.
     """
     from .weights import load_model
@@ -346,7 +346,9 @@ def ensure_onnx(model_dir_or_name: str | Path | ZFNet | None = None) -> Path:
                                      f"{CONFIG_FILE} and {WEIGHTS_FILE})")
             config = read_config(directory)
             source, source_kind = weights_hash(directory), WEIGHTS_FILE
-            candidates, load = [directory], (lambda: load_model(directory))
+            # Embedded models are package data: never write beside them, use the cache.
+            embedded = directory.resolve().is_relative_to(EMBEDDED_DIR)
+            candidates, load = ([] if embedded else [directory]), (lambda: load_model(directory))
     digest = config_hash(config)
     candidates.append(cache_root() / f"{config.name}-{source[:16]}")
     for folder in candidates:
