@@ -154,6 +154,20 @@ def test_training_net_exports_the_same_function_as_a_plain_zfnet(batchnorm, tied
         torch.testing.assert_close(w, net.fc6.weight[:, :, None].expand(-1, -1, 36) / 36, rtol=0, atol=0)
 
 
+def test_recalibrated_batchnorm_statistics_are_the_exact_averages(generator):
+    from zfserve.train import recalibrate_batchnorm
+    net = _spread_training_net(batchnorm=True, tied_fc6=False).train()
+    batches = [torch.randn(3, 3, 224, 224, generator=generator) * 60 for _ in range(3)]
+    recalibrate_batchnorm(net, batches)
+    assert net.training and net.bn["conv1"].momentum == 0.1
+    with torch.no_grad():
+        outs = [net.model.conv1(x) for x in batches]
+    want_mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    want_var = torch.stack([o.var(dim=(0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(net.bn["conv1"].running_mean, want_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(net.bn["conv1"].running_var, want_var, rtol=1e-4, atol=1e-4)
+
+
 def test_training_with_batchnorm_and_tied_fc6_saves_the_folded_model(tmp_path):
     cfg = _cfg(tmp_path, epochs=2, batchnorm=True, tied_fc6=True, optimizer="adam", lr=1e-3, init="scaled",
                cache_dir=str(tmp_path / "cache"), snapshot_epochs=[2])
