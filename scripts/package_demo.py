@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-n", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1, help="processes rendering the evaluation images")
+    p.add_argument("--note", action="append", default=[], help="a line of provenance to keep (repeatable), "
+                   "e.g. how an interrupted run was resumed")
     args = p.parse_args(argv)
     run, dest = Path(args.run), Path(args.dest)
     state = json.loads((run / "checkpoint" / "state.json").read_text())
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     provenance = dict(model.config.provenance)
     provenance.pop("directory", None)
     provenance["history"] = state["history"]
+    if args.note:
+        provenance["notes"] = args.note
     provenance["weights_dtype"] = "float16 (trained in float32 with bf16 autocast where amp says so)"
     model.config.provenance = provenance
     model.config.name = "zfnet-demo"
