@@ -259,6 +259,24 @@ def test_crop_batch_on_cuda_equals_cpu(generator):
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
+def test_erase_squares_zeroes_exactly_the_boxes(generator):
+    from zfserve.train import erase_squares
+    x = torch.randn(3, 3, 20, 20, generator=generator) + 5
+    boxes = torch.tensor([[2, 3, 4], [0, 0, 0], [15, 10, 5]])
+    got = erase_squares(x, boxes)
+    want = x.clone()
+    want[0, :, 2:6, 3:7] = 0
+    want[2, :, 15:20, 10:15] = 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_erase_trains_and_is_recorded(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1, erase=1.0, max_steps_per_epoch=1, cache_dir=str(tmp_path / "cache"))
+    train(cfg, progress=False)
+    config = json.loads((Path(cfg.out) / "config.json").read_text())
+    assert config["provenance"]["recipe"]["erase"] == 1.0
+
+
 def test_conv1_lr_factor_is_the_unit_input_equivalent():
     """Scaled init: conv1 moves like a unit-RMS-input network's conv1 (SGD lr/r^2, Adam lr/r); paper init: 1."""
     assert conv1_lr_factor(TrainConfig(out="x", init="paper"), 64.0) == 1.0

@@ -389,6 +389,7 @@ def add_train(sub) -> None:
             ("workers", int, "processes rendering synthetic data"),
             ("max_steps_per_epoch", int, "cap steps per epoch (0: all)"),
             ("max_minutes", float, "training time budget: stop after the last epoch that fits (0: none)"),
+            ("erase", float, "probability of one mean-filled square (16-64 px) per training crop, Cutout"),
             ("name", str, "model name")]:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=getattr(d, name),
                        help=f"{help_text} (default {getattr(d, name)})")

@@ -171,6 +171,7 @@ class TrainConfig:
     clip_radius: float = 0.1
     batchnorm: bool = False            # train with BatchNorm after conv1..5, folded into the convs when saved
     tied_fc6: bool = False             # train fc6 shared over pool5's positions, expanded when saved
+    erase: float = 0.0                 # probability that a training crop gets one mean-filled square (Cutout)
     fc_width: int = 4096
     resize: int = 256                  # images are resize x resize; crops are crop x crop
     crop: int = 224
@@ -204,7 +205,8 @@ class TrainConfig:
                   ("init", self.init in ("paper", "scaled"), "'paper' or 'scaled'"),
                   ("amp", self.amp in ("none", "bf16"), "'none' or 'bf16'"),
                   ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
-                  ("train_n", self.train_n >= 1, ">= 1"), ("val_n", self.val_n >= 1, ">= 1")]
+                  ("train_n", self.train_n >= 1, ">= 1"), ("val_n", self.val_n >= 1, ">= 1"),
+                  ("erase", 0 <= self.erase <= 1, "in [0, 1]")]
         for name, ok, accepted in checks:
             if not ok:
                 raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is out of range; accepted: {accepted}",

@@ -236,6 +236,23 @@ def _crop_batch(images, indices: torch.Tensor, offsets: torch.Tensor, flips: tor
     return patches.permute(0, 3, 1, 2)
 
 
+# Side range (pixels) of the squares --erase cuts out, around the occluders of the occlusion analysis (48).
+ERASE_SIDES = (16, 64)
+
+
+def erase_squares(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Cutout: set ``x[i, :, y0:y0 + s, x0:x0 + s]`` to 0 (the mean, after mean subtraction) for each row
+    ``(y0, x0, s)`` of ``boxes`` (B, 3); ``s = 0`` leaves that sample alone. The occlusion analysis puts the
+    same mean-filled squares on images; a network trained without them can read such a square as an object
+    (the synthetic set has a 'square' class), so occluding background alone moves its prediction."""
+    crop = x.shape[-1]
+    grid = torch.arange(crop, device=x.device)
+    y0, x0, side = (boxes[:, i:i + 1].to(x.device) for i in range(3))
+    rows = (grid >= y0) & (grid < y0 + side)                                     # (B, crop)
+    cols = (grid >= x0) & (grid < x0 + side)
+    return x.masked_fill((rows[:, :, None] & cols[:, None, :])[:, None], 0.0)
+
+
 def centre_inputs(images: np.ndarray, config: ModelConfig) -> np.ndarray:
     """uint8 (N, R, R, 3) -> float32 (N, 3, crop, crop) through ``zfserve.preprocess.to_input`` (one definition)."""
     from .preprocess import to_input
@@ -484,6 +501,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         order = torch.randperm(len(labels), generator=gen)
         offsets = torch.randint(0, cfg.resize - cfg.crop + 1, (len(labels), 2), generator=gen)
         flips = torch.rand(len(labels), generator=gen) < 0.5
+        if cfg.erase:   # drawn after the crops, so runs without --erase keep their random stream
+            side = torch.randint(ERASE_SIDES[0], ERASE_SIDES[1] + 1, (len(labels),), generator=gen)
+            corner = (torch.rand(len(labels), 2, generator=gen) * (cfg.crop - side[:, None] + 1)).long()
+            keep = torch.rand(len(labels), generator=gen) < cfg.erase
+            boxes = torch.stack([corner[:, 0], corner[:, 1], side * keep], dim=1)
         torch.manual_seed(cfg.seed * 7919 + epoch * 104729 + rank)   # dropout masks
         net.train()
         t0, seen_here = time.time(), 0
@@ -492,6 +514,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         for step in range(steps):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
             x = _crop_batch(batch_source, batch, offsets, flips, mean, cfg.crop)
+            if cfg.erase:
+                x = erase_squares(x, boxes[batch])
             x = x.contiguous(memory_format=fmt)
             y = torch.from_numpy(labels[batch.numpy()]).to(device)
             lr = state["lr"]
@@ -589,7 +613,7 @@ def _write_checkpoint(trainee, optimizer, model_config, state, cfg, ckpt: Path, 
          "val_n": cfg.val_n},
         "recipe": {k: getattr(cfg, k) for k in ("optimizer", "batch_size", "lr", "momentum", "weight_decay", "dropout",
                                                   "clip_radius", "warmup_steps", "amp", "plateau_patience",
-                                                  "batchnorm", "tied_fc6")},
+                                                  "batchnorm", "tied_fc6", "erase")},
         "epochs": state["epoch"], "steps": state["step"], "final": {"val_top1": last["val_top1"],
                                                                     "val_loss": last["val_loss"],
                                                                     "train_loss": last["train_loss"]},
