@@ -129,6 +129,15 @@ def load_error(directory) -> str:
     return str(info.value)
 
 
+def load_error_after_editing(model_dir, edit) -> str:
+    """Apply ``edit`` to the directory's parsed config.json, write it back, and return the load error."""
+    path = model_dir / CONFIG_FILE
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return load_error(model_dir)
+
+
 def test_missing_config(model_dir):
     (model_dir / CONFIG_FILE).unlink()
     assert CONFIG_FILE in load_error(model_dir)
@@ -206,11 +215,7 @@ def test_config_from_a_different_architecture(model_dir):
     (lambda d: d["preprocess"].update(scale=1 / 255), "scale"),
 ])
 def test_unknown_config_keys(model_dir, edit, named):
-    path = model_dir / CONFIG_FILE
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-    message = load_error(model_dir)
+    message = load_error_after_editing(model_dir, edit)
     assert CONFIG_FILE in message and named in message and "accepted" in message
 
 
@@ -232,11 +237,7 @@ def test_invalid_config_json(model_dir, text):
     (lambda d: d["preprocess"].update(mean=[1, 2]), "mean"),
 ])
 def test_invalid_config_values_name_file_and_key(model_dir, edit, named):
-    path = model_dir / CONFIG_FILE
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-    message = load_error(model_dir)
+    message = load_error_after_editing(model_dir, edit)
     assert CONFIG_FILE in message and named in message
 
 

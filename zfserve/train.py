@@ -415,7 +415,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     # What the optimizer trains: the model itself, or the model inside TrainingNet's fold-away structure.
     trainee = TrainingNet(model, batchnorm=cfg.batchnorm, tied_fc6=cfg.tied_fc6) \
         if cfg.batchnorm or cfg.tied_fc6 else model
-    if resume and (ckpt / "state.json").is_file():
+    resumed = resume and (ckpt / "state.json").is_file()
+    if resumed:
         from .weights import read_tensors
         state = json.loads((ckpt / "state.json").read_text())
         saved = json.loads((ckpt / "train_config.json").read_text())
@@ -436,16 +437,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         if resume:
             say(f"resume: no checkpoint in {ckpt}; starting fresh")
         model_config.preprocess.mean_image = mean_image(images)
-        init_weights(model, cfg.init, torch.Generator().manual_seed(cfg.seed),
-                     input_rms(images, model_config.preprocess.mean_image))
+    rms = input_rms(images, model_config.preprocess.mean_image)
+    if not resumed:
+        init_weights(model, cfg.init, torch.Generator().manual_seed(cfg.seed), rms)
         if cfg.tied_fc6:    # He's fan-in init for the shared weights (fan-in: conv5's channels)
             trainee.fc6.weight.data.normal_(0.0, math.sqrt(2.0 / trainee.fc6.in_features),
                                             generator=torch.Generator().manual_seed(cfg.seed + 1))
             trainee.fc6.bias.data.zero_()
         model.clip_filter_rms_(cfg.clip_radius)
     mean = torch.from_numpy(model_config.preprocess.mean_image).to(device)
-    rms = input_rms(images, model_config.preprocess.mean_image)
-    # On CUDA the uint8 training set lives on the GPU (40,000 images are 7.9 GB), so batches are one gather.
+    # On CUDA the uint8 training set lives on the GPU (30,000 images are 5.9 GB), so batches are one gather.
     batch_source = torch.from_numpy(np.asarray(images)).to(device) if device.type == "cuda" else images
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: let cuDNN pick its fastest algorithms once
@@ -458,8 +459,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
         net = DistributedDataParallel(trainee, device_ids=[device.index] if device.type == "cuda" else None)
     factor = conv1_lr_factor(cfg, rms)
     groups = [{"params": [model.conv1.weight], "lr_factor": factor},
-              {"params": [p for p in (trainee.trained_parameters() if trainee is not model else model.parameters())
-                          if p is not model.conv1.weight], "lr_factor": 1.0}]
+              {"params": [p for p in (trainee.trained_parameters() if isinstance(trainee, TrainingNet)
+                                      else model.parameters()) if p is not model.conv1.weight], "lr_factor": 1.0}]
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=state["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
