@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from zfserve.errors import InvalidArgumentError
 from zfserve.model import CONV_LAYERS, load
 from zfserve.train import (TrainConfig, TrainingNet, _crop_batch, accuracy_report, conv1_lr_factor, init_weights, input_rms,
                            load_data, predict_logits, scaled_evolution_epochs, train)
@@ -346,3 +347,25 @@ def test_evolution_data_from_snapshots(tmp_path):
                 assert float(a[n, y, x]) == pytest.approx(float(a.max()), rel=1e-5)
                 assert ev["activation"][li, mi, e] == pytest.approx(float(a.max()), rel=1e-4, abs=1e-6)
     assert ev["renders"].std() > 0   # projections, not blank tiles
+
+
+def test_conv1_weight_decay_shrinks_conv1_alone(tmp_path):
+    """One step with the decay == the same step without it, then conv1 times (1 - lr x decay); nothing else moves."""
+    common = dict(epochs=1, max_steps_per_epoch=1, batchnorm=True, optimizer="adam", lr=1e-3, warmup_steps=0,
+                  cache_dir=str(tmp_path / "cache"))
+    plain, decayed = _cfg(tmp_path, "plain", **common), _cfg(tmp_path, "decayed", conv1_weight_decay=400.0, **common)
+    train(plain, progress=False)
+    train(decayed, progress=False)
+    a, b = _weights(plain.out), _weights(decayed.out)
+    torch.testing.assert_close(b["model.conv1.weight"], a["model.conv1.weight"] * (1 - 1e-3 * 400.0))
+    for key in a:
+        if key != "model.conv1.weight" and "running_" not in key:   # BN statistics see the smaller conv1
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    config = json.loads((Path(decayed.out) / "config.json").read_text())
+    assert config["provenance"]["recipe"]["conv1_weight_decay"] == 400.0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1000.0])
+def test_conv1_weight_decay_range_is_checked(value):
+    with pytest.raises(InvalidArgumentError, match="conv1_weight_decay"):
+        TrainConfig(out="x", lr=1e-3, conv1_weight_decay=value).validate()

@@ -377,7 +377,10 @@ def add_train(sub) -> None:
             ("epochs", int, "epochs"), ("batch_size", int, "global mini-batch (paper 128)"),
             ("lr", float, "learning rate (paper 1e-2)"), ("momentum", float, "SGD momentum / Adam beta1 (paper 0.9)"),
             ("optimizer", str, "'sgd' (paper) or 'adam'"),
-            ("weight_decay", float, "weight decay (paper: not stated)"), ("dropout", float, "fc6/fc7 dropout"),
+            ("weight_decay", float, "weight decay (paper: not stated)"),
+            ("conv1_weight_decay", float, "decoupled decay of conv1's weights: each step multiplies them by "
+             "1 - lr x value; with --batchnorm it erases the random init the short run cannot outgrow"),
+            ("dropout", float, "fc6/fc7 dropout"),
             ("init", str, "'paper' N(0,0.01^2) or 'scaled' (see zfserve.train.init_weights)"),
             ("clip_radius", float, "conv filter RMS clipping radius"), ("fc_width", int, "width of fc6/fc7"),
             ("resize", int, "image side before cropping"), ("crop", int, "crop side (the model's input)"),

@@ -166,6 +166,7 @@ class TrainConfig:
     momentum: float = 0.9
     optimizer: str = "sgd"             # "sgd" (the paper) or "adam" (a documented deviation for short runs)
     weight_decay: float = 0.0          # not stated in the paper
+    conv1_weight_decay: float = 0.0    # decoupled decay of conv1 only: each step w *= 1 - lr * value (see train)
     dropout: float = 0.5
     init: str = "paper"                # "paper": N(0, 0.01^2); "scaled": see init_weights
     clip_radius: float = 0.1
@@ -206,7 +207,9 @@ class TrainConfig:
                   ("amp", self.amp in ("none", "bf16"), "'none' or 'bf16'"),
                   ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),
                   ("train_n", self.train_n >= 1, ">= 1"), ("val_n", self.val_n >= 1, ">= 1"),
-                  ("erase", 0 <= self.erase <= 1, "in [0, 1]")]
+                  ("erase", 0 <= self.erase <= 1, "in [0, 1]"),
+                  ("conv1_weight_decay", 0 <= self.conv1_weight_decay and self.lr * self.conv1_weight_decay < 1,
+                   f">= 0 and < 1 / lr = {1 / self.lr:g}")]
         for name, ok, accepted in checks:
             if not ok:
                 raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is out of range; accepted: {accepted}",
