@@ -42,6 +42,7 @@ MINUTES=$(awk "BEGIN {print $LEFT / 60}")
 log "train for at most $MINUTES min of epochs"
 CMD=("$PY" -m zfserve.cli train --data synthetic --out "$WORK/run" --device "$DEVICE" --amp bf16
      --optimizer adam --lr 1e-3 --warmup-steps 200 --init scaled --batchnorm --tied-fc6 --dropout 0
+     --erase 0.5 --conv1-weight-decay 5
      --batch-size 128 --fc-width 512
      --train-seed 1 --train-n 30000 --val-seed 2 --val-n 1000 --seed 0 --epochs 60 --plateau-patience 2
      --max-minutes "$MINUTES" --workers "$CPUS" --evolution "${EXTRA[@]}")
