@@ -209,7 +209,7 @@ class TrainConfig:
                   ("train_n", self.train_n >= 1, ">= 1"), ("val_n", self.val_n >= 1, ">= 1"),
                   ("erase", 0 <= self.erase <= 1, "in [0, 1]"),
                   ("conv1_weight_decay", 0 <= self.conv1_weight_decay and self.lr * self.conv1_weight_decay < 1,
-                   f">= 0 and < 1 / lr = {1 / self.lr:g}")]
+                   f">= 0 and < 1 / lr = {1 / self.lr:g}" if self.lr > 0 else ">= 0 and < 1 / lr")]
         for name, ok, accepted in checks:
             if not ok:
                 raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is out of range; accepted: {accepted}",
