@@ -606,6 +606,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, log=
     return state
 
 
+def _cpu_float32(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().float().contiguous() for k, v in module.state_dict().items()}
+
+
 def _write_checkpoint(trainee, optimizer, model_config, state, cfg, ckpt: Path, snapshot: bool, device) -> None:
     """checkpoint/ holds what training resumes from (``trainee``'s full state: BN statistics, a tied fc6); the
     model directory and the snapshots hold the exported plain ZFNet."""
@@ -613,9 +617,8 @@ def _write_checkpoint(trainee, optimizer, model_config, state, cfg, ckpt: Path, 
     model = _exported(trainee)
     if snapshot:
         (out / SNAPSHOT_DIR).mkdir(parents=True, exist_ok=True)
-        _atomic_write_tensors({k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()},
-                              out / SNAPSHOT_DIR / f"epoch_{state['epoch']:03d}.safetensors")
-    weights = {k: v.detach().cpu().float().contiguous() for k, v in trainee.state_dict().items()}
+        _atomic_write_tensors(_cpu_float32(model), out / SNAPSHOT_DIR / f"epoch_{state['epoch']:03d}.safetensors")
+    weights = _cpu_float32(trainee)
     _atomic_write_tensors({**weights, MEAN_IMAGE_TENSOR: torch.from_numpy(model_config.preprocess.mean_image)},
                           ckpt / "model.safetensors")
     _atomic_write_tensors(_state_to_tensors(optimizer, trainee), ckpt / "optimizer.safetensors")
