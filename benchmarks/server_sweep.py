@@ -44,7 +44,7 @@ async def _closed_loop(target: str, requesters: int, warmup_s: float, window_s: 
 
     from zfserve._proto.v1 import zfserve_pb2 as pb
     from zfserve._proto.v1 import zfserve_pb2_grpc as pb_grpc
-    from zfserve.server.tensors import array_to_tensor
+    from zfserve.wire import array_to_tensor
 
     x = np.random.default_rng(seed).normal(0, 50, (1, 3, size, size)).astype(np.float32)
     request = pb.ClassifyRequest(images=pb.Images(tensor=array_to_tensor(x, pb.Tensor)), top_k=1)

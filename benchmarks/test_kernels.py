@@ -10,8 +10,8 @@
 Batch 1 / 64 / 256, fp16 and fp32, at ZFNet's pool1 shapes (224 -> 110 -> 55, 96 channels). Timing:
 ``triton.testing.do_bench`` medians (it flushes L2 before every run), ours and the baseline in the same
 process on the same inputs. Each case reports the speedup (baseline / ours), ours' GB/s and TFLOP/s, and
-ours' time as a multiple of the floor of shared/reference/kernels.md, recomputed from this card's measured
-copy bandwidth and matmul rate. Cases also append one JSON line each to ``$ZFSERVE_BENCH_JSONL`` if set, so
+ours' time as a multiple of its roofline floor, max(bytes moved / copy bandwidth, FLOPs / matmul rate), from
+this card's measured copy bandwidth and matmul rate (kernels/NOTES.md). Cases also append one JSON line each to ``$ZFSERVE_BENCH_JSONL`` if set, so
 a run cut short by a timeout keeps what it measured.
 
     .venv/bin/pytest benchmarks/test_kernels.py -q -s

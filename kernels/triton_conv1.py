@@ -3,7 +3,7 @@
 The oracle is :func:`zfserve.kernels.reference.conv1_relu_pool_reference`. This module imports triton at the
 top: import it only through :mod:`zfserve.kernels.ops`, which guards the import.
 
-Design (an implicit GEMM, see shared/reference/kernels.md):
+Design (an implicit GEMM; its predicted costs and the offline sm_90 compile are in ``kernels/NOTES.md``):
 
 * GEMM view of the convolution: M = output pixels, N = output channels (96), K = C_in * 7 * 7 = 147. With
   only 3 input channels, libraries that block K by channel waste most of the matrix unit; here K is

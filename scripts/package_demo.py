@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from zfserve.evaluate import evaluate, write_filter_grid
+from zfserve.evaluate import evaluate
+from zfserve.render import write_filter_grid
 from zfserve.weights import load_model, save_model
 
 

@@ -1,4 +1,4 @@
-"""zfserve.engine.analysis against brute-force references on small random models and random images."""
+"""The paper's analyses (zfserve.paper) against brute-force references on small random models and random images."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from zfserve import preprocess
 from zfserve.data import CLASSES
-from zfserve.engine import analysis as A
 from zfserve.errors import InvalidArgumentError, NotFoundError
+from zfserve.paper import architecture, correspondence, dataset, evolution, filters, invariance, localization, top9
 
 
-class RandomData(A.AnalysisData):
+class RandomData(dataset.AnalysisData):
     """Random 256x256 images with random labels and a random rectangular object mask."""
 
     def __init__(self, n: int, seed: int = 7):
@@ -33,7 +34,7 @@ class RandomData(A.AnalysisData):
         return True
 
     def item(self, index):
-        return A.Item(self._images[index], int(self._labels[index]), self._masks[index], {})
+        return dataset.Item(self._images[index], int(self._labels[index]), self._masks[index], {})
 
     def labels(self):
         return self._labels.copy()
@@ -74,7 +75,7 @@ def _brute_top(acts: np.ndarray, k: int):
 
 def test_top_activations_match_brute_force(model, data):
     maps = {"conv2": [0, 5, 17, 200], "conv5": [1, 2, 99]}
-    got = A.top_activations(model, data, maps, k=4, batch=3)   # batches 3+3+1: partial batch and evictions
+    got = top9.top_activations(model, data, maps, k=4, batch=3)   # batches 3+3+1: partial batch and evictions
     x = torch.from_numpy(data.inputs(range(len(data)), model.config))
     with torch.no_grad():
         acts = model.trace(x, layers=("conv2", "conv5")).activations
@@ -85,13 +86,13 @@ def test_top_activations_match_brute_force(model, data):
             assert [(u.image_index, u.y, u.x) for u in units] == [r[1:] for r in ref[i]]
             np.testing.assert_allclose([u.activation for u in units], [r[0] for r in ref[i]], rtol=1e-5)
     # One layer at a time gives the same as the shared pass.
-    single = A.top_activations(model, data, "conv5", [1, 2, 99], k=4, batch=7)
+    single = top9.top_activations(model, data, "conv5", [1, 2, 99], k=4, batch=7)
     assert single == got["conv5"]
 
 
 def test_top9_projection_belongs_to_the_dataset_image(model, data):
     from zfserve.engine.deconv import DeconvEngine
-    got = A.top9(model, data, "conv4", [11], k=2, batch=4)
+    got = top9.top9(model, data, "conv4", [11], k=2, batch=4)
     engine = DeconvEngine(model)
     for c, units in got.items():
         assert len(units) == 2 and units[0].activation >= units[1].activation
@@ -108,47 +109,47 @@ def test_top9_projection_belongs_to_the_dataset_image(model, data):
 
 def test_top_activations_rejects_bad_arguments(model, data):
     with pytest.raises(InvalidArgumentError) as err:
-        A.top_activations(model, data, "fc7", [0])
+        top9.top_activations(model, data, "fc7", [0])
     assert err.value.field == "layer"
     with pytest.raises(InvalidArgumentError) as err:
-        A.top_activations(model, data, "conv2", [256])
+        top9.top_activations(model, data, "conv2", [256])
     assert err.value.field == "maps" and "0..255" in str(err.value)
     with pytest.raises(InvalidArgumentError) as err:
-        A.top_activations(model, data, "conv2", [0], k=8)
+        top9.top_activations(model, data, "conv2", [0], k=8)
     assert err.value.field == "k"
 
 
 def test_transforms_move_pixels_as_specified(np_rng):
     image = np_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     fill = (10, 20, 30)
-    down = A.transform_image(image, "translation", 10, fill)
+    down = invariance.transform_image(image, "translation", 10, fill)
     np.testing.assert_array_equal(down[10:], image[:-10])
     assert (down[:10] == np.array(fill, np.uint8)).all()
-    up = A.transform_image(image, "translation", -5, fill)
+    up = invariance.transform_image(image, "translation", -5, fill)
     np.testing.assert_array_equal(up[:-5], image[5:])
-    np.testing.assert_array_equal(A.transform_image(image, "scale", 1.0, fill), image)
-    np.testing.assert_array_equal(A.transform_image(image, "rotation", 180, fill), image[::-1, ::-1])
+    np.testing.assert_array_equal(invariance.transform_image(image, "scale", 1.0, fill), image)
+    np.testing.assert_array_equal(invariance.transform_image(image, "rotation", 180, fill), image[::-1, ::-1])
     # Zooming 2x about the centre of a linear ramp (bilinear sampling is exact on it): output pixel centre
     # (x + 0.5, y + 0.5) samples the input at pixel index x / 2 + 15.75 (same for y).
     yy, xx = np.mgrid[0:64, 0:64]
     ramp = np.repeat((xx + 2 * yy).astype(np.uint8)[..., None], 3, axis=2)
-    zoom = A.transform_image(ramp, "scale", 2.0, fill)[..., 0].astype(float)
+    zoom = invariance.transform_image(ramp, "scale", 2.0, fill)[..., 0].astype(float)
     expected = (xx / 2 + 15.75) + 2 * (yy / 2 + 15.75)
     np.testing.assert_allclose(zoom[1:-1, 1:-1], expected[1:-1, 1:-1], atol=1.01)
     with pytest.raises(InvalidArgumentError):
-        A.transform_image(image, "shear", 1, fill)
+        invariance.transform_image(image, "shear", 1, fill)
 
 
 def test_invariance_matches_direct_forward(model, data):
     amounts = {"translation": [-20, 0, 30], "scale": [1.0, 1.5], "rotation": [0, 90]}
-    got = A.invariance(model, data, [2], amounts=amounts, batch=4)
+    got = invariance.invariance(model, data, [2], amounts=amounts, batch=4)
     fill = model.config.preprocess.mean_rgb()
     from zfserve.preprocess import to_input
     for kind, values in amounts.items():
         for i, index in enumerate([2]):
             image = data.item(index).image
             x = np.stack([to_input(image, model.config)] +
-                         [to_input(A.transform_image(image, kind, a, fill), model.config) for a in values])
+                         [to_input(invariance.transform_image(image, kind, a, fill), model.config) for a in values])
             with torch.no_grad():
                 trace = model.trace(torch.from_numpy(x), layers=("conv1", "fc7"))
             for layer in ("conv1", "fc7"):
@@ -160,7 +161,7 @@ def test_invariance_matches_direct_forward(model, data):
                 np.testing.assert_allclose(got[kind]["relative"][layer][i], ref / scale, rtol=1e-4, atol=1e-5)
             prob = torch.softmax(trace.logits.double(), 1)[1:, data.item(index).label].numpy()
             np.testing.assert_allclose(got[kind]["probability"][i], prob, rtol=1e-4, atol=1e-7)
-        identity = values.index(A.IDENTITY[kind])
+        identity = values.index(invariance.IDENTITY[kind])
         assert np.allclose(got[kind]["relative"]["conv1"][:, identity], 0, atol=1e-5)
 
 
@@ -168,31 +169,31 @@ def test_growth_share():
     amounts = [-2, -1, 0, 1, 2]
     jump = np.array([[1.0, 1.0, 0.0, 1.0, 1.0]])
     linear = np.array([[2.0, 1.0, 0.0, 1.0, 2.0]])
-    assert A.growth_share(jump, amounts, 0.0) == pytest.approx(1.0)
-    assert A.growth_share(linear, amounts, 0.0) == pytest.approx(0.75)
+    assert invariance.growth_share(jump, amounts, 0.0) == pytest.approx(1.0)
+    assert invariance.growth_share(linear, amounts, 0.0) == pytest.approx(0.75)
 
 
 def test_hamming_score_matches_pairwise_loop(np_rng):
     eps = np_rng.normal(size=(5, 40))
     eps[:, :10] = 0.0
-    mean, std, values = A.hamming_score(eps)
+    mean, std, values = correspondence.hamming_score(eps)
     ref = []
     for i in range(5):
         for j in range(i + 1, 5):
             ref.append(sum(int(np.sign(a) != np.sign(b)) for a, b in zip(eps[i], eps[j])) / 40)
     np.testing.assert_allclose(values, ref)
     assert mean == pytest.approx(np.mean(ref)) and std == pytest.approx(np.std(ref))
-    assert A.hamming_score(np.stack([eps[0], eps[0]]))[0] == 0.0
-    assert A.hamming_score(np.stack([eps[0], -eps[0]]))[0] == pytest.approx(0.75)  # zeros agree
+    assert correspondence.hamming_score(np.stack([eps[0], eps[0]]))[0] == 0.0
+    assert correspondence.hamming_score(np.stack([eps[0], -eps[0]]))[0] == pytest.approx(0.75)  # zeros agree
     with pytest.raises(InvalidArgumentError):
-        A.hamming_score(eps[:1])
+        correspondence.hamming_score(eps[:1])
 
 
 def test_correspondence_occludes_the_parts(model):
-    data = A.AnalysisData("synthetic", seed=5, n=33)
+    data = dataset.AnalysisData("synthetic", seed=5, n=33)
     faces = data.indices_of(CLASSES.index("face"))
     assert faces == [10, 21, 32]
-    got = A.correspondence(model, data, faces, parts=("left_eye", "nose"), layers=("conv5",), seed=1)
+    got = correspondence.correspondence(model, data, faces, parts=("left_eye", "nose"), layers=("conv5",), seed=1)
     assert set(got["rows"]) == {"left_eye", "nose", "random"}
     x = got["inputs"]
     # Reference for one part: occlude its box by hand and score the sign changes of conv5.
@@ -204,7 +205,7 @@ def test_correspondence_occludes_the_parts(model):
     with torch.no_grad():
         a = model.trace(torch.from_numpy(x), layers=("conv5",)).activations["conv5"].flatten(1).double()
         b = model.trace(torch.from_numpy(occluded), layers=("conv5",)).activations["conv5"].flatten(1).double()
-    mean, std, _ = A.hamming_score((a - b).numpy())
+    mean, std, _ = correspondence.hamming_score((a - b).numpy())
     assert got["rows"]["nose"]["conv5"]["mean"] == pytest.approx(mean)
     assert got["rows"]["nose"]["conv5"]["std"] == pytest.approx(std)
     # The aligned crop keeps the face's part boxes inside the image and in the face's layout.
@@ -214,7 +215,7 @@ def test_correspondence_occludes_the_parts(model):
 
 def test_pointing_game_matches_brute_force_occlusion(model, data):
     from zfserve.preprocess import to_input
-    got = A.pointing_game(model, data, [4], window=112, stride=56)
+    got = localization.pointing_game(model, data, [4], window=112, stride=56)
     for record in got["images"]:
         item = data.item(record["index"])
         x = to_input(item.image, model.config)
@@ -229,7 +230,7 @@ def test_pointing_game_matches_brute_force_occlusion(model, data):
         with torch.no_grad():
             prob = torch.softmax(model(torch.from_numpy(np.stack(batch))).double(), 1)[:, item.label].numpy()
         cx, cy = centres[int(prob.argmin())]
-        mask = A.mask_to_input(item.mask, model.config)
+        mask = preprocess.mask_to_input(item.mask, model.config)
         ys, xs = np.nonzero(mask)
         dist = np.sqrt((ys + 0.5 - cy) ** 2 + (xs + 0.5 - cx) ** 2).min()
         assert record["point"] == [cx, cy]
@@ -241,7 +242,7 @@ def test_pointing_game_matches_brute_force_occlusion(model, data):
 
 def test_deconv_mask_energy_uses_the_strongest_unit(model, data):
     from zfserve.engine.deconv import DeconvEngine
-    got = A.deconv_mask_energy(model, data, [0, 3, 5], batch=2)
+    got = localization.deconv_mask_energy(model, data, [0, 3, 5], batch=2)
     engine = DeconvEngine(model)
     for i, index in enumerate([0, 3, 5]):
         x = data.inputs([index], model.config)
@@ -260,7 +261,7 @@ def test_directory_data_with_annotations(tmp_path):
     from zfserve.data import render, write_synthetic
     from zfserve.config import ModelConfig
     write_synthetic(tmp_path, 3, seed=4)
-    data = A.AnalysisData(str(tmp_path), n=10)
+    data = dataset.AnalysisData(str(tmp_path), n=10)
     assert len(data) == 3 and data.has_masks and data.classes == list(CLASSES)
     config = ModelConfig(num_classes=len(CLASSES))
     for i in range(3):
@@ -268,49 +269,49 @@ def test_directory_data_with_annotations(tmp_path):
         item = data.item(i)
         np.testing.assert_array_equal(item.image, ref.image)
         np.testing.assert_array_equal(item.mask, ref.mask)
-        np.testing.assert_array_equal(A.mask_to_input(item.mask, config), ref.mask[16:240, 16:240])
+        np.testing.assert_array_equal(preprocess.mask_to_input(item.mask, config), ref.mask[16:240, 16:240])
         assert item.label == ref.label
-    assert A.box_to_input([20, 30, 60, 250], (256, 256), config) == (4, 14, 44, 224)
+    assert preprocess.box_to_input([20, 30, 60, 250], (256, 256), config) == (4, 14, 44, 224)
     with pytest.raises(NotFoundError):
-        A.AnalysisData(str(tmp_path / "missing"))
+        dataset.AnalysisData(str(tmp_path / "missing"))
 
 
 def test_filter_stats():
     rng = np.random.default_rng(0)
     w = rng.normal(0, 0.01, (8, 3, 7, 7))
     w[3] *= 10
-    stats = A.filter_stats(w)
+    stats = filters.filter_stats(w)
     assert stats["dominance"] > 5
     checker = np.indices((7, 7)).sum(0) % 2 * 2 - 1.0
     smooth = np.outer(np.hanning(7), np.hanning(7))
-    high = A.filter_stats(np.broadcast_to(checker, (2, 3, 7, 7)))["high_frequency_share"]
-    low = A.filter_stats(np.broadcast_to(smooth, (2, 3, 7, 7)))["high_frequency_share"]
+    high = filters.filter_stats(np.broadcast_to(checker, (2, 3, 7, 7)))["high_frequency_share"]
+    low = filters.filter_stats(np.broadcast_to(smooth, (2, 3, 7, 7)))["high_frequency_share"]
     assert high > 0.5 > low
     acts = np.zeros((2, 8, 4, 4))
     acts[1, :6, 2, 2] = 1.0
-    assert A.filter_stats(w, acts)["dead_share"] == pytest.approx(0.25)
+    assert filters.filter_stats(w, acts)["dead_share"] == pytest.approx(0.25)
 
 
 def test_architecture_runs_clip_and_cache(tmp_path):
-    runs = A.architecture_runs(tmp_path, steps=2, batch=4, pool=8, variants=("alexnet-11x11s4",))
+    runs = architecture.architecture_runs(tmp_path, steps=2, batch=4, pool=8, variants=("alexnet-11x11s4",))
     rec = runs["alexnet-11x11s4"]
     assert rec["weights"]["conv1"].shape == (96, 3, 11, 11) and not rec["cached"]
     rms = np.sqrt((rec["weights"]["conv1"] ** 2).mean(axis=(1, 2, 3)))
     assert rms.max() <= 0.1 + 1e-6
-    again = A.architecture_runs(tmp_path, steps=2, batch=4, pool=8, variants=("alexnet-11x11s4",))
+    again = architecture.architecture_runs(tmp_path, steps=2, batch=4, pool=8, variants=("alexnet-11x11s4",))
     assert again["alexnet-11x11s4"]["cached"]
     np.testing.assert_array_equal(again["alexnet-11x11s4"]["weights"]["conv1"], rec["weights"]["conv1"])
     assert json.loads((tmp_path / "alexnet-11x11s4.json").read_text())["stats"] == rec["stats"]
 
 
 def test_load_evolution(tmp_path, model):
-    from zfserve.model import load, save
-    save(model, tmp_path / "m")
-    loaded = load(tmp_path / "m")
+    from zfserve.weights import load_model, save_model
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
     with pytest.raises(NotFoundError) as err:
-        A.load_evolution(loaded)
+        evolution.load_evolution(loaded)
     assert err.value.field == "model"
     renders = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "m" / "evolution.npz", renders=renders, epochs=np.array([1, 2, 3, 4]))
-    got = A.load_evolution(loaded)
+    got = evolution.load_evolution(loaded)
     np.testing.assert_array_equal(got["renders"], renders)

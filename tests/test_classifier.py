@@ -16,7 +16,7 @@ from PIL import Image
 from zfserve.cli import main
 from zfserve.engine.classifier import Classifier, Prediction
 from zfserve.errors import InvalidArgumentError, NotFoundError
-from zfserve.model import save
+from zfserve.weights import save_model
 from zfserve.preprocess import load_image
 
 CLASS_NAMES = [f"kind {i}" for i in range(10)]
@@ -34,7 +34,7 @@ def eager_probabilities(model, x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, spread_model):
     model = spread_model()
-    directory = save(model, tmp_path_factory.mktemp("model") / "tiny", class_names=CLASS_NAMES)
+    directory = save_model(model, tmp_path_factory.mktemp("model") / "tiny", class_names=CLASS_NAMES)
     return model, directory
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import zfserve
 from zfserve.cli import main
-from zfserve.model import save
+from zfserve.weights import save_model
 from zfserve.weights import WEIGHTS_FILE
 
 
@@ -57,7 +57,7 @@ def test_bad_model_is_one_line_and_exit_2():
 
 
 def test_info_table_for_a_model_directory(tmp_path, tiny_model, capsys):
-    directory = save(tiny_model, tmp_path / "tiny", name="tiny")
+    directory = save_model(tiny_model, tmp_path / "tiny", name="tiny")
     assert main(["info", "--model", str(directory)]) == 0
     out = capsys.readouterr().out
     assert "model tiny" in out and "10 classes" in out
@@ -66,7 +66,7 @@ def test_info_table_for_a_model_directory(tmp_path, tiny_model, capsys):
 
 
 def test_broken_model_directory_is_one_line_and_exit_2(tmp_path, tiny_model, capsys):
-    directory = save(tiny_model, tmp_path / "broken")
+    directory = save_model(tiny_model, tmp_path / "broken")
     (directory / WEIGHTS_FILE).write_bytes(b"\x00" * 10)
     assert main(["info", "--model", str(directory)]) == 2
     err = capsys.readouterr().err

@@ -269,10 +269,10 @@ def test_cli_writes_pngs_json_and_npz(tmp_path, model, capsys):
     from PIL import Image
 
     from zfserve import cli
-    from zfserve.model import save
+    from zfserve.weights import save_model
     from zfserve.preprocess import load_image
 
-    model_dir = save(model, tmp_path / "model")
+    model_dir = save_model(model, tmp_path / "model")
     picture = np.random.default_rng(3).integers(0, 256, (240, 260, 3), dtype=np.uint8)
     Image.fromarray(picture).save(tmp_path / "in.png")
     out = tmp_path / "out"

@@ -14,8 +14,8 @@ from zfserve import export as zexport
 from zfserve.cli import main
 from zfserve.errors import InvalidArgumentError
 from zfserve.export import ExportError, check_parity, ensure_onnx, export_onnx, read_metadata
-from zfserve.model import ZFNet, save
-from zfserve.weights import ONNX_FILE, state_dict_hash, weights_hash
+from zfserve.model import ZFNet
+from zfserve.weights import ONNX_FILE, save_model, state_dict_hash, weights_hash
 
 NARROW_WIDTHS = (8, 16, 16, 16, 16)  # for the cache and CLI tests, which are about files, not numerics
 EXTRA = ("pool2", "conv5", "fc6")
@@ -117,7 +117,7 @@ def test_bad_export_arguments(tmp_path, kwargs):
 
 
 def test_model_dir_cache_reexports_when_weights_change(tmp_path, cache_dir, monkeypatch, spread_model):
-    directory = save(spread_model(seed=2, widths=NARROW_WIDTHS), tmp_path / "model")
+    directory = save_model(spread_model(seed=2, widths=NARROW_WIDTHS), tmp_path / "model")
     path = ensure_onnx(directory)
     assert path == directory / ONNX_FILE
     assert read_metadata(path)["zfserve.weights_sha256"] == weights_hash(directory)
@@ -129,7 +129,7 @@ def test_model_dir_cache_reexports_when_weights_change(tmp_path, cache_dir, monk
     assert ensure_onnx(str(directory)) == path and calls == [] and path.stat().st_mtime_ns == stamp
 
     new_model = spread_model(seed=3, widths=NARROW_WIDTHS)
-    save(new_model, directory)
+    save_model(new_model, directory)
     assert ensure_onnx(directory) == path and calls == [1]
     assert read_metadata(path)["zfserve.weights_sha256"] == weights_hash(directory)
     assert check_parity(path, new_model) <= 1e-5
@@ -137,7 +137,7 @@ def test_model_dir_cache_reexports_when_weights_change(tmp_path, cache_dir, monk
 
 
 def test_read_only_model_dir_falls_back_to_cache(tmp_path, cache_dir, monkeypatch, spread_model):
-    directory = save(spread_model(seed=4, widths=NARROW_WIDTHS), tmp_path / "model")
+    directory = save_model(spread_model(seed=4, widths=NARROW_WIDTHS), tmp_path / "model")
     real_writable = zexport._writable
     # Tests run as root here, which ignores permission bits: simulate a read-only installed package.
     monkeypatch.setattr(zexport, "_writable", lambda folder: folder != directory and real_writable(folder))
@@ -150,7 +150,7 @@ def test_read_only_model_dir_falls_back_to_cache(tmp_path, cache_dir, monkeypatc
 
 def test_embedded_model_exports_to_the_cache_not_the_package(tmp_path, cache_dir, monkeypatch, spread_model):
     embedded = tmp_path / "models"
-    directory = save(spread_model(seed=8, widths=NARROW_WIDTHS), embedded / "zfnet-demo")
+    directory = save_model(spread_model(seed=8, widths=NARROW_WIDTHS), embedded / "zfnet-demo")
     monkeypatch.setattr(zexport, "EMBEDDED_DIR", embedded.resolve())
     path = ensure_onnx(directory)
     assert path.parent.parent == cache_dir and not (directory / ONNX_FILE).exists()
@@ -168,7 +168,7 @@ def test_in_memory_model_is_cached_by_state_hash(cache_dir, spread_model):
 
 
 def test_export_cli(tmp_path, cache_dir, capsys, spread_model):
-    directory = save(spread_model(seed=6, widths=NARROW_WIDTHS), tmp_path / "model")
+    directory = save_model(spread_model(seed=6, widths=NARROW_WIDTHS), tmp_path / "model")
     out = tmp_path / "out" / "exported.onnx"
     assert main(["export", "--model", str(directory), "--out", str(out), "--extra-outputs", "conv5"]) == 0
     assert str(out) in capsys.readouterr().out

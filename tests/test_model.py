@@ -17,7 +17,7 @@ from zfserve.errors import InvalidArgumentError
 from zfserve.kernels import indices_from_switches, max_pool_with_switches, switches_from_indices
 from zfserve.model import CONV_LAYERS, LAYER_NAMES, ZFNet
 
-# The paper's Fig. 3 network, 1000 classes (shared/reference/zfnet-paper.md section 1).
+# The paper's Fig. 3 network, 1000 classes (Zeiler & Fergus 2014, arXiv 1311.2901 v3).
 PAPER_PARAMS = {"conv1": 14_208, "pool1": 0, "conv2": 614_656, "pool2": 0, "conv3": 885_120,
                 "conv4": 1_327_488, "conv5": 884_992, "pool5": 0, "fc6": 37_752_832, "fc7": 16_781_312,
                 "fc8": 4_097_000}

@@ -252,8 +252,8 @@ def test_pictures_and_cli(tmp_path, setup, engine):
     from PIL import Image
     Image.fromarray(to_display(image.numpy(), model.config)).save(tmp_path / "in.png")
     model_dir = tmp_path / "model"
-    from zfserve.model import save
-    save(model, model_dir)
+    from zfserve.weights import save_model
+    save_model(model, model_dir)
     out = tmp_path / "out"
     assert cli.main(["occlude", str(tmp_path / "in.png"), "--model", str(model_dir), "--window", "112",
                      "--stride", "56", "--out", str(out)]) == 0

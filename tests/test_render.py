@@ -17,7 +17,7 @@ from zfserve.preprocess import to_display
 def test_projection_is_stretched_symmetrically_around_grey(np_rng):
     proj = np_rng.normal(size=(3, 20, 30)).astype(np.float32)
     proj[1, 4, 5] = -3 * np.abs(proj).max()   # the peak is negative: it must map to 0, zero stays grey
-    rgb = render.projection_to_rgb(proj)
+    rgb = render.signed_to_rgb(proj)
     assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
     assert rgb[4, 5, 1] == 1
     expected = np.clip(np.rint(128 + proj * 127 / np.abs(proj).max()), 0, 255).transpose(1, 2, 0)
@@ -28,13 +28,13 @@ def test_projection_is_stretched_symmetrically_around_grey(np_rng):
 
 
 def test_dead_projection_is_plain_grey():
-    rgb = render.projection_to_rgb(np.zeros((3, 8, 8), np.float32))
+    rgb = render.signed_to_rgb(np.zeros((3, 8, 8), np.float32))
     assert np.all(rgb == 128)
 
 
 def test_projection_shape_error():
     with pytest.raises(InvalidArgumentError) as info:
-        render.projection_to_rgb(np.zeros((8, 8), np.float32))
+        render.signed_to_rgb(np.zeros((8, 8), np.float32))
     assert info.value.field == "projection"
 
 

@@ -1,4 +1,4 @@
-"""zfserve.report: every section on a tiny model, an offline report.html whose images all load in headless
+"""zfserve.paper.report: every section on a tiny model, an offline report.html whose images all load in headless
 Chromium, and the ``zfserve report`` command."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from zfserve import report as R
+from zfserve.paper import report as R
 from zfserve.data import CLASSES
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,10 +38,11 @@ def tiny_settings(**over) -> R.Settings:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved tiny model (paper conv widths) with recorded feature-evolution data."""
-    from zfserve.model import ZFNet, save
+    from zfserve.model import ZFNet
+    from zfserve.weights import save_model
     torch.manual_seed(0)
     model = ZFNet(num_classes=len(CLASSES), fc_width=64)
-    directory = save(model, tmp_path_factory.mktemp("model") / "tiny", class_names=list(CLASSES), name="tiny")
+    directory = save_model(model, tmp_path_factory.mktemp("model") / "tiny", class_names=list(CLASSES), name="tiny")
     rng = np.random.default_rng(1)
     np.savez(directory / "evolution.npz", renders=rng.integers(0, 256, (2, 2, 3, 16, 16, 3), dtype=np.uint8),
              epochs=np.array([1, 2, 4]), layers=np.array(["conv1", "conv5"]), maps=np.array([[0, 3], [1, 2]]),
@@ -52,9 +53,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(model_dir, tmp_path_factory):
-    from zfserve.model import load
+    from zfserve.weights import load_model
     out = tmp_path_factory.mktemp("report")
-    meta = R.build(load(model_dir), out, R.SECTIONS, tiny_settings())
+    meta = R.build(load_model(model_dir), out, R.SECTIONS, tiny_settings())
     return out, meta
 
 
@@ -127,8 +128,8 @@ def test_cli_report_one_section_and_errors(model_dir, tmp_path, capsys):
     assert main(["report", "evolution", "--model", "zfnet-paper", "--out", str(out)]) == 2
     assert "evolution.npz" in capsys.readouterr().err
     # ... and is noted, not fatal, under 'all' (checked on the cheap sections via the library).
-    from zfserve.model import load
-    meta = R.build(load("zfnet-paper"), out, ("evolution", "filters"), tiny_settings(), strict=False)
+    from zfserve.weights import load_model
+    meta = R.build(load_model("zfnet-paper"), out, ("evolution", "filters"), tiny_settings(), strict=False)
     assert set(meta["timings_s"]) == {"filters", "evolution"}
     note = json.loads((out / "section-evolution.json").read_text())["note"]
     assert note.startswith("not produced") and "evolution.npz" in (out / R.HTML_FILE).read_text()

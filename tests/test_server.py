@@ -27,7 +27,7 @@ from zfserve._proto.v1 import zfserve_pb2 as pb
 from zfserve._proto.v1 import zfserve_pb2_grpc as pb_grpc
 from zfserve.client import Client, ServerError
 from zfserve.server import BatcherConfig, ServerOptions, ZFServer
-from zfserve.server.tensors import array_to_tensor, encode_bytes_elements
+from zfserve.wire import array_to_tensor, encode_bytes_elements
 
 TOKEN = "test-token-0123456789abcdef"
 
@@ -60,11 +60,12 @@ class RunningServer:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from zfserve.model import ZFNet, save
+    from zfserve.model import ZFNet
+    from zfserve.weights import save_model
     torch.manual_seed(7)
     model = ZFNet(num_classes=10, fc_width=64).eval()
     directory = tmp_path_factory.mktemp("models") / "tiny"
-    save(model, directory, name="tiny", class_names=[f"c{i}" for i in range(10)])
+    save_model(model, directory, name="tiny", class_names=[f"c{i}" for i in range(10)])
     return directory
 
 
@@ -98,8 +99,8 @@ def classifier(model_dir):
 
 @pytest.fixture(scope="module")
 def torch_model(model_dir):
-    from zfserve.model import load
-    return load(str(model_dir))
+    from zfserve.weights import load_model
+    return load_model(str(model_dir))
 
 
 def _images(n: int, seed: int) -> np.ndarray:

@@ -17,15 +17,16 @@ import torch
 
 from zfserve._proto.v1 import zfserve_pb2 as pb
 from zfserve._proto.v1 import zfserve_pb2_grpc as pb_grpc
-from zfserve.server.tensors import array_to_tensor
+from zfserve.wire import array_to_tensor
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from zfserve.model import ZFNet, save
+    from zfserve.model import ZFNet
+    from zfserve.weights import save_model
     torch.manual_seed(3)
     directory = tmp_path_factory.mktemp("proc") / "tiny"
-    save(ZFNet(num_classes=10, fc_width=64).eval(), directory, name="tiny")
+    save_model(ZFNet(num_classes=10, fc_width=64).eval(), directory, name="tiny")
     return directory
 
 

@@ -19,9 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from zfserve.errors import InvalidArgumentError
-from zfserve.model import CONV_LAYERS, load
-from zfserve.train import (TrainConfig, TrainingNet, _crop_batch, accuracy_report, conv1_lr_factor, init_weights, input_rms,
-                           load_data, predict_logits, scaled_evolution_epochs, train)
+from zfserve.model import CONV_LAYERS
+from zfserve.weights import load_model
+from zfserve.evaluate import accuracy_report, predict_logits
+from zfserve.train import TrainConfig, train
+from zfserve.train.recipe import (conv1_lr_factor, crop_batch, init_weights, input_rms, load_data,
+                                  scaled_evolution_epochs)
+from zfserve.train.trainee import TrainingNet
 
 TINY = dict(fc_width=32, resize=72, crop=64, train_n=44, val_n=22, batch_size=22, train_seed=5, val_seed=6)
 
@@ -48,9 +52,9 @@ def test_steps_lower_the_loss(tmp_path, device, amp):
                dropout=0.0, plateau_patience=100, cache_dir=str(tmp_path / "cache"), device=device, amp=amp)
     images, labels, _, _, classes = load_data(cfg)
     state = train(cfg, progress=False)
-    model = load(cfg.out)
+    model = load_model(cfg.out)
     # The same images through the model at init (rebuilt with the run's seed and input RMS) and after training.
-    fresh = load(cfg.out)
+    fresh = load_model(cfg.out)
     init_weights(fresh, "scaled", torch.Generator().manual_seed(cfg.seed),
                  input_rms(images, fresh.config.preprocess.mean_image))
     fresh.clip_filter_rms_(cfg.clip_radius)
@@ -73,7 +77,7 @@ def test_clipping_keeps_filters_within_radius(tmp_path):
     cfg = _cfg(tmp_path, epochs=1, init="paper", optimizer="adam", lr=5.0, max_steps_per_epoch=1,
                cache_dir=str(tmp_path / "cache"))
     train(cfg, progress=False)
-    model = load(cfg.out)
+    model = load_model(cfg.out)
     rms = _max_rms(model)
     assert max(rms.values()) <= 0.1 + 1e-6, rms
     assert rms["conv1"] > 0.1 - 1e-4, rms
@@ -156,7 +160,7 @@ def test_training_net_exports_the_same_function_as_a_plain_zfnet(batchnorm, tied
 
 
 def test_recalibrated_batchnorm_statistics_are_the_exact_averages(generator):
-    from zfserve.train import recalibrate_batchnorm
+    from zfserve.train.trainee import recalibrate_batchnorm
     net = _spread_training_net(batchnorm=True, tied_fc6=False).train()
     batches = [torch.randn(3, 3, 224, 224, generator=generator) * 60 for _ in range(3)]
     recalibrate_batchnorm(net, batches)
@@ -173,10 +177,10 @@ def test_training_with_batchnorm_and_tied_fc6_saves_the_folded_model(tmp_path):
     cfg = _cfg(tmp_path, epochs=2, batchnorm=True, tied_fc6=True, optimizer="adam", lr=1e-3, init="scaled",
                cache_dir=str(tmp_path / "cache"), snapshot_epochs=[2])
     state = train(cfg, progress=False)
-    saved = load(cfg.out)                      # the model directory: a plain ZFNet
+    saved = load_model(cfg.out)                      # the model directory: a plain ZFNet
     ckpt = load_file(str(Path(cfg.out) / "checkpoint" / "model.safetensors"))
     assert "bn.conv1.running_var" in ckpt and "fc6.weight" in ckpt and ckpt["fc6.weight"].shape == (32, 256)
-    net = TrainingNet(load(cfg.out), batchnorm=True, tied_fc6=True)
+    net = TrainingNet(load_model(cfg.out), batchnorm=True, tied_fc6=True)
     net.load_state_dict({k: v for k, v in ckpt.items() if k != "mean_image"})
     _, _, val_images, val_labels, _ = load_data(cfg)
     want = predict_logits(net, val_images, saved.config)
@@ -241,7 +245,7 @@ def test_crop_batch_matches_slicing(generator, as_tensor):
     flips = torch.rand(n, generator=generator) < 0.5
     indices = torch.tensor([7, 2, 2, 0, 8, 5])
     source = images if as_tensor else images.numpy()
-    got = _crop_batch(source, indices, offsets, flips, mean, crop)
+    got = crop_batch(source, indices, offsets, flips, mean, crop)
     for row, i in enumerate(indices.tolist()):
         oy, ox = offsets[i].tolist()
         want = (images[i].permute(2, 0, 1).float() - mean)[:, oy:oy + crop, ox:ox + crop]
@@ -255,13 +259,13 @@ def test_crop_batch_on_cuda_equals_cpu(generator):
     offsets = torch.randint(0, 10, (6, 2), generator=generator)
     flips = torch.rand(6, generator=generator) < 0.5
     indices = torch.tensor([5, 0, 3])
-    want = _crop_batch(images.numpy(), indices, offsets, flips, mean, 31)
-    got = _crop_batch(images.cuda(), indices, offsets, flips, mean.cuda(), 31)
+    want = crop_batch(images.numpy(), indices, offsets, flips, mean, 31)
+    got = crop_batch(images.cuda(), indices, offsets, flips, mean.cuda(), 31)
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
 def test_erase_squares_zeroes_exactly_the_boxes(generator):
-    from zfserve.train import erase_squares
+    from zfserve.train.recipe import erase_squares
     x = torch.randn(3, 3, 20, 20, generator=generator) + 5
     boxes = torch.tensor([[2, 3, 4], [0, 0, 0], [15, 10, 5]])
     got = erase_squares(x, boxes)
@@ -323,7 +327,8 @@ def test_cli_rejects_bad_values(tmp_path, capsys):
 
 
 def test_evolution_data_from_snapshots(tmp_path):
-    from zfserve.train import EVOLUTION_FILE, load_snapshot, probe_inputs, snapshot_paths, write_evolution
+    from zfserve.paper.evolution import EVOLUTION_FILE, probe_inputs, write_evolution
+    from zfserve.train.checkpoint import load_snapshot, snapshot_paths
     cfg = _cfg(tmp_path, epochs=2, snapshot_epochs=[1, 2], cache_dir=str(tmp_path / "cache"))
     train(cfg, progress=False)
     path = write_evolution(cfg.out, tmp_path / "model", probe_seed=7, probe_n=6, maps_per_layer=2, seed=3)
@@ -334,7 +339,7 @@ def test_evolution_data_from_snapshots(tmp_path):
     assert list(ev["epochs"]) == [1, 2] and list(ev["layers"]) == list(CONV_LAYERS)
     assert ev["maps"].shape == (5, 2) and ev["position"].shape == (5, 2, 2, 2)
     # Brute force: each recorded unit is its map's strongest activation over all probes and positions.
-    model = load(cfg.out)
+    model = load_model(cfg.out)
     probes = torch.from_numpy(probe_inputs(model.config, seed=7, n=6))
     for e, epoch in enumerate(ev["epochs"]):
         snap = load_snapshot(snapshot_paths(cfg.out)[int(epoch)], model.config)

@@ -13,9 +13,8 @@ from safetensors.torch import save_file
 
 from zfserve.config import ModelConfig, PreprocessConfig
 from zfserve.errors import ModelLoadError, NotFoundError
-from zfserve.model import load, save
-from zfserve.weights import (CONFIG_FILE, WEIGHTS_FILE, default_model_name, embedded_models, resolve_model_dir,
-                             state_dict_hash, weights_hash)
+from zfserve.weights import (CONFIG_FILE, WEIGHTS_FILE, default_model_name, embedded_models, load_model,
+                             resolve_model_dir, save_model, state_dict_hash, weights_hash)
 
 
 @pytest.fixture
@@ -31,11 +30,11 @@ def trained_like(make_model, generator):
 
 @pytest.fixture
 def model_dir(tmp_path, trained_like):
-    return save(trained_like, tmp_path / "m", name="tiny", version="1.2", provenance={"run": "unit-test"})
+    return save_model(trained_like, tmp_path / "m", name="tiny", version="1.2", provenance={"run": "unit-test"})
 
 
 def test_round_trip_float32(model_dir, trained_like):
-    loaded = load(model_dir)
+    loaded = load_model(model_dir)
     assert not loaded.training
     original = trained_like.state_dict()
     assert set(loaded.state_dict()) == set(original)
@@ -67,12 +66,12 @@ def test_config_json_holds_the_documented_fields(model_dir):
 
 
 def test_round_trip_float16_storage(tmp_path, trained_like):
-    d32 = save(trained_like, tmp_path / "f32")
-    d16 = save(trained_like, tmp_path / "f16", dtype=torch.float16)
+    d32 = save_model(trained_like, tmp_path / "f32")
+    d16 = save_model(trained_like, tmp_path / "f16", dtype=torch.float16)
     assert json.loads((d16 / CONFIG_FILE).read_text())["weights_dtype"] == "float16"
     size32, size16 = (d32 / WEIGHTS_FILE).stat().st_size, (d16 / WEIGHTS_FILE).stat().st_size
     assert 0.45 < size16 / size32 < 0.55
-    loaded = load(d16)
+    loaded = load_model(d16)
     assert loaded.conv1.weight.dtype == torch.float32  # computed in fp32 whatever the storage
     for key, tensor in trained_like.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor.half().float()), key
@@ -81,8 +80,8 @@ def test_round_trip_float16_storage(tmp_path, trained_like):
 def test_mean_image_round_trip(tmp_path, trained_like, np_rng):
     mean_image = np_rng.uniform(0, 255, size=(3, 256, 256)).astype(np.float32)
     trained_like.config.preprocess = PreprocessConfig(mean="image", mean_image=mean_image)
-    directory = save(trained_like, tmp_path / "mean")
-    loaded = load(directory)
+    directory = save_model(trained_like, tmp_path / "mean")
+    loaded = load_model(directory)
     np.testing.assert_array_equal(loaded.config.preprocess.mean_image, mean_image)
     np.testing.assert_array_equal(loaded.config.preprocess.mean_crop(), mean_image[:, 16:240, 16:240])
     assert "mean_image" not in loaded.state_dict()
@@ -90,8 +89,8 @@ def test_mean_image_round_trip(tmp_path, trained_like, np_rng):
 
 def test_hashes(model_dir, trained_like):
     assert weights_hash(model_dir) == hashlib.sha256((model_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
-    assert state_dict_hash(load(model_dir)) == state_dict_hash(trained_like)
-    other = load(model_dir)
+    assert state_dict_hash(load_model(model_dir)) == state_dict_hash(trained_like)
+    other = load_model(model_dir)
     with torch.no_grad():
         other.fc8.bias[0] += 1
     assert state_dict_hash(other) != state_dict_hash(trained_like)
@@ -101,10 +100,10 @@ def test_builtin_paper_model_is_deterministic_and_leaves_the_global_rng_alone():
     torch.manual_seed(11)
     expected = torch.rand(3)
     torch.manual_seed(11)
-    first = load("zfnet-paper")
+    first = load_model("zfnet-paper")
     assert torch.equal(torch.rand(3), expected)
     assert first.model_dir is None
-    second = load("zfnet-paper")
+    second = load_model("zfnet-paper")
     assert first.config.name == "zfnet-paper" and first.config.num_classes == 1000
     assert sum(p.numel() for p in first.parameters()) == 62_357_608
     assert not first.training
@@ -129,8 +128,8 @@ def test_embedded_demo_conv1_filters_are_structured_not_noise():
     (0.68 before the conv1-decay epochs)."""
     if "zfnet-demo" not in embedded_models():
         pytest.skip("zfnet-demo is not embedded in this checkout")
-    from zfserve.engine.analysis import filter_stats
-    trained = filter_stats(load("zfnet-demo").conv1.weight.detach().numpy())["high_frequency_share"]
+    from zfserve.paper.filters import filter_stats
+    trained = filter_stats(load_model("zfnet-demo").conv1.weight.detach().numpy())["high_frequency_share"]
     noise = filter_stats(np.random.default_rng(0).standard_normal((96, 3, 7, 7)))["high_frequency_share"]
     assert noise > 0.6
     assert trained < 0.4, trained
@@ -139,7 +138,7 @@ def test_embedded_demo_conv1_filters_are_structured_not_noise():
 # ------------------------------------------------------------------------------------------------ errors
 def load_error(directory) -> str:
     with pytest.raises(ModelLoadError) as info:
-        load(directory)
+        load_model(directory)
     return str(info.value)
 
 
@@ -189,7 +188,7 @@ def test_corrupt_header_length(model_dir):
 
 
 def rewrite_weights(directory, change):
-    tensors = {k: v.clone() for k, v in load(directory).state_dict().items()}
+    tensors = {k: v.clone() for k, v in load_model(directory).state_dict().items()}
     change(tensors)
     save_file(tensors, str(directory / WEIGHTS_FILE))
 
@@ -266,7 +265,7 @@ def test_mean_image_missing_from_weights(model_dir):
 
 def test_save_rejects_unknown_config_key(tmp_path, tiny_model):
     with pytest.raises(ModelLoadError, match="colour"):
-        save(tiny_model, tmp_path / "x", colour="red")
+        save_model(tiny_model, tmp_path / "x", colour="red")
 
 
 def test_config_json_round_trip_is_lossless():

@@ -22,7 +22,8 @@ IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
 ALPHA_MODES = ("composite_mean",)
 
 
-def _is_int(value) -> bool:
+def is_integer(value) -> bool:
+    """An integer (Python or numpy), but not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -47,7 +48,7 @@ class PreprocessConfig:
     mean_image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if not (_is_int(self.resize) and _is_int(self.crop) and 1 <= self.crop <= self.resize):
+        if not (is_integer(self.resize) and is_integer(self.crop) and 1 <= self.crop <= self.resize):
             raise ModelLoadError(f"config: preprocess.resize and preprocess.crop must be integers with "
                                  f"1 <= crop <= resize, got resize={self.resize!r}, crop={self.crop!r}")
         if isinstance(self.mean, str):
@@ -105,9 +106,9 @@ class ModelConfig:
     def __post_init__(self):
         sizes = {"num_classes": self.num_classes, "fc_width": self.fc_width, "input_size": self.input_size}
         for key, value in sizes.items():
-            if not _is_int(value) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ModelLoadError(f"config: {key} must be a positive integer, got {value!r}")
-        if not isinstance(self.widths, (list, tuple)) or not all(_is_int(w) and w >= 1 for w in self.widths):
+        if not isinstance(self.widths, (list, tuple)) or not all(is_integer(w) and w >= 1 for w in self.widths):
             raise ModelLoadError(f"config: widths must list 5 positive integers, got {self.widths!r}")
         self.widths = tuple(int(w) for w in self.widths)
         self.num_classes, self.fc_width, self.input_size = (int(v) for v in sizes.values())
@@ -154,8 +155,9 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     """The training recipe of ``zfserve train`` (``zfserve.train``): the paper's defaults, plus the documented
-    deviations for short runs. It lives here, beside the model's config, so the CLI can build its parser
-    from these defaults without loading torch."""
+    deviations for short runs. It lives here, beside the model's config, so the CLI can build its parser from
+    these defaults without loading torch. (Feature evolution is computed from the snapshots afterwards:
+    ``zfserve.paper.evolution.write_evolution``, or ``zfserve train --evolution``.)"""
 
     out: str
     data: str = "synthetic"
@@ -166,9 +168,9 @@ class TrainConfig:
     momentum: float = 0.9
     optimizer: str = "sgd"             # "sgd" (the paper) or "adam" (a documented deviation for short runs)
     weight_decay: float = 0.0          # not stated in the paper
-    conv1_weight_decay: float = 0.0    # decoupled decay of conv1 only: each step w *= 1 - lr * value (see train)
+    conv1_weight_decay: float = 0.0    # decoupled decay of conv1 only: each step w *= 1 - lr * value (see recipe)
     dropout: float = 0.5
-    init: str = "paper"                # "paper": N(0, 0.01^2); "scaled": see init_weights
+    init: str = "paper"                # "paper": N(0, 0.01^2); "scaled": see train.recipe.init_weights
     clip_radius: float = 0.1
     batchnorm: bool = False            # train with BatchNorm after conv1..5, folded into the convs when saved
     tied_fc6: bool = False             # train fc6 shared over pool5's positions, expanded when saved
@@ -189,7 +191,6 @@ class TrainConfig:
     channels_last: bool = True
     device: str = "auto"
     snapshot_epochs: list = field(default_factory=list)   # empty: the paper's epochs scaled to this run
-    evolution: bool = False            # compute OUT/evolution.npz from the snapshots when training ends
     cache_dir: str | None = None
     workers: int = 1                   # processes that render synthetic data before training
     max_steps_per_epoch: int = 0       # 0 = whole epoch (tests use a few)

@@ -5,8 +5,8 @@ The graph has one input, ``image`` (float32 N x 3 x S x S, preprocessed, dynamic
 (``conv5``, ``pool5``, ... as :data:`zfserve.model.LAYER_NAMES` defines them, taken by ``ZFNet.trace``).
 
 Local response normalization is written as ONNX ops chosen for ONNX Runtime's CPU speed (see
-``_LRNFunction``): PyTorch's own decomposition (Pad + 3-D AveragePool + Pow, with shape arithmetic and an
-``If``) and ONNX's ``LRN`` op (single-threaded, forces layout reorders) were both slower, measured.
+:func:`lrn_to_onnx`, which the occlusion engine's stage graphs use too); every ONNX Runtime session is made by
+:func:`ort_session`, with one set of options.
 
 Every export runs ``onnx.checker`` (full check) and compares ONNX Runtime against eager PyTorch on a fresh
 random batch before the file is moved into place; a failure raises :class:`ExportError` and leaves no file.
@@ -32,8 +32,8 @@ from . import __version__
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .model import LAYER_NAMES, ZFNet
-from .weights import (CONFIG_FILE, EMBEDDED_DIR, MEAN_IMAGE_TENSOR, ONNX_FILE, WEIGHTS_FILE, default_model_name,
-                      paper_model, read_config, resolve_model_dir, state_dict_hash, weights_hash)
+from .weights import (CONFIG_FILE, EMBEDDED_DIR, ONNX_FILE, WEIGHTS_FILE, default_model_name, paper_model,
+                      read_config, resolve_model_dir, state_dict_hash, weights_hash)
 
 INPUT_NAME = "image"
 LOGITS = "logits"
@@ -62,14 +62,83 @@ class ExportError(ZFServeError):
     """The exported graph failed the ONNX checker or does not match PyTorch."""
 
 
-# ---------------------------------------------------------------------------------------------------- LRN
-class _LRNFunction(torch.autograd.Function):
-    """PyTorch's LRN in eager mode; in the ONNX graph: x / (k + alpha/n * sum_window(x^2)) ** beta.
+# ---------------------------------------------------------------------------------------------------- graphs
+class OnnxGraph:
+    """An ONNX graph built node by node: :meth:`op` adds a node and returns its output's name, :meth:`const`
+    an initializer. The occlusion engine's stage graphs are written this way."""
+
+    def __init__(self, prefix: str = ""):
+        self.nodes, self.initializers, self.prefix, self._count = [], [], prefix, 0
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{hint}{self._count}"
+
+    def const(self, array, name: str | None = None) -> str:
+        from onnx import numpy_helper
+        name = name or self._name("const")
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attributes) -> str:
+        from onnx import helper
+        out = out or self._name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attributes))
+        return out
+
+    def model(self, inputs, outputs, opset: int = MIN_OPSET):
+        """The finished ``onnx.ModelProto`` (``inputs``/``outputs``: value infos, see :func:`tensor_info`)."""
+        from onnx import helper
+        graph = helper.make_graph(self.nodes, "zfserve_stage", inputs, outputs, self.initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def tensor_info(name: str, shape):
+    """A float32 graph input or output (``shape`` may name dynamic dimensions, or be None)."""
+    from onnx import TensorProto, helper
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+class _SymbolicGraph:
+    """:class:`OnnxGraph`'s two calls over the TorchScript exporter's graph context (in a ``symbolic``)."""
+
+    def __init__(self, g):
+        self.g = g
+
+    def const(self, array, name: str | None = None):
+        return self.g.op("Constant", value_t=torch.from_numpy(np.ascontiguousarray(array)))
+
+    def op(self, op_type: str, *inputs, out: str | None = None, **attributes):
+        return self.g.op(op_type, *inputs, **{f"{key}_i": value for key, value in attributes.items()})
+
+
+def lrn_to_onnx(graph, x, channels: int, size: int, alpha: float, beta: float, k: float, out: str | None = None):
+    """Local response normalization, y = x / (k + alpha/size * sum of x^2 over ``size`` maps)^beta, written as
+    ONNX ops chosen for ONNX Runtime's CPU speed; ``graph`` is an :class:`OnnxGraph` or the exporter's context.
 
     The window sum over channels is a 1x1 Conv with a banded C x C weight: ONNX Runtime runs it multi-threaded
     in its blocked (NCHWc) conv layout, so no layout reorder is needed around it. beta = 0.75 (the paper's)
-    becomes sqrt(s) * sqrt(sqrt(s)), much cheaper than Pow on CPU.
+    becomes sqrt(s) * sqrt(sqrt(s)), much cheaper than Pow. PyTorch's own decomposition (Pad + 3-D AveragePool
+    + Pow, with shape arithmetic and an ``If``) and ONNX's ``LRN`` op (single-threaded, layout reorders; over
+    10x slower on the occlusion engine's tiles) were both slower, measured.
     """
+    index = np.arange(channels)
+    offset = index[None, :] - index[:, None]  # input channel minus output channel
+    # PyTorch pads the channel axis by size // 2 in front and (size - 1) // 2 behind, then averages.
+    inside = (offset >= -(size // 2)) & (offset <= (size - 1) // 2)
+    band = np.where(inside, np.float32(alpha / size), np.float32(0.0)).reshape(channels, channels, 1, 1)
+    scale = graph.op("Conv", graph.op("Mul", x, x), graph.const(band), graph.const(np.full(channels, k, np.float32)),
+                     kernel_shape=[1, 1])
+    if beta == 0.75:
+        root = graph.op("Sqrt", scale)
+        denominator = graph.op("Mul", root, graph.op("Sqrt", root))
+    else:
+        denominator = graph.op("Pow", scale, graph.const(np.array(beta, np.float32)))
+    return graph.op("Div", x, denominator, out=out)
+
+
+class _LRNFunction(torch.autograd.Function):
+    """PyTorch's LRN in eager mode; in the exported graph, :func:`lrn_to_onnx`."""
 
     @staticmethod
     def forward(ctx, x, channels, size, alpha, beta, k):
@@ -77,19 +146,7 @@ class _LRNFunction(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, channels, size, alpha, beta, k):
-        index = torch.arange(channels)
-        # PyTorch pads the channel axis by size // 2 in front and (size - 1) // 2 behind, then averages.
-        offset = index[None, :] - index[:, None]  # input channel minus output channel
-        band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).to(torch.float32) * (alpha / size)
-        weight = g.op("Constant", value_t=band.reshape(channels, channels, 1, 1))
-        bias = g.op("Constant", value_t=torch.full((channels,), float(k)))
-        scale = g.op("Conv", g.op("Mul", x, x), weight, bias, kernel_shape_i=[1, 1])
-        if beta == 0.75:
-            root = g.op("Sqrt", scale)
-            denominator = g.op("Mul", root, g.op("Sqrt", root))
-        else:
-            denominator = g.op("Pow", scale, g.op("Constant", value_t=torch.tensor(float(beta))))
-        return g.op("Div", x, denominator)
+        return lrn_to_onnx(_SymbolicGraph(g), x, channels, size, alpha, beta, k)
 
 
 class _ExportLRN(nn.Module):
@@ -222,14 +279,10 @@ def check_parity(onnx_path: str | Path, model: ZFNet, *, extra_outputs=(), batch
     """Run the ONNX file under ONNX Runtime and eager PyTorch on one random batch; raise ExportError unless
     probabilities agree within 1e-5 absolute and every other output within 1e-4 of its largest magnitude.
     Returns the largest probability difference."""
-    import onnxruntime as ort
-
     extra = tuple(extra_outputs)
     size = model.input_size
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 50.0
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path)
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: x.numpy()})))
     if next(model.parameters()).device.type != "cpu":
         # The reference runs in fp32 on the CPU, like the session: GPU convs may use TF32 and miss 1e-5.
@@ -258,6 +311,27 @@ def check_parity(onnx_path: str | Path, model: ZFNet, *, extra_outputs=(), batch
             raise ExportError(f"export parity: output {name!r} differs from PyTorch by {diff:.3g} "
                               f"(accepted: at most {limit:.3g})")
     return worst
+
+
+def ort_session(model, *, threads: int | None = None, providers=("CPUExecutionProvider",),
+                profile_prefix: str | None = None):
+    """An ONNX Runtime session for a file path or serialized model bytes, with zfserve's one set of options:
+    every graph optimization, sequential execution, ``threads`` intra-op threads (None: ONNX Runtime's
+    default, all cores), one inter-op thread (the graphs are chains: a second pool only competes for the same
+    cores), errors-only logging and, with ``profile_prefix``, the profiler on."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=list(providers))
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -296,28 +370,6 @@ def _writable(directory: Path) -> bool:
         return True
     except OSError:
         return False
-
-
-def read_model_config(directory: str | Path) -> ModelConfig:
-    """A model directory's config, with the mean image loaded when the preprocessing uses one (without
-    reading the other weights)."""
-    from safetensors import SafetensorError, safe_open
-
-    directory = Path(directory)
-    config = read_config(directory)
-    if isinstance(config.preprocess.mean, str):
-        path = directory / WEIGHTS_FILE
-        try:
-            with safe_open(str(path), framework="np") as fh:
-                mean = fh.get_tensor(MEAN_IMAGE_TENSOR) if MEAN_IMAGE_TENSOR in fh.keys() else None
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
-        expected = (3, config.preprocess.resize, config.preprocess.resize)
-        if mean is None or tuple(mean.shape) != expected:
-            raise ModelLoadError(f"{path}: tensor {MEAN_IMAGE_TENSOR!r} must have shape {expected} "
-                                 f"(config preprocess.mean is 'image')")
-        config.preprocess.mean_image = mean.astype(np.float32)
-    return config
 
 
 def ensure_onnx(model_dir_or_name: str | Path | ZFNet | None = None) -> Path:

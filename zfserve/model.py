@@ -11,16 +11,16 @@ of pool1, pool2 and pool5 as int8 window offsets (see ``zfserve.kernels.referenc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from zfserve.kernels import conv1_relu_pool
 from zfserve.kernels.reference import max_pool_with_switches, pooled_size
 
 from .config import ModelConfig
+from .errors import InvalidArgumentError
 
 # The named layers, in forward order. Activations are taken after the ReLU for conv and fc6/fc7, after
 # the max-pool (before LRN) for pools, and are the logits for fc8.
@@ -28,6 +28,8 @@ LAYER_NAMES = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "p
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 POOL_LAYERS = ("pool1", "pool2", "pool5")
 FC_LAYERS = ("fc6", "fc7", "fc8")
+# The layers with a spatial map (what deconv can project, what an occluder changes), in forward order.
+SPATIAL_LAYERS = tuple(name for name in LAYER_NAMES if name in CONV_LAYERS or name in POOL_LAYERS)
 
 # Geometry of the conv and pool layers: kernel, stride, padding.
 CONV_GEOMETRY = {"conv1": (7, 2, 1), "conv2": (5, 2, 0), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
@@ -36,6 +38,20 @@ POOL_GEOMETRY = (3, 2, 0)
 LRN_PARAMS = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 # Which pool follows which conv, and the conv whose output each pool reads.
 POOL_AFTER = {"conv1": "pool1", "conv2": "pool2", "conv5": "pool5"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One spatial layer (conv or pool) of a model for a given input size: the one table of layer sizes."""
+
+    name: str
+    kernel: int
+    stride: int
+    padding: int
+    in_size: int                     # side of the map it reads
+    out_size: int                    # side of the map it writes
+    in_channels: int
+    out_channels: int
 
 
 @dataclass
@@ -59,13 +75,35 @@ class Trace:
     switches: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _conv_out(size: int, kernel: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - kernel) // stride + 1
-
-
-def _pool_out(size: int) -> int:
+def _out_size(name: str, size: int) -> int:
+    if name in CONV_GEOMETRY:
+        kernel, stride, pad = CONV_GEOMETRY[name]
+        return (size + 2 * pad - kernel) // stride + 1
     kernel, stride, _ = POOL_GEOMETRY
-    return pooled_size(size, kernel, stride)
+    return pooled_size(size, kernel, stride)   # ceil mode
+
+
+@torch.no_grad()
+def paper_init_(module: nn.Module, generator: torch.Generator | None = None) -> None:
+    """The paper's init (§3): every conv and linear weight in ``module`` N(0, 0.01^2), every bias 0, drawn in
+    module order from ``generator`` (default: the global one)."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            layer.weight.normal_(0.0, 0.01, generator=generator)
+            layer.bias.zero_()
+
+
+@torch.no_grad()
+def clip_filter_rms_(convs: Iterable[nn.Conv2d], radius: float = 0.1) -> None:
+    """The paper's rule (§3): renormalize every conv filter whose RMS exceeds ``radius`` back to ``radius``.
+
+    A filter is one output channel's (C_in x k x k) weights; RMS = sqrt(mean(w^2)). Biases and fully
+    connected layers are untouched.
+    """
+    for conv in convs:
+        w = conv.weight
+        rms = w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+        w.mul_(torch.where(rms > radius, radius / rms, torch.ones_like(rms)))
 
 
 class ZFNet(nn.Module):
@@ -93,7 +131,7 @@ class ZFNet(nn.Module):
         self.conv5 = nn.Conv2d(c4, c5, *CONV_GEOMETRY["conv5"])
         self.relu5 = nn.ReLU()
         self.pool5 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        pooled = self.spatial_sizes()["pool5"]
+        pooled = self.layer_chain()[-1].out_size
         self.fc6 = nn.Linear(c5 * pooled * pooled, fc_width)
         self.relu6 = nn.ReLU()
         self.drop6 = nn.Dropout(0.5)
@@ -107,56 +145,50 @@ class ZFNet(nn.Module):
 
     # ------------------------------------------------------------------ init and the paper's clipping rule
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """The paper's init: every weight N(0, 0.01^2), every bias 0."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                with torch.no_grad():
-                    module.weight.normal_(0.0, 0.01, generator=generator)
-                    module.bias.zero_()
+        """:func:`paper_init_`: every weight N(0, 0.01^2), every bias 0."""
+        paper_init_(self, generator)
 
-    @torch.no_grad()
     def clip_filter_rms_(self, radius: float = 0.1) -> None:
-        """Renormalize every conv filter whose RMS exceeds ``radius`` back to RMS ``radius``.
-
-        A filter is one output channel's (C_in x k x k) weights; RMS = sqrt(mean(w^2)). Biases and fully
-        connected layers are untouched (paper §3).
-        """
-        for name in CONV_LAYERS:
-            w = getattr(self, name).weight
-            rms = w.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
-            w.mul_(torch.where(rms > radius, radius / rms, torch.ones_like(rms)))
+        """:func:`clip_filter_rms_` on conv1 .. conv5."""
+        clip_filter_rms_((getattr(self, name) for name in CONV_LAYERS), radius)
 
     # ------------------------------------------------------------------ geometry
+    def layer_chain(self, input_size: int | None = None) -> list[Geometry]:
+        """Kernel, stride, padding, map sides and channels of every spatial layer (conv1 .. pool5), in order."""
+        size, channels, chain = input_size or self.input_size, 3, []
+        for name in SPATIAL_LAYERS:
+            kernel, stride, padding = CONV_GEOMETRY.get(name, POOL_GEOMETRY)
+            out_channels = self.widths[CONV_LAYERS.index(name)] if name in CONV_GEOMETRY else channels
+            out_size = _out_size(name, size)
+            chain.append(Geometry(name, kernel, stride, padding, size, out_size, channels, out_channels))
+            size, channels = out_size, out_channels
+        return chain
+
     def spatial_sizes(self, input_size: int | None = None) -> dict[str, int]:
-        size = input_size or self.input_size
-        sizes = {}
-        for name in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5"):
-            if name.startswith("conv"):
-                size = _conv_out(size, *CONV_GEOMETRY[name])
-            else:
-                size = _pool_out(size)
-            sizes[name] = size
-        return sizes
+        """The side of every spatial layer's map: {name: size}."""
+        return {g.name: g.out_size for g in self.layer_chain(input_size)}
+
+    def channels(self) -> dict[str, int]:
+        """The width of every named layer: feature maps of conv/pool layers, units of fc layers."""
+        return {**{g.name: g.out_channels for g in self.layer_chain()},
+                **{name: getattr(self, name).out_features for name in FC_LAYERS}}
 
     def layer_info(self) -> list[LayerInfo]:
         """Output shape, parameter count and receptive field of every named layer, in forward order."""
-        sizes = self.spatial_sizes()
+        chain = {g.name: g for g in self.layer_chain()}
         infos = []
         rf, jump, start = 1, 1, 0.5  # pixel centres sit at i + 0.5
-        channels = 3
         for name in LAYER_NAMES:
-            if name in CONV_GEOMETRY or name in POOL_LAYERS:
-                k, s, p = CONV_GEOMETRY.get(name, POOL_GEOMETRY)
-                rf = rf + (k - 1) * jump
-                start = start + ((k - 1) / 2 - p) * jump
-                jump = jump * s
-                if name in CONV_GEOMETRY:
-                    channels = getattr(self, name).out_channels
-                shape = (channels, sizes[name], sizes[name])
-                infos.append(LayerInfo(name, shape, self._params(name), rf, jump, start))
-            else:
+            g = chain.get(name)
+            if g is None:
                 infos.append(LayerInfo(name, (getattr(self, name).out_features,), self._params(name),
                                        None, None, None))
+                continue
+            rf = rf + (g.kernel - 1) * jump
+            start = start + ((g.kernel - 1) / 2 - g.padding) * jump
+            jump = jump * g.stride
+            infos.append(LayerInfo(name, (g.out_channels, g.out_size, g.out_size), self._params(name), rf, jump,
+                                   start))
         return infos
 
     def _params(self, name: str) -> int:
@@ -185,7 +217,6 @@ class ZFNet(nn.Module):
         if stop_after is not None and stop_after not in LAYER_NAMES:
             unknown.add(stop_after)
         if unknown:
-            from .errors import InvalidArgumentError
             raise InvalidArgumentError(f"unknown layer(s) {sorted(unknown)}; accepted: {list(LAYER_NAMES)}",
                                        field="layer")
         out = Trace(logits=x.new_empty(0))
@@ -249,15 +280,3 @@ def _use_fused_conv1(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 def build(config: ModelConfig) -> ZFNet:
     """A freshly initialized ZFNet with the architecture ``config`` describes."""
     return ZFNet(config.num_classes, config.fc_width, config.widths, config.input_size, config=config)
-
-
-def load(name_or_dir: str | Path | None = None, *, device: str | torch.device = "cpu") -> ZFNet:
-    """Load a model by embedded name (``zfnet-demo``, the built-in ``zfnet-paper``) or directory, in eval mode."""
-    from .weights import load_model
-    return load_model(name_or_dir, device=device)
-
-
-def save(model: ZFNet, directory: str | Path, **config_updates) -> Path:
-    """Write ``weights.safetensors`` + ``config.json`` for ``model`` into ``directory``."""
-    from .weights import save_model
-    return save_model(model, directory, **config_updates)

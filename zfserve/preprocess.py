@@ -20,6 +20,7 @@ pixel units minus the mean (roughly -128..128), the paper's input units.
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Union
@@ -48,7 +49,8 @@ _REFUSED_MAGIC = (
 )
 
 
-def _preprocess_config(config) -> PreprocessConfig:
+def preprocess_config(config) -> PreprocessConfig:
+    """The preprocessing of ``config``: a ModelConfig, a PreprocessConfig, a ZFNet, or None (the defaults)."""
     if config is None:
         return PreprocessConfig()
     if isinstance(config, PreprocessConfig):
@@ -117,7 +119,7 @@ def decode_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, m
                  max_frames: int = DEFAULT_MAX_FRAMES, max_bytes: int = DEFAULT_MAX_BYTES,
                  config=None, field: str = "image") -> np.ndarray:
     """Safely decode image bytes or a file to uint8 RGB (H, W, 3), EXIF orientation applied."""
-    pre = _preprocess_config(config)
+    pre = preprocess_config(config)
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, field, min_side, max_pixels, pre)
     data = _read_source(source, field, max_bytes)
@@ -206,7 +208,7 @@ def resize_and_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
 
 def to_input(rgb: np.ndarray, config=None) -> np.ndarray:
     """uint8 (H, W, 3) RGB -> the network's input, float32 (3, crop, crop), mean subtracted."""
-    pre = _preprocess_config(config)
+    pre = preprocess_config(config)
     cropped = resize_and_crop(rgb, pre.resize, pre.crop)
     chw = cropped.transpose(2, 0, 1).astype(np.float32)
     return np.ascontiguousarray(chw - pre.mean_crop())
@@ -232,9 +234,41 @@ def load_images(sources: Iterable[ImageSource], config=None, **limits) -> np.nda
 
 def to_display(x: np.ndarray, config=None) -> np.ndarray:
     """Inverse of :func:`to_input` (up to the resize): float32 (3, H, W) network input -> uint8 (H, W, 3)."""
-    pre = _preprocess_config(config)
+    pre = preprocess_config(config)
     x = np.asarray(x, dtype=np.float32)
     mean = pre.mean_crop()
     if mean.shape[1:] != (1, 1) and mean.shape[1:] != x.shape[1:]:
         mean = mean.reshape(3, -1).mean(axis=1).reshape(3, 1, 1)
     return np.clip(np.rint(x + mean), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+# ---------------------------------------------------------------------------------------------- frames
+# Where raw-image annotations (object masks, part boxes) land in the network input after resize_and_crop.
+def input_frame(shape: tuple[int, int], config=None) -> tuple[float, float, int, int]:
+    """How raw-image pixel coordinates map to network-input coordinates under :func:`resize_and_crop`:
+    ``(scale_x, scale_y, left, top)`` with ``x_in = x * scale_x - left``."""
+    pre = preprocess_config(config)
+    h, w = shape
+    sx = sy = 1.0
+    if min(h, w) != pre.resize:
+        scale = pre.resize / min(h, w)
+        nw, nh = max(pre.resize, round(w * scale)), max(pre.resize, round(h * scale))
+        sx, sy, w, h = nw / w, nh / h, nw, nh
+    return sx, sy, (w - pre.crop) // 2, (h - pre.crop) // 2
+
+
+def mask_to_input(mask: np.ndarray, config=None) -> np.ndarray:
+    """An object mask (bool, raw-image frame) -> bool (crop, crop) in the network input's frame."""
+    pre = preprocess_config(config)
+    rgb = np.repeat((np.asarray(mask, dtype=np.uint8) * 255)[..., None], 3, axis=2)
+    return resize_and_crop(rgb, pre.resize, pre.crop)[..., 0] >= 128
+
+
+def box_to_input(box, shape: tuple[int, int], config=None) -> tuple[int, int, int, int]:
+    """A box ``[x0, y0, x1, y1]`` in the raw image -> the same box in input pixels, clipped to the crop."""
+    pre = preprocess_config(config)
+    sx, sy, left, top = input_frame(shape, config)
+    x0, y0, x1, y1 = box
+    clip = lambda v: int(min(pre.crop, max(0, v)))  # noqa: E731
+    return (clip(math.floor(x0 * sx - left)), clip(math.floor(y0 * sy - top)),
+            clip(math.ceil(x1 * sx - left)), clip(math.ceil(y1 * sy - top)))

@@ -1,38 +1,69 @@
-"""Arrays -> pictures: deconv projections, input patches, labelled grids, PNG bytes.
+"""Arrays -> pictures: deconv projections, input patches, filters, labelled grids, occlusion maps, PNG bytes,
+and the output directories of ``zfserve deconv`` and ``zfserve occlude``.
 
-Everything here takes and returns plain numpy arrays (uint8 (H, W, 3) for pictures) and needs only Pillow,
-so the CLI, the server and the reports share one rendering path.
+Everything here takes plain numpy arrays and result objects (uint8 (H, W, 3) for pictures) and needs only
+Pillow, so the CLI, the server, library users and the reports share one rendering path.
 """
 
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InvalidArgumentError
+from .preprocess import preprocess_config, to_display
 
 MID_GREY = 128
 BACKGROUND = (255, 255, 255)
 LABEL_COLOUR = (0, 0, 0)
 
 
-def projection_to_rgb(projection) -> np.ndarray:
-    """A deconv projection (3, H, W), unnormalized -> uint8 (H, W, 3), the way the paper shows them.
+def signed_to_rgb(values) -> np.ndarray:
+    """Signed RGB values (3, H, W) -> uint8 (H, W, 3), contrast-stretched on their own around mid-grey.
 
-    Contrast is stretched symmetrically around mid-grey: zero maps to 128 and the largest absolute value
-    to 0 or 255, so the sign of every pixel is kept and no channel is shifted. An all-zero projection
-    (a dead unit) is plain grey.
+    Zero maps to 128 and the largest absolute value to 1 or 255, so the sign of every pixel is kept and no
+    channel is shifted; all zeros (a dead unit) are plain grey. Deconv projections and filters are shown
+    this way (the paper's figures).
     """
-    proj = np.asarray(projection, dtype=np.float32)
-    if proj.ndim != 3 or proj.shape[0] != 3:
-        raise InvalidArgumentError(f"projection: expected shape (3, H, W), got {tuple(proj.shape)}",
+    arr = np.asarray(values, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise InvalidArgumentError(f"projection: expected shape (3, H, W), got {tuple(arr.shape)}",
                                    field="projection")
-    peak = float(np.abs(proj).max(initial=0.0))
-    scaled = proj * (127.0 / peak) if peak > 0 and np.isfinite(peak) else np.zeros_like(proj)
+    peak = float(np.abs(arr).max(initial=0.0))
+    scaled = arr * (127.0 / peak) if peak > 0 and np.isfinite(peak) else np.zeros_like(arr)
     return np.clip(np.rint(MID_GREY + scaled), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
+def filter_grid(weight, scale: int = 4, pad: int = 1) -> np.ndarray:
+    """conv1 weights (K, 3, k, k) (numpy or torch) -> one uint8 RGB picture, filters row-major on white, each
+    contrast-stretched on its own around grey = 0 (:func:`signed_to_rgb`), ``scale`` pixels per tap."""
+    w = np.asarray(weight.detach().float().cpu() if hasattr(weight, "detach") else weight, dtype=np.float32)
+    if w.ndim != 4 or w.shape[1] != 3:
+        raise InvalidArgumentError(f"filter grid needs RGB filters (K, 3, k, k), got {tuple(w.shape)}",
+                                   field="layer")
+    count, _, k, _ = w.shape
+    cols = int(np.ceil(np.sqrt(count)))
+    rows = int(np.ceil(count / cols))
+    cell = k * scale + pad
+    picture = np.full((rows * cell + pad, cols * cell + pad, 3), 255, dtype=np.uint8)
+    for i in range(count):
+        tile = signed_to_rgb(w[i]).repeat(scale, 0).repeat(scale, 1)
+        r, c = divmod(i, cols)
+        picture[pad + r * cell: pad + r * cell + k * scale, pad + c * cell: pad + c * cell + k * scale] = tile
+    return picture
+
+
+def write_filter_grid(model, path, scale: int = 4) -> Path:
+    """Write ``model``'s conv1 filters as a PNG grid (:func:`filter_grid`); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(filter_grid(model.conv1.weight, scale=scale)))
+    return path
 
 
 def patch_to_rgb(patch, config=None, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
@@ -41,7 +72,6 @@ def patch_to_rgb(patch, config=None, box: tuple[int, int, int, int] | None = Non
     With a per-pixel mean image the mean to add back depends on where the patch was cut; pass its ``box``
     (x0, y0, x1, y1 in input pixels) to use the exact mean there, otherwise the channel means are used.
     """
-    from .preprocess import _preprocess_config, to_display
 
     patch = np.asarray(patch, dtype=np.float32)
     if patch.ndim != 3 or patch.shape[0] != 3:
@@ -52,7 +82,7 @@ def patch_to_rgb(patch, config=None, box: tuple[int, int, int, int] | None = Non
     if (y1 - y0, x1 - x0) != patch.shape[1:]:
         raise InvalidArgumentError(f"box: {box} does not match the patch size {patch.shape[1:]}", field="box")
     # Paste into a full-size input so to_display adds the mean crop that belongs under the box.
-    size = _preprocess_config(config).crop
+    size = preprocess_config(config).crop
     if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
         raise InvalidArgumentError(f"box: {box} must lie inside the {size}x{size} input", field="box")
     canvas = np.zeros((3, size, size), dtype=np.float32)
@@ -240,14 +270,12 @@ def occlusion_pictures(result, picture, class_names=None) -> dict[str, np.ndarra
     """Pictures for an ``OcclusionResult`` and the uint8 (224, 224, 3) input it was computed on: the target's
     probability over the image (each pixel: the mean over the windows that covered it), the attribution,
     the most-probable-class map and the activity map; only for the maps the result holds."""
-    from .engine.occlusion import per_pixel
-
     base = _as_picture(picture, "picture")
     size = base.shape[0]
     out = {}
     target = class_names[result.target] if class_names is not None else f"class {result.target}"
     if result.probability is not None:
-        pixels = per_pixel(result.probability, result.starts, result.window, size)
+        pixels = result.per_pixel(result.probability, size)
         # Auto range (dark = lowest): an untrained model's probabilities move in the 4th decimal.
         out["probability"] = _captioned(heatmap_overlay(base, pixels), [f"p({target}) under occlusion"],
                                         [(None, f"unoccluded {result.base_probability:.4g}; occluded "
@@ -262,3 +290,78 @@ def occlusion_pictures(result, picture, class_names=None) -> dict[str, np.ndarra
         out["activity"] = map_picture(result.activity, size=size,
                                       title=f"{result.layer} map {result.channel} total activation")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- directories
+DECONV_JSON = "deconv.json"
+OCCLUSION_JSON = "occlusion.json"
+
+
+def _picture_from_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data), formats=["PNG"]).convert("RGB"))
+
+
+def patch_pictures(units, config=None) -> list[np.ndarray]:
+    """Each projected unit's input patch as uint8 RGB: from its ``patch`` array (with the exact mean under its
+    box, :func:`patch_to_rgb`) or, for a unit read from a server, from its ``patch_png``."""
+    return [patch_to_rgb(u.patch, config, u.box) if u.patch is not None else _picture_from_png(u.patch_png)
+            for u in units]
+
+
+def write_deconv(out, units, *, layer: str, model: str, image: str, config=None) -> dict:
+    """The output directory of ``zfserve deconv`` for one image's projected units (``DeconvEngine.project`` or
+    ``Client.deconv`` with tensors and patches): one PNG per unit (``unit_NN_<layer>_c<C>_y<Y>_x<X>.png``),
+    ``grid.png`` (projection | its receptive field | the input patch), ``projections.npz`` (K, 3, H, W
+    float32) and ``deconv.json`` (model, image, layer, per unit: channel, y, x, activation, box, file), which
+    is also returned."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, rows, labels = [], [], []
+    for i, (unit, patch) in enumerate(zip(units, patch_pictures(units, config))):
+        picture = signed_to_rgb(unit.projection)
+        name = f"unit_{i:02d}_{unit.layer}_c{unit.channel}_y{unit.y}_x{unit.x}.png"
+        (out / name).write_bytes(png_bytes(picture))
+        x0, y0, x1, y1 = unit.box
+        rows.append([picture, picture[y0:y1, x0:x1], patch])
+        labels.append(f"{unit.layer} c{unit.channel} y{unit.y} x{unit.x}  activation {unit.activation:.4g}")
+        record = unit.to_json()
+        del record["image_index"]  # one image per directory
+        records.append({**record, "file": name})
+    (out / "grid.png").write_bytes(png_bytes(grid(rows, labels)))
+    np.savez(out / "projections.npz", projections=np.stack([u.projection for u in units]).astype(np.float32))
+    doc = {"model": model, "image": str(image), "layer": layer, "units": records, "grid": "grid.png",
+           "projections": "projections.npz"}
+    (out / DECONV_JSON).write_text(json.dumps(doc, indent=2))
+    return doc
+
+
+def write_occlusion(out, result, *, model: str, image: str, class_names, picture=None) -> dict:
+    """The output directory of ``zfserve occlude`` for one sweep (``OcclusionEngine.sweep`` or
+    ``Client.occlude``): a PNG per map (the result's own ``png`` pictures when it holds them, else drawn over
+    ``picture``, the uint8 input, with :func:`occlusion_pictures`), ``occlusion.npz`` (the maps and ``starts``)
+    and ``occlusion.json`` (settings, target, the unoccluded and lowest probability, the activity range, the
+    classes the argmax map shows, files), which is also returned."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = result.png or {name: png_bytes(p) for name, p in occlusion_pictures(result, picture, class_names).items()}
+    files = {}
+    for name, data in pngs.items():
+        files[name] = f"{name}.png"
+        (out / files[name]).write_bytes(data)
+    np.savez(out / "occlusion.npz", **result.arrays(), starts=result.starts)
+    doc = {"model": model, "image": str(image), "window": result.window, "stride": result.stride,
+           "positions": list(result.shape), "fill": np.asarray(result.fill).tolist(), "fill_units": result.fill_units,
+           "target": result.target, "target_name": class_names[result.target],
+           "unoccluded_probability": result.base_probability}
+    if result.probability is not None:
+        low = np.unravel_index(int(np.argmin(result.probability)), result.probability.shape)
+        doc.update(min_probability=float(result.probability.min()),
+                   min_probability_window={"y": int(result.starts[low[0]]), "x": int(result.starts[low[1]])})
+    doc["activity"] = {"layer": result.layer, "channel": result.channel, "unoccluded": result.base_activity}
+    if result.activity is not None:
+        doc["activity"].update(min=float(result.activity.min()), max=float(result.activity.max()))
+    if result.argmax is not None:
+        doc["argmax_classes"] = sorted({class_names[int(c)] for c in np.unique(result.argmax)})
+    doc.update(backend=result.backend, seconds=round(result.seconds, 3), files={**files, "arrays": "occlusion.npz"})
+    (out / OCCLUSION_JSON).write_text(json.dumps(doc, indent=2))
+    return doc

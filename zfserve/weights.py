@@ -113,8 +113,37 @@ def state_dict_hash(model) -> str:
     return digest.hexdigest()
 
 
+def _check_mean_image(mean, config: ModelConfig, path: Path) -> np.ndarray:
+    """The per-pixel mean image a config with ``preprocess.mean == "image"`` needs, as float32 (3, R, R)."""
+    expected = (3, config.preprocess.resize, config.preprocess.resize)
+    if mean is None or tuple(mean.shape) != expected:
+        got = None if mean is None else tuple(mean.shape)
+        raise ModelLoadError(f"{path}: tensor {MEAN_IMAGE_TENSOR!r} must have shape {expected} "
+                             f"(config preprocess.mean is 'image'), got {got}")
+    return np.asarray(mean, dtype=np.float32)
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    """A model directory's config, with the mean image loaded when the preprocessing uses one (without
+    reading the other weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    config = read_config(directory)
+    if isinstance(config.preprocess.mean, str):
+        path = directory / WEIGHTS_FILE
+        try:
+            with safe_open(str(path), framework="np") as fh:
+                mean = fh.get_tensor(MEAN_IMAGE_TENSOR) if MEAN_IMAGE_TENSOR in fh.keys() else None
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
+        config.preprocess.mean_image = _check_mean_image(mean, config, path)
+    return config
+
+
 def load_model(name_or_dir: str | Path | None = None, *, device: str | torch.device = "cpu"):
-    """Load a model directory (or embedded name) into a ZFNet in eval mode; ``model.config`` holds its config."""
+    """Load a model by embedded name (``zfnet-demo``, the built-in ``zfnet-paper``) or directory into a ZFNet in
+    eval mode; ``model.config`` holds its config and ``model.model_dir`` its directory (None if built in)."""
     import torch
     from .model import build
     directory = resolve_model_dir(name_or_dir or default_model_name())
@@ -127,12 +156,8 @@ def load_model(name_or_dir: str | Path | None = None, *, device: str | torch.dev
         tensors = read_tensors(path)
         if isinstance(config.preprocess.mean, str):
             mean = tensors.pop(MEAN_IMAGE_TENSOR, None)
-            expected = (3, config.preprocess.resize, config.preprocess.resize)
-            if mean is None or tuple(mean.shape) != expected:
-                got = None if mean is None else tuple(mean.shape)
-                raise ModelLoadError(f"{path}: tensor {MEAN_IMAGE_TENSOR!r} must have shape {expected} "
-                                     f"(config preprocess.mean is 'image'), got {got}")
-            config.preprocess.mean_image = mean.to(torch.float32).numpy()
+            config.preprocess.mean_image = _check_mean_image(None if mean is None else mean.float().numpy(),
+                                                             config, path)
         model = build(config)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(tensors))
@@ -153,8 +178,9 @@ def load_model(name_or_dir: str | Path | None = None, *, device: str | torch.dev
 
 
 def save_model(model, directory: str | Path, *, dtype: torch.dtype | None = None, **config_updates) -> Path:
-    """Write ``model`` as a model directory. ``dtype`` (default float32) float16 halves the file (recorded in
-    config.json)."""
+    """Write ``model`` as a model directory (``weights.safetensors`` + ``config.json``); ``config_updates`` set
+    config fields first (``name=...``, ``class_names=...``). ``dtype`` (default float32) float16 halves the file
+    (recorded in config.json)."""
     import torch
     dtype = dtype or torch.float32
     from safetensors.torch import save_file

@@ -1,4 +1,5 @@
-"""Training and evaluation data: the synthetic set (images + object/part masks) and ImageFolder directories.
+"""Training and evaluation data: the synthetic set (images + object/part masks, :mod:`.synthetic`) and
+ImageFolder directories (:mod:`.folders`).
 
 Every source yields uint8 256x256 RGB images (the paper's resize-256 / centre-crop-256 stage, done by
 ``zfserve.preprocess``) and integer labels; training takes random 224 crops of these, evaluation the centre.
@@ -15,16 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InvalidArgumentError, NotFoundError
+from ..errors import InvalidArgumentError
+from .folders import ANNOTATIONS_FILE, IMAGE_SUFFIXES, Entry, image_folder_arrays, resize_images, scan
 from .synthetic import (CLASSES, GENERATOR_VERSION, NUM_CLASSES, PART_NAMES, SIZE, Sample, label_of, render,
                         render_images)
 
 __all__ = ["CLASSES", "GENERATOR_VERSION", "NUM_CLASSES", "PART_NAMES", "SIZE", "Sample", "label_of", "render",
-           "render_images",
-           "SyntheticDataset", "ArrayDataset", "synthetic_arrays", "image_folder_arrays", "write_synthetic",
-           "IMAGE_SUFFIXES"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+           "render_images", "SyntheticDataset", "synthetic_arrays", "write_synthetic",
+           "ANNOTATIONS_FILE", "IMAGE_SUFFIXES", "Entry", "image_folder_arrays", "resize_images", "scan"]
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -44,19 +43,6 @@ class SyntheticDataset(torch.utils.data.Dataset):
             raise IndexError(index)
         sample = render(self.seed, index)
         return torch.from_numpy(sample.image), sample.label
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """Images already in memory (or a memmap): uint8 (N, 256, 256, 3) + int64 labels."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str]):
-        self.images, self.labels, self.classes = images, np.asarray(labels, dtype=np.int64), list(classes)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return torch.from_numpy(np.array(self.images[index])), int(self.labels[index])
 
 
 def _render_chunk(args) -> np.ndarray:
@@ -107,30 +93,6 @@ def synthetic_arrays(seed: int, n: int, *, cache_dir: str | Path | None = None, 
     return images, labels
 
 
-def image_folder_arrays(root: str | Path, *, resize: int = 256, limit: int | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """An ImageFolder tree (``root/<class>/<image>``) as uint8 (N, resize, resize, 3), labels, class names.
-
-    Each file goes through ``zfserve.preprocess``'s safe decode and resize-short-side + centre crop to
-    ``resize`` (the paper's 256 stage), the same path inference uses.
-    """
-    from ..preprocess import decode_image, resize_and_crop
-    root = Path(root)
-    if not root.is_dir():
-        raise NotFoundError(f"data: {root} is not a directory (expected root/<class>/<image files>)", field="data")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "masks")
-    files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise NotFoundError(f"data: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}/<class>/", field="data")
-    if limit is not None:
-        files = files[:limit]
-    images = np.empty((len(files), resize, resize, 3), dtype=np.uint8)
-    for row, (path, _) in enumerate(files):
-        images[row] = resize_and_crop(decode_image(path, field=f"data {path}"), resize, resize)
-    return images, np.array([label for _, label in files], dtype=np.int64), classes
-
-
 def write_synthetic(out: str | Path, n: int, seed: int) -> Path:
     """Write ``n`` samples as an ImageFolder tree + mask PNGs (0/255) + ``annotations.json``.
 
@@ -152,5 +114,5 @@ def write_synthetic(out: str | Path, n: int, seed: int) -> Path:
         Image.fromarray(sample.mask.astype(np.uint8) * 255).save(out / mask_file)
         annotations.append({"file": image_file, "label": sample.label, "class": sample.class_name,
                             "mask": mask_file, "parts": sample.parts})
-    (out / "annotations.json").write_text(json.dumps(annotations, indent=1) + "\n")
+    (out / ANNOTATIONS_FILE).write_text(json.dumps(annotations, indent=1) + "\n")
     return out

@@ -10,26 +10,20 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .. import _checks as checks
 from ..config import ModelConfig
 from ..errors import InvalidArgumentError, ModelLoadError
-from ..export import INPUT_NAME, PROBABILITIES, ensure_onnx, read_model_config
+from ..export import INPUT_NAME, PROBABILITIES, ensure_onnx, ort_session
 from ..model import ZFNet
-from ..weights import default_model_name, paper_model, resolve_model_dir
+from ..weights import default_model_name, paper_model, read_model_config, resolve_model_dir
+from .results import Prediction
 
 DEVICES = ("cpu", "cuda")
 MAX_BATCH_SIZE_LIMIT = 4096
-
-
-@dataclass(frozen=True)
-class Prediction:
-    index: int
-    name: str
-    probability: float
 
 
 def available_threads() -> int:
@@ -58,14 +52,10 @@ class Classifier:
                  warmup: bool = True, profile_prefix: str | None = None):
         import onnxruntime as ort
 
-        if device not in DEVICES:
-            raise InvalidArgumentError(f"device: {device!r} is not one of {list(DEVICES)}", field="device")
-        if not _is_int(max_batch_size) or not 1 <= max_batch_size <= MAX_BATCH_SIZE_LIMIT:
-            raise InvalidArgumentError(f"max_batch_size: {max_batch_size!r} is outside 1..{MAX_BATCH_SIZE_LIMIT}",
-                                       field="max_batch_size")
-        if threads is not None and (not _is_int(threads) or threads < 1):
-            raise InvalidArgumentError(f"threads: {threads!r} must be a positive integer or None (all cores)",
-                                       field="threads")
+        checks.choice(device, "device", DEVICES)
+        checks.integer(max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE_LIMIT)
+        if threads is not None:
+            checks.integer(threads, "threads", 1, what="or None: all cores")
         self.config, self.onnx_path = _resolve(model)
         self.name = self.config.name
         self.class_names = list(self.config.class_names)
@@ -79,20 +69,12 @@ class Classifier:
                           "running on CPU", RuntimeWarning, stacklevel=2)
             device = "cpu"
         self.device = device
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if profile_prefix:
-            options.enable_profiling = True
-            options.profile_file_prefix = str(profile_prefix)
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=providers)
+            self.session = ort_session(self.onnx_path, threads=self.threads, providers=providers,
+                                       profile_prefix=profile_prefix)
         except Exception as exc:  # onnxruntime raises its own exception types  # noqa: BLE001
             raise ModelLoadError(f"{self.onnx_path}: ONNX Runtime cannot load it ({exc})") from None
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
@@ -151,9 +133,7 @@ class Classifier:
         return self.session.run([PROBABILITIES], {INPUT_NAME: batch})[0]
 
     def _check_k(self, k) -> None:
-        if not _is_int(k) or not 1 <= k <= self.num_classes:
-            raise InvalidArgumentError(f"top_k: {k!r} is outside the accepted range 1..{self.num_classes}",
-                                       field="top_k")
+        checks.integer(k, "top_k", 1, self.num_classes, what="the model's classes")
 
     def _validate(self, batch) -> np.ndarray:
         s = self.input_size
@@ -177,10 +157,6 @@ class Classifier:
                                        f"(first: index {int(bad[0])}); every value must be finite",
                                        field="image")
         return np.ascontiguousarray(batch)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _resolve(model) -> tuple[ModelConfig, Path]:

@@ -15,7 +15,7 @@ fifth of the full-map work. Results equal the full-map walk (and autograd with t
 
 Library use::
 
-    engine = DeconvEngine(zfserve.model.load("zfnet-demo"))
+    engine = DeconvEngine(zfserve.weights.load_model("zfnet-demo"))
     for unit in engine.project(images, "conv5", top_k=9):
         unit.projection, unit.box, unit.patch, unit.activation
 """
@@ -28,43 +28,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidArgumentError
-from ..model import CONV_GEOMETRY, CONV_LAYERS, LAYER_NAMES, POOL_GEOMETRY, POOL_LAYERS, ZFNet
-from zfserve.kernels import unpool_sum_reference
+from zfserve.kernels import unpool_sum
 
-try:  # the Triton kernel dispatcher (falls back to eager on CPU); absent on older checkouts
-    from zfserve.kernels import unpool_sum as _unpool_sum
-except ImportError:  # pragma: no cover - depends on the kernels package version
-    _unpool_sum = None
+from .. import _checks as checks
+from ..errors import InvalidArgumentError
+from ..model import POOL_LAYERS, SPATIAL_LAYERS, ZFNet
+from .results import UnitProjection
 
 # Layers whose units can be projected: everything with a spatial map.
-PROJECTABLE = tuple(name for name in LAYER_NAMES if name in CONV_LAYERS or name in POOL_LAYERS)
+PROJECTABLE = SPATIAL_LAYERS
 DEFAULT_MAX_UNITS_PER_PASS = 128
 SEEDS = ("activation", "one")
-
-
-@dataclass
-class UnitProjection:
-    """One projected unit.
-
-    ``projection`` is unnormalized, in input units per unit of seed (the activation by default);
-    ``box`` is the receptive field ``(x0, y0, x1, y1)`` in input pixels, clipped to the image, exclusive end;
-    ``patch`` is the input under the box, ``(3, y1 - y0, x1 - x0)``, in network-input units.
-    """
-
-    image_index: int
-    layer: str
-    channel: int
-    y: int
-    x: int
-    activation: float
-    box: tuple[int, int, int, int]
-    projection: np.ndarray
-    patch: np.ndarray
-
-    def to_json(self) -> dict:
-        return {"image_index": self.image_index, "layer": self.layer, "channel": self.channel, "y": self.y,
-                "x": self.x, "activation": self.activation, "box": list(self.box)}
 
 
 @dataclass
@@ -107,19 +81,6 @@ def captum_model(model: ZFNet) -> ZFNet:
     return twin
 
 
-def check_layer(layer: str) -> None:
-    """Raise InvalidArgumentError unless ``layer`` names a projectable layer."""
-    if layer not in PROJECTABLE:
-        raise InvalidArgumentError(f"layer: unknown or not projectable layer {layer!r}; accepted: "
-                                   f"{', '.join(PROJECTABLE)}", field="layer")
-
-
-def _unpool(pooled, switches, output_size, relu):
-    if _unpool_sum is not None:
-        return _unpool_sum(pooled, switches, output_size, relu=relu)
-    return unpool_sum_reference(pooled, switches, output_size, relu=relu)
-
-
 class DeconvEngine:
     """Deconvnet projections for a :class:`~zfserve.model.ZFNet`.
 
@@ -130,34 +91,15 @@ class DeconvEngine:
 
     def __init__(self, model: ZFNet, device: str | torch.device = "cpu", *,
                  max_units_per_pass: int = DEFAULT_MAX_UNITS_PER_PASS):
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise InvalidArgumentError("device: cuda was asked for but no CUDA device is available; use cpu",
-                                       field="device")
-        if device.type not in ("cpu", "cuda"):
-            raise InvalidArgumentError(f"device: {device} is not supported; accepted: cpu, cuda",
-                                       field="device")
-        if max_units_per_pass < 1:
-            raise InvalidArgumentError(f"max_units_per_pass: {max_units_per_pass}; must be >= 1",
-                                       field="max_units_per_pass")
-        self.device = device
-        self.model = model.to(device)
-        self.max_units_per_pass = int(max_units_per_pass)
+        self.device = checks.device(device)
+        self.max_units_per_pass = checks.integer(max_units_per_pass, "max_units_per_pass", 1)
+        self.model = model.to(self.device)
         self.input_size = model.input_size
         self._infos = {info.name: info for info in model.layer_info()}
-        sizes = model.spatial_sizes()
-        # Input size of every spatial op: the map its backward step must produce.
-        self._in_size, previous = {}, self.input_size
-        for name in PROJECTABLE:
-            self._in_size[name] = previous
-            previous = sizes[name]
-        self._out_size = {name: sizes[name] for name in PROJECTABLE}
+        # Kernel, stride and the side of the map each backward step must produce (the layer's input).
+        self._geometry = {g.name: g for g in model.layer_chain()}
 
     # ------------------------------------------------------------------ validation
-    @staticmethod
-    def _check_layer(layer: str) -> None:
-        check_layer(layer)
-
     def _as_batch(self, images) -> torch.Tensor:
         if isinstance(images, np.ndarray):
             if not np.issubdtype(images.dtype, np.floating):
@@ -186,7 +128,7 @@ class DeconvEngine:
     @torch.no_grad()
     def forward(self, images, layer: str):
         """One forward pass up to ``layer``: returns ``(images, activations of layer, switches)``."""
-        self._check_layer(layer)
+        checks.layer(layer, PROJECTABLE)
         x = self._as_batch(images)
         trace = self.model.trace(x, layers=(layer,), switches=True, stop_after=layer)
         return x, trace.activations[layer], trace.switches
@@ -200,8 +142,9 @@ class DeconvEngine:
         - ``units``: explicit ``(c, y, x)`` (taken in every image) or ``(image_index, c, y, x)``;
         - ``maps``: channels; in every image, the strongest position of each.
         Top-k units come first (image by image, strongest first), then the explicit units in the order given
-        (a ``(c, y, x)`` unit once per image, in image order) or the maps (image by image). Ties go to the lowest channel / position. An explicit ``top_k`` must be 1..maps (1..units of
-        the layer when not ``one_per_map``).
+        (a ``(c, y, x)`` unit once per image, in image order) or the maps (image by image). Ties go to the
+        lowest channel / position. An explicit ``top_k`` must be 1..maps (1..units of the layer when not
+        ``one_per_map``).
         """
         if units is not None and maps is not None:
             raise InvalidArgumentError("units/maps: give one of them, not both", field="units")
@@ -220,10 +163,7 @@ class DeconvEngine:
     def _check_top_k(top_k, shape, one_per_map) -> None:
         _, channels, height, width = shape
         limit = channels if one_per_map else channels * height * width
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= limit:
-            what = "feature maps" if one_per_map else "units"
-            raise InvalidArgumentError(f"top_k: {top_k!r} out of range; accepted 1..{limit} (the layer's {what})",
-                                       field="top_k")
+        checks.integer(top_k, "top_k", 1, limit, what=f"the layer's {'feature maps' if one_per_map else 'units'}")
 
     @staticmethod
     def _strongest_in_maps(activations, maps) -> Units:
@@ -233,9 +173,7 @@ class DeconvEngine:
         if not maps:
             raise InvalidArgumentError("maps: empty list; give at least one channel", field="maps")
         for c in maps:
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < channels:
-                raise InvalidArgumentError(f"maps: channel {c!r} out of range; accepted 0..{channels - 1}",
-                                           field="maps")
+            checks.integer(c, "maps", 0, channels - 1, what="the layer's channels")
         chan = torch.tensor(maps, dtype=torch.int64, device=dev).repeat(n_img)
         img = torch.arange(n_img, device=dev).repeat_interleave(len(maps))
         pos = activations.flatten(2)[img, chan].argmax(dim=1)  # first maximum
@@ -267,8 +205,7 @@ class DeconvEngine:
                 unit = tuple(unit)
             except TypeError:
                 unit = (unit,)
-            if len(unit) not in (3, 4) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
-                                              for v in unit):
+            if len(unit) not in (3, 4) or not all(checks.is_integer(v) for v in unit):
                 raise InvalidArgumentError(f"units[{i}]: expected integers (c, y, x) or (image_index, c, y, x), "
                                            f"got {unit!r}", field="units")
             limits = [("channel", channels), ("y", height), ("x", width)]
@@ -293,7 +230,7 @@ class DeconvEngine:
         ``seed``: ``"activation"`` keeps each unit's activation (the paper); ``"one"`` puts 1 there (a
         gradient-style seed, as Captum's NeuronDeconvolution does). The walk is linear in the seed.
         """
-        self._check_layer(layer)
+        checks.layer(layer, PROJECTABLE)
         if seed not in SEEDS:
             raise InvalidArgumentError(f"seed: {seed!r}; accepted: {', '.join(SEEDS)}", field="seed")
         size = self.input_size
@@ -316,23 +253,24 @@ class DeconvEngine:
         rectified = False
         for name in reversed(PROJECTABLE[:PROJECTABLE.index(layer) + 1]):
             if name in POOL_LAYERS:
-                kernel, stride, _ = POOL_GEOMETRY
+                kernel, stride = self._geometry[name].kernel, self._geometry[name].stride
                 sw = self._window(switches[name], units.image_index, top, left, width)
                 width_in = (width - 1) * stride + kernel
                 # The ReLU of the conv below is fused into the unpool.
-                value = _unpool(value, sw, (width_in, width_in), True)
+                value = unpool_sum(value, sw, (width_in, width_in), relu=True)
                 top, left, width = top * stride, left * stride, width_in
                 rectified = True
             else:
                 if not rectified:
                     value = value.relu_()  # every value here is a fresh tensor of ours
-                kernel, stride, pad = CONV_GEOMETRY[name]
+                g = self._geometry[name]
+                kernel, stride, pad = g.kernel, g.stride, g.padding
                 # Padding 0 keeps the full support of the transposed conv; the rows and columns that land on
                 # the forward pass's zero padding are dropped by the mask (or the final crop).
                 value = F.conv_transpose2d(value, getattr(self.model, name).weight, stride=stride)
                 top, left, width = top * stride - pad, left * stride - pad, (width - 1) * stride + kernel
                 if name != PROJECTABLE[0]:
-                    value.mul_(self._inside(top, left, width, self._in_size[name]))
+                    value.mul_(self._inside(top, left, width, g.in_size))
                 rectified = False
         return self._paste(value, top, left, self.input_size)
 
@@ -373,7 +311,7 @@ class DeconvEngine:
     # ------------------------------------------------------------------ boxes and the one-call API
     def box(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
         """Receptive field of unit (y, x) of ``layer``: (x0, y0, x1, y1) in input pixels, clipped, end exclusive."""
-        self._check_layer(layer)
+        checks.layer(layer, PROJECTABLE)
         info = self._infos[layer]
         half = info.receptive_field / 2
         size = self.input_size

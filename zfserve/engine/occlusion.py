@@ -17,83 +17,41 @@ past the end). Tiles of many positions run as one batch; conv5 tiles are pasted 
 conv5 map for pool5 + fc6-8, batched across groups. Recomputed values are the same arithmetic as a full
 forward pass, so the maps agree with brute force to float rounding. Optionally, positions are grouped per axis
 by how large their changed regions are (windows near the border change less), each group with its own,
-smaller tile shapes. Each stage is a small ONNX graph run by ONNX Runtime on CPUs (eager PyTorch's
-ceil-mode max-pool and LRN are slow there; LRN itself is written as a banded 1x1 conv and square roots,
-over 10x faster than ONNX Runtime's LRN kernel on these maps) and eager PyTorch elsewhere.
+smaller tile shapes. Each stage is a small ONNX graph run by ONNX Runtime on CPUs and eager PyTorch elsewhere
+(:mod:`zfserve.engine.occlusion_stages`).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import _checks as checks
 from ..errors import InvalidArgumentError
-from ..model import CONV_GEOMETRY, LAYER_NAMES, LRN_PARAMS, POOL_GEOMETRY, ZFNet
+from ..model import CONV_GEOMETRY, POOL_GEOMETRY, SPATIAL_LAYERS, ZFNet
+from .occlusion_stages import OrtStages, TorchStages
+from .results import OUTPUTS, OcclusionResult, window_starts
 
-OUTPUTS = ("probability", "argmax", "activity", "attribution")
 BACKENDS = ("auto", "onnxruntime", "torch")
 ATTRIBUTION_ON = ("probability", "logit")
 FILL_UNITS = ("input", "pixel")
-# The layers whose changed region is recomputed as a tile, in order; conv5 tiles go into full-map copies.
-TILE_LAYERS = ("pool1", "conv2", "pool2", "conv3", "conv4", "conv5")
+# The layers whose changed region is recomputed as a tile, in order (pool1 .. conv5; block 1 computes conv1
+# inside its stage); conv5 tiles go into full-map copies for pool5 and the head.
+TILE_LAYERS = SPATIAL_LAYERS[1:SPATIAL_LAYERS.index("conv5") + 1]
+# Layers below conv5 whose activity is updated from a summed-area table of the unoccluded map.
+TILE_ACTIVITY_LAYERS = SPATIAL_LAYERS[:SPATIAL_LAYERS.index("conv5")]
+# The unoccluded maps the tiles are cut from: cache key -> layer (n = after LRN, c = after ReLU).
+CACHED = (("n1", "pool1"), ("c2", "conv2"), ("n2", "pool2"), ("c3", "conv3"), ("c4", "conv4"))
 # Cached maps are padded by this many zeros on every side so that every crop is a plain slice.
 MARGIN = 8
 
 
-@dataclass
-class OcclusionResult:
-    """What :meth:`OcclusionEngine.sweep` returns. Maps over positions are (ny, nx), row-major by window
-    start; ``attribution`` is (H, W) in input pixels. Maps not asked for are ``None``."""
-
-    window: int
-    stride: int
-    starts: np.ndarray                  # window starts along each axis (the same for rows and columns)
-    fill: np.ndarray                    # (3,) fill values as given, in ``fill_units``
-    fill_units: str                     # "input" (mean subtracted) or "pixel" (0..255)
-    target: int
-    layer: str
-    channel: int
-    attribution_on: str
-    base_logits: np.ndarray             # (num_classes,) of the unoccluded image
-    base_probability: float             # probability of ``target`` on the unoccluded image
-    base_activity: float                # total activation of ``layer``/``channel`` on the unoccluded image
-    probability: np.ndarray | None = None
-    argmax: np.ndarray | None = None
-    activity: np.ndarray | None = None
-    attribution: np.ndarray | None = None
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(self.starts), len(self.starts))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The maps that were computed, by name (what the CLI writes to ``occlusion.npz``)."""
-        return {name: getattr(self, name) for name in OUTPUTS if getattr(self, name) is not None}
-
-
 # ------------------------------------------------------------------------------------------------ geometry
-def window_starts(size: int, window: int, stride: int) -> np.ndarray:
-    """Captum's positions along one axis: ``ceil((size - window) / stride) + 1`` starts at ``i * stride``."""
-    return np.arange(math.ceil((size - window) / stride) + 1, dtype=np.int64) * stride
-
-
-def _layer_chain(model: ZFNet):
-    """(name, kernel, stride, padding, output size) for conv1 .. conv5 in forward order."""
-    sizes = model.spatial_sizes()
-    chain = []
-    for name in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5"):
-        k, s, p = CONV_GEOMETRY.get(name, POOL_GEOMETRY)
-        chain.append((name, k, s, p, sizes[name]))
-    return chain
-
-
 def _changed(lo, hi, k, s, p, n):
     """Outputs [lo', hi') of a k/s/p layer (n outputs) whose input window touches input rows [lo, hi)."""
     first = np.maximum(0, -(-(lo + p - k + 1) // s))
@@ -124,9 +82,9 @@ def _axis_plan(model: ZFNet, starts: np.ndarray, window: int) -> _AxisPlan:
     hi = np.minimum(lo + window, size)
     changed = {}
     a, b = lo, hi
-    for name, k, s, p, n in _layer_chain(model):
-        a, b = _changed(a, b, k, s, p, n)
-        changed[name] = (a, b, n)
+    for g in model.layer_chain()[:-1]:      # conv1 .. conv5 (pool5 reads full conv5 maps)
+        a, b = _changed(a, b, g.kernel, g.stride, g.padding, g.out_size)
+        changed[g.name] = (a, b, g.out_size)
     tiles = {}
     for name in TILE_LAYERS:
         a, b, n = changed[name]
@@ -149,193 +107,6 @@ def _groups(model: ZFNet, starts: np.ndarray, window: int, buckets: int) -> list
                       for i in range(len(starts))])
     order = np.argsort(sizes, kind="stable")
     return [chunk for chunk in np.array_split(order, min(buckets, len(starts))) if len(chunk)]
-
-
-# ------------------------------------------------------------------------------------------------ backends
-# Arrays between stages are "native": numpy on the CPU (thousands of small slice copies cost microseconds
-# there, while torch's small CPU ops pay thread-pool overhead each), torch tensors on a GPU.
-class _TorchStages:
-    """The tile stages as eager PyTorch (any device). Inputs arrive already padded, so convs use padding 0."""
-
-    def __init__(self, model: ZFNet, device: torch.device):
-        self.device = device
-        self.numpy = False   # whether the current call came with numpy arrays (CPU glue) or tensors
-        self.p = {name: (getattr(model, name).weight.detach().to(device),
-                         getattr(model, name).bias.detach().to(device))
-                  for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")}
-
-    def _in(self, a, first: bool = False):
-        if first:
-            self.numpy = isinstance(a, np.ndarray)
-        return torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
-
-    def _out(self, t):
-        return t.numpy() if self.numpy and t is not None else t
-
-    def early(self, name: str, x, mask, want_pool: bool, want_conv: bool):
-        """conv + ReLU (rows outside the real map zeroed by ``mask``) -> 3x3/2 max-pool -> LRN."""
-        w, b = self.p[name]
-        conv = F.relu(F.conv2d(self._in(x, True), w, b, stride=CONV_GEOMETRY[name][1])) * self._in(mask)
-        pool = F.max_pool2d(conv, POOL_GEOMETRY[0], POOL_GEOMETRY[1])
-        norm = F.local_response_norm(pool, **LRN_PARAMS)
-        return self._out(norm), self._out(pool if want_pool else None), self._out(conv if want_conv else None)
-
-    def conv(self, name: str, x):
-        w, b = self.p[name]
-        return self._out(F.relu(F.conv2d(self._in(x, True), w, b, stride=CONV_GEOMETRY[name][1])))
-
-    def pool_norm(self, name: str, x, want_pool: bool):
-        """3x3/2 max-pool (the crop holds exactly the rows it reads) -> LRN."""
-        pool = F.max_pool2d(self._in(x, True), POOL_GEOMETRY[0], POOL_GEOMETRY[1])
-        return self._out(F.local_response_norm(pool, **LRN_PARAMS)), self._out(pool if want_pool else None)
-
-    def head(self, c5, want: Sequence[str]):
-        out = {"pool5": F.max_pool2d(self._in(c5, True), POOL_GEOMETRY[0], POOL_GEOMETRY[1], ceil_mode=True)}
-        x = torch.flatten(out["pool5"], 1)
-        for name in ("fc6", "fc7"):
-            x = out[name] = F.relu(F.linear(x, *self.p[name]))
-        out["logits"] = F.linear(x, *self.p["fc8"])
-        return {k: self._out(v) for k, v in out.items()}
-
-
-class _OrtStages:
-    """The same stages as small ONNX graphs (written node by node) run by ONNX Runtime on the CPU; spatial
-    sizes are dynamic, so one session per stage serves every tile shape."""
-
-    def __init__(self, model: ZFNet, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-
-        def session(graph):
-            return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-        self.sessions = {"conv1": session(_early_graph(model, "conv1"))}
-        self.sessions.update({name: session(_conv_graph(model, name))
-                              for name in ("conv2", "conv3", "conv4", "conv5")})
-        self.sessions["pool2"] = session(_pool_norm_graph(model, "pool2"))
-        self.sessions["head"] = session(_head_graph(model))
-
-    def early(self, name, x, mask, want_pool, want_conv):
-        names = ["norm"] + (["pool"] if want_pool else []) + (["conv"] if want_conv else [])
-        got = dict(zip(names, self.sessions[name].run(names, {"x": x, "mask": mask})))
-        return got["norm"], got.get("pool"), got.get("conv")
-
-    def conv(self, name, x):
-        return self.sessions[name].run(["y"], {"x": x})[0]
-
-    def pool_norm(self, name, x, want_pool):
-        names = ["norm"] + (["pool"] if want_pool else [])
-        got = self.sessions[name].run(names, {"x": x})
-        return got[0], (got[1] if want_pool else None)
-
-    def head(self, c5, want):
-        names = ["logits"] + [n for n in ("pool5", "fc6", "fc7") if n in want]
-        return dict(zip(names, self.sessions["head"].run(names, {"x": c5})))
-
-
-def _onnx_parts(model: ZFNet, name: str):
-    from onnx import numpy_helper
-    w = getattr(model, name).weight.detach().cpu().numpy().astype(np.float32)
-    b = getattr(model, name).bias.detach().cpu().numpy().astype(np.float32)
-    return [numpy_helper.from_array(w, f"{name}.weight"), numpy_helper.from_array(b, f"{name}.bias")]
-
-
-def _onnx_model(nodes, inputs, outputs, initializers):
-    from onnx import helper
-    graph = helper.make_graph(nodes, "zfserve_occlusion_stage", inputs, outputs, initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _tensor(name, shape):
-    from onnx import TensorProto, helper
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-
-def _lrn_nodes(x: str, y: str, channels: int, prefix: str):
-    """Local response normalization as Mul -> banded 1x1 Conv -> root -> Div: ONNX Runtime's own LRN kernel
-    is over 10x slower on these small maps. y = x / (k + alpha/size * sum of x^2 over `size` maps)^beta."""
-    from onnx import helper, numpy_helper
-    size, alpha, beta, k = (LRN_PARAMS[key] for key in ("size", "alpha", "beta", "k"))
-    band = np.zeros((channels, channels, 1, 1), np.float32)
-    for c in range(channels):   # maps c - size//2 .. c + (size-1)//2, as PyTorch and ONNX LRN count them
-        band[c, max(0, c - size // 2):min(channels, c + (size - 1) // 2 + 1)] = alpha / size
-    inits = [numpy_helper.from_array(band, f"{prefix}.band"),
-             numpy_helper.from_array(np.full(channels, k, np.float32), f"{prefix}.k")]
-    nodes = [helper.make_node("Mul", [x, x], [f"{prefix}.sq"]),
-             helper.make_node("Conv", [f"{prefix}.sq", f"{prefix}.band", f"{prefix}.k"], [f"{prefix}.t"])]
-    if beta == 0.75:   # t^0.75 = sqrt(t) * sqrt(sqrt(t)): two square roots are far cheaper than Pow
-        nodes += [helper.make_node("Sqrt", [f"{prefix}.t"], [f"{prefix}.r2"]),
-                  helper.make_node("Sqrt", [f"{prefix}.r2"], [f"{prefix}.r4"]),
-                  helper.make_node("Mul", [f"{prefix}.r2", f"{prefix}.r4"], [f"{prefix}.d"]),
-                  helper.make_node("Div", [x, f"{prefix}.d"], [y])]
-    else:
-        inits.append(numpy_helper.from_array(np.array(-beta, np.float32), f"{prefix}.nb"))
-        nodes += [helper.make_node("Pow", [f"{prefix}.t", f"{prefix}.nb"], [f"{prefix}.d"]),
-                  helper.make_node("Mul", [x, f"{prefix}.d"], [y])]
-    return nodes, inits
-
-
-def _early_graph(model: ZFNet, name: str):
-    from onnx import helper
-    k, s, _ = CONV_GEOMETRY[name]
-    pk, ps, _ = POOL_GEOMETRY
-    channels = getattr(model, name).out_channels
-    lrn, lrn_inits = _lrn_nodes("pool", "norm", channels, f"{name}.lrn")
-    nodes = [
-        helper.make_node("Conv", ["x", f"{name}.weight", f"{name}.bias"], ["pre"], kernel_shape=[k, k],
-                         strides=[s, s], pads=[0, 0, 0, 0]),
-        helper.make_node("Relu", ["pre"], ["act"]),
-        helper.make_node("Mul", ["act", "mask"], ["conv"]),
-        helper.make_node("MaxPool", ["conv"], ["pool"], kernel_shape=[pk, pk], strides=[ps, ps]),
-        *lrn,
-    ]
-    inputs = [_tensor("x", ["n", getattr(model, name).in_channels, "h", "w"]), _tensor("mask", ["n", 1, "ch", "cw"])]
-    outputs = [_tensor(o, None) for o in ("norm", "pool", "conv")]
-    return _onnx_model(nodes, inputs, outputs, _onnx_parts(model, name) + lrn_inits)
-
-
-def _pool_norm_graph(model: ZFNet, name: str):
-    from onnx import helper
-    pk, ps, _ = POOL_GEOMETRY
-    channels = model.conv2.out_channels if name == "pool2" else model.conv1.out_channels
-    lrn, inits = _lrn_nodes("pool", "norm", channels, f"{name}.lrn")
-    nodes = [helper.make_node("MaxPool", ["x"], ["pool"], kernel_shape=[pk, pk], strides=[ps, ps]), *lrn]
-    return _onnx_model(nodes, [_tensor("x", ["n", channels, "h", "w"])],
-                       [_tensor(o, None) for o in ("norm", "pool")], inits)
-
-
-def _conv_graph(model: ZFNet, name: str):
-    from onnx import helper
-    k, s, _ = CONV_GEOMETRY[name]
-    nodes = [helper.make_node("Conv", ["x", f"{name}.weight", f"{name}.bias"], ["pre"], kernel_shape=[k, k],
-                              strides=[s, s], pads=[0, 0, 0, 0]),
-             helper.make_node("Relu", ["pre"], ["y"])]
-    inputs = [_tensor("x", ["n", getattr(model, name).in_channels, "h", "w"])]
-    return _onnx_model(nodes, inputs, [_tensor("y", None)], _onnx_parts(model, name))
-
-
-def _head_graph(model: ZFNet):
-    from onnx import helper
-    pk, ps, _ = POOL_GEOMETRY
-    nodes = [helper.make_node("MaxPool", ["x"], ["pool5"], kernel_shape=[pk, pk], strides=[ps, ps], ceil_mode=1),
-             helper.make_node("Flatten", ["pool5"], ["flat"], axis=1)]
-    previous, inits = "flat", []
-    for name in ("fc6", "fc7", "fc8"):
-        out = "logits" if name == "fc8" else f"{name}.pre"
-        nodes.append(helper.make_node("Gemm", [previous, f"{name}.weight", f"{name}.bias"], [out], transB=1))
-        if name != "fc8":
-            nodes.append(helper.make_node("Relu", [out], [name]))
-            previous = name
-        inits += _onnx_parts(model, name)
-    size = model.spatial_sizes()["conv5"]
-    inputs = [_tensor("x", ["n", model.conv5.out_channels, size, size])]
-    outputs = [_tensor(o, None) for o in ("logits", "pool5", "fc6", "fc7")]
-    return _onnx_model(nodes, inputs, outputs, inits)
 
 
 # ------------------------------------------------------------------------------------------------ glue
@@ -421,6 +192,17 @@ def _box_sums(table: np.ndarray, channel: int, row0: np.ndarray, col0: np.ndarra
 
 
 # ------------------------------------------------------------------------------------------------ engine
+@dataclass
+class _Base:
+    """The unoccluded pass: the padded maps the tiles are cut from, and what the sweep's maps compare with."""
+
+    caches: dict
+    logits: np.ndarray                  # float64 (num_classes,)
+    target: int
+    channel: int
+    activity: float                     # total activation of the activity layer's ``channel``
+
+
 class OcclusionEngine:
     """Occlusion sweeps over one image at a time; see the module docstring.
 
@@ -433,73 +215,41 @@ class OcclusionEngine:
 
     def __init__(self, model: ZFNet, *, device: str | torch.device = "cpu", batch_size: int | None = None,
                  backend: str = "auto", buckets: int | None = None):
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise InvalidArgumentError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}", field="device") from None
-        if self.device.type not in ("cpu", "cuda"):
-            raise InvalidArgumentError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}", field="device")
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise InvalidArgumentError("device 'cuda' was asked for but no CUDA device is available; use 'cpu'",
-                                       field="device")
+        self.device = checks.device(device)
         on_cpu = self.device.type == "cpu"
-        batch_size = (128 if on_cpu else 1024) if batch_size is None else batch_size
-        buckets = 1 if buckets is None else buckets
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidArgumentError(f"batch_size must be an integer >= 1, got {batch_size!r}",
-                                       field="batch_size")
-        if backend not in BACKENDS:
-            raise InvalidArgumentError(f"backend must be one of {list(BACKENDS)}, got {backend!r}",
-                                       field="backend")
-        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
-            raise InvalidArgumentError(f"buckets must be an integer >= 1, got {buckets!r}", field="buckets")
+        self.batch_size = checks.integer((128 if on_cpu else 1024) if batch_size is None else batch_size,
+                                         "batch_size", 1)
+        self.buckets = checks.integer(1 if buckets is None else buckets, "buckets", 1)
+        checks.choice(backend, "backend", BACKENDS)
         if backend == "auto":
-            backend = "onnxruntime" if self.device.type == "cpu" and _has_onnxruntime() else "torch"
-        if backend == "onnxruntime" and self.device.type != "cpu":
+            backend = "onnxruntime" if on_cpu and _has_onnxruntime() else "torch"
+        if backend == "onnxruntime" and not on_cpu:
             raise InvalidArgumentError(f"backend 'onnxruntime' runs on device 'cpu' only; use backend 'torch' "
                                        f"for {self.device}", field="backend")
         self.backend = backend
         self.model = model.eval()
-        self.batch_size = batch_size
-        self.buckets = buckets
         self.sizes = model.spatial_sizes()
-        self.num_classes = model.fc8.out_features
-        widths = {name: getattr(model, name).out_channels for name in ("conv1", "conv2", "conv3", "conv4", "conv5")}
-        self.channels = {**widths, "pool1": widths["conv1"], "pool2": widths["conv2"], "pool5": widths["conv5"],
-                         "fc6": model.fc6.out_features, "fc7": model.fc7.out_features,
-                         "fc8": model.fc8.out_features}
+        self.channels = model.channels()
+        self.num_classes = self.channels["fc8"]
         with torch.no_grad():
-            self.stages = _OrtStages(model) if backend == "onnxruntime" else _TorchStages(model, self.device)
+            self.stages = OrtStages(model) if backend == "onnxruntime" else TorchStages(model, self.device)
         self.stage_s: dict[str, float] = {}
         # Glue between stages in torch tensors (GPU) or numpy (CPU); tests flip it to run the GPU path on a CPU.
-        self.tensor_glue = self.device.type != "cpu"
+        self.tensor_glue = not on_cpu
 
     # -------------------------------------------------------------------------------------- validation
     def _check(self, window, stride, layer, channel, target, attribution_on, outputs):
-        size = self.model.input_size
-        for name, value in (("window", window), ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise InvalidArgumentError(f"{name} must be an integer, got {value!r}", field=name)
-        if not 1 <= window <= size:
-            raise InvalidArgumentError(f"window must be in 1..{size}, got {window}", field="window")
-        if not 1 <= stride <= window:
-            raise InvalidArgumentError(f"stride must be in 1..window ({window}), got {stride}", field="stride")
-        if layer not in LAYER_NAMES:
-            raise InvalidArgumentError(f"layer must be one of {list(LAYER_NAMES)}, got {layer!r}", field="layer")
-        if channel is not None and (isinstance(channel, bool) or not isinstance(channel, (int, np.integer))
-                                    or not 0 <= channel < self.channels[layer]):
-            raise InvalidArgumentError(f"channel must be in 0..{self.channels[layer] - 1} for layer {layer}, got "
-                                       f"{channel!r}", field="channel")
-        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, np.integer))
-                                   or not 0 <= target < self.num_classes):
-            raise InvalidArgumentError(f"target must be a class index in 0..{self.num_classes - 1}, got "
-                                       f"{target!r}", field="target")
-        if attribution_on not in ATTRIBUTION_ON:
-            raise InvalidArgumentError(f"attribution_on must be one of {list(ATTRIBUTION_ON)}, got "
-                                       f"{attribution_on!r}", field="attribution_on")
+        checks.integer(window, "window", 1, self.model.input_size, what="the input's side")
+        checks.integer(stride, "stride", 1, window, what="the window")
+        checks.layer(layer)
+        if channel is not None:
+            checks.integer(channel, "channel", 0, self.channels[layer] - 1, what=f"the maps of {layer}")
+        if target is not None:
+            checks.integer(target, "target", 0, self.num_classes - 1, what="the model's class indices")
+        checks.choice(attribution_on, "attribution_on", ATTRIBUTION_ON)
         if not outputs or any(o not in OUTPUTS for o in outputs):
-            raise InvalidArgumentError(f"outputs must be a non-empty subset of {list(OUTPUTS)}, got "
-                                       f"{list(outputs)}", field="outputs")
+            raise InvalidArgumentError(f"outputs: {list(outputs)} not accepted; accepted: a non-empty subset of "
+                                       f"{list(OUTPUTS)}", field="outputs")
 
     def _image(self, image) -> np.ndarray:
         size = self.model.input_size
@@ -561,45 +311,60 @@ class OcclusionEngine:
         self._check(window, stride, layer, channel, target, attribution_on, outputs)
         window, stride = int(window), int(stride)
         x = self._image(image)
-        size = self.model.input_size
         fill_values, fill_map = self._fill(fill, fill_units)
-        timings = {}
+        want_activity = "activity" in outputs
         self.stage_s = {}
         t0 = time.perf_counter()
+        base = self._base_pass(x, fill_map, layer, channel, target, want_activity)
+        timings = {"base_s": time.perf_counter() - t0}
+        starts = window_starts(self.model.input_size, window, stride)
+        logits, activity = self._occluded_passes(base, starts, window, layer if want_activity else None, progress)
+        timings["sweep_s"] = time.perf_counter() - t0 - timings["base_s"]
+        timings["stages_s"] = dict(self.stage_s)   # summed over the base pass and the sweep
+        result = OcclusionResult(
+            window=window, stride=stride, starts=starts, fill=fill_values, fill_units=fill_units,
+            target=base.target, layer=layer, channel=base.channel, attribution_on=attribution_on,
+            base_logits=base.logits.astype(np.float32), base_probability=float(_softmax(base.logits)[base.target]),
+            base_activity=base.activity, timings=timings, backend=self.backend)
+        self._fill_maps(result, base.logits, logits, activity, outputs)
+        return result
 
-        # The unoccluded pass runs through the same tile code: one position with an empty window, tiles that
-        # cover whole maps, and all-zero caches (so each crop is exactly the tile pasted into it).
+    def _base_pass(self, x: np.ndarray, fill_map: np.ndarray, layer: str, channel, target, want_activity) -> _Base:
+        """The unoccluded pass, through the same tile code: one position with an empty window, tiles that
+        cover whole maps, and all-zero caches (so each crop is exactly the tile pasted into it)."""
+        size = self.model.input_size
         caches = {"image": _pad(self._native(x)),
                   "baseline": _pad(self._native(np.broadcast_to(fill_map, (3, size, size))))}
-        for key, name in (("n1", "pool1"), ("c2", "conv2"), ("n2", "pool2"), ("c3", "conv3"), ("c4", "conv4")):
+        for key, name in CACHED:
             caches[key] = _pad(self._native(np.zeros((self.channels[name], self.sizes[name], self.sizes[name]))))
         full = _full_plan(self.model)
         origin = np.zeros(1, np.int64)
         base = self._tiles(caches, full, full, origin, origin, layer, want_all=True)
         maps = base["maps"]
         base.update(self._head(base["c5"], None, 0, want_all=True))
-        for key in ("n1", "c2", "n2", "c3", "c4"):
+        for key, _ in CACHED:
             caches[key] = _pad(maps[key][0])
         caches["c5"] = maps["conv5"][0]
-        base_logits = _numpy(base["logits"])[0].astype(np.float64)
+        logits = _numpy(base["logits"])[0].astype(np.float64)
         values = _numpy(maps[layer] if layer in maps else base["head"][layer])[0].astype(np.float64)
         per_channel = values.reshape(self.channels[layer], -1).sum(1)
         channel = int(per_channel.argmax()) if channel is None else int(channel)
-        target = int(base_logits.argmax()) if target is None else int(target)
-        want_activity = "activity" in outputs
-        if want_activity and layer in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4"):
+        if want_activity and layer in TILE_ACTIVITY_LAYERS:
             # Activity of a tile layer = base total - base sum under the tile + the tile's new sum.
             n = self.sizes[layer]
             caches["activity_table"] = _integral(np.pad(values[:, :n, :n],
                                                         ((0, 0), (MARGIN, MARGIN), (MARGIN, MARGIN))))
         caches["activity_total"] = per_channel[channel]
-        timings["base_s"] = time.perf_counter() - t0
+        return _Base(caches, logits, int(logits.argmax()) if target is None else int(target), channel,
+                     float(per_channel[channel]))
 
-        starts = window_starts(size, window, stride)
+    def _occluded_passes(self, base: _Base, starts: np.ndarray, window: int, layer: str | None, progress):
+        """Logits (ny, nx, C) float32 of every occluded position and, when ``layer`` is given, the activity of
+        its ``base.channel`` (ny, nx) float64; tiles run in batches, the head on batches pooled across groups."""
         count = len(starts)
         total = count * count
         logits = np.empty((count, count, self.num_classes), dtype=np.float32)
-        activity = np.empty((count, count), dtype=np.float64) if want_activity else None
+        activity = np.empty((count, count), dtype=np.float64) if layer is not None else None
         groups = _groups(self.model, starts, window, self.buckets)
         plans = [_axis_plan(self.model, starts[g], window) for g in groups]
         queue, done = [], 0
@@ -610,9 +375,9 @@ class OcclusionEngine:
             cols = np.concatenate([q[1] for q in queue])
             c5 = [q[2] for q in queue]
             c5 = np.concatenate(c5) if isinstance(c5[0], np.ndarray) else torch.cat(c5)
-            got = self._head(c5, layer if want_activity else None, channel)
+            got = self._head(c5, layer, base.channel)
             logits[rows, cols] = _numpy(got["logits"])
-            if want_activity:
+            if activity is not None:
                 activity[rows, cols] = got["activity"] if "activity" in got else \
                     np.concatenate([q[3] for q in queue])
             done += len(rows)
@@ -626,36 +391,30 @@ class OcclusionEngine:
                 # Even batches: a group of 72 runs as 36 + 36, not 64 + 8.
                 for part in np.array_split(np.arange(len(iy)), -(-len(iy) // self.batch_size)):
                     by, bx = iy[part], ix[part]
-                    got = self._tiles(caches, plan_y, plan_x, by, bx, layer if want_activity else None,
-                                      channel=channel)
+                    got = self._tiles(base.caches, plan_y, plan_x, by, bx, layer, channel=base.channel)
                     queue.append((gy[by], gx[bx], got["c5"], got.get("activity")))
                     if sum(len(q[0]) for q in queue) >= self.batch_size:
                         run_head()
         if queue:
             run_head()
-        timings["sweep_s"] = time.perf_counter() - t0 - timings["base_s"]
-        timings["stages_s"] = dict(self.stage_s)   # summed over the base pass and the sweep
+        return logits, activity
 
+    def _fill_maps(self, result: OcclusionResult, base_logits, logits, activity, outputs) -> None:
+        """Put the maps named in ``outputs`` into ``result``."""
         probs = _softmax(logits.astype(np.float64))
-        base_probs = _softmax(base_logits)
-        result = OcclusionResult(
-            window=window, stride=stride, starts=starts, fill=fill_values, fill_units=fill_units, target=target,
-            layer=layer, channel=channel, attribution_on=attribution_on, base_logits=base_logits.astype(np.float32),
-            base_probability=float(base_probs[target]), base_activity=float(per_channel[channel]),
-            timings=timings)
+        target = result.target
         if "probability" in outputs:
             result.probability = probs[..., target].astype(np.float32)
         if "argmax" in outputs:
             result.argmax = logits.argmax(-1)
-        if want_activity:
+        if activity is not None:
             result.activity = activity.astype(np.float32)
         if "attribution" in outputs:
-            if attribution_on == "probability":
-                drop = base_probs[target] - probs[..., target]
+            if result.attribution_on == "probability":
+                drop = _softmax(base_logits)[target] - probs[..., target]
             else:
                 drop = base_logits[target] - logits[..., target].astype(np.float64)
-            result.attribution = per_pixel(drop, starts, window, size)
-        return result
+            result.attribution = result.per_pixel(drop, self.model.input_size)
 
     # -------------------------------------------------------------------------------------- one batch
     def _tiles(self, caches, plan_y: _AxisPlan, plan_x: _AxisPlan, by, bx, layer, *, channel=0, want_all=False):
@@ -768,17 +527,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
-
-
-def per_pixel(values: np.ndarray, starts: np.ndarray, window: int, size: int) -> np.ndarray:
-    """A map over window positions -> (size, size): each pixel gets the mean of the values of the windows that
-    covered it (Captum Occlusion's attribution when ``values`` are the drops)."""
-    pixels = np.arange(size)
-    cover = ((pixels[None, :] >= starts[:, None]) & (pixels[None, :] < starts[:, None] + window)).astype(np.float64)
-    values = np.asarray(values, dtype=np.float64)
-    total = cover.T @ values @ cover
-    count = cover.T @ np.ones_like(values) @ cover
-    return (total / count).astype(np.float32)
 
 
 def _has_onnxruntime() -> bool:

@@ -5,8 +5,7 @@ Library use::
     from zfserve.server import ServerOptions, serve
     asyncio.run(serve(ServerOptions(port=8001)))
 
-Names are imported lazily, so light modules of this package (``tensors``, used by the client) do not pull in
-the engines.
+Names are imported lazily, so that importing one module of this package does not start all of them.
 """
 
 __all__ = ["BatcherConfig", "ServerOptions", "ZFServer", "serve"]

@@ -25,6 +25,7 @@ from .._proto.inference import grpc_service_pb2 as oip_pb
 from .._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from .._proto.v1 import zfserve_pb2 as v1_pb
 from .._proto.v1 import zfserve_pb2_grpc as v1_grpc
+from .. import _checks as checks
 from ..errors import InvalidArgumentError
 from .auth import BearerTokenInterceptor, read_token
 from .batcher import BatcherConfig, DynamicBatcher
@@ -33,6 +34,7 @@ from .metrics import Metrics
 from .oip import InferenceServicer
 from .repository import ModelRepository
 from .service import ZFServeServicer
+from .status import Unavailable
 
 log = logging.getLogger("zfserve.server")
 
@@ -70,9 +72,7 @@ class ServerOptions:
 
     def validate(self) -> None:
         def bounded(name, value, lo, hi):
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                flag = "--" + name.replace("_", "-")
-                raise InvalidArgumentError(f"{flag}: {value!r} out of range; accepted {lo}..{hi}", field=name)
+            checks.integer(value, name, lo, hi, label="--" + name.replace("_", "-"))
 
         b = self.batching
         bounded("port", self.port, 0, 65535)
@@ -118,6 +118,14 @@ class AppState:
     @property
     def ready(self) -> bool:
         return not self.shutting_down and all(m.ready for m in self.repository)
+
+    def serving(self, model):
+        """``model`` when it may take work now; UNAVAILABLE (retry) while shutting down or still loading."""
+        if self.shutting_down:
+            raise Unavailable("server is shutting down; retry on another replica")
+        if not model.ready:
+            raise Unavailable(f"model {model.name!r} is still loading; retry shortly")
+        return model
 
 
 def _register_in_pool(module) -> None:

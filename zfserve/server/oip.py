@@ -15,14 +15,14 @@ import asyncio
 import numpy as np
 
 from .. import __version__
+from .. import _checks as checks
 from .._proto.inference import grpc_service_pb2 as pb
 from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from .._proto.inference import model_config_pb2 as mc
 from ..errors import InvalidArgumentError, NotFoundError
 from ..preprocess import load_images
+from ..wire import OIP_DTYPES, check_images, decode_bytes_elements, from_raw
 from .handlers import deadline_of, unary
-from .status import Unavailable
-from .tensors import OIP_DTYPES, check_images, decode_bytes_elements, from_raw
 
 PLATFORM = "onnxruntime_onnx"
 IMAGE_INPUT = "image"
@@ -53,12 +53,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return model
 
     def _ready_model(self, name: str, version: str):
-        model = self._model(name, version)
-        if self.state.shutting_down:
-            raise Unavailable("server is shutting down; retry on another replica")
-        if not model.ready:
-            raise Unavailable(f"model {model.name!r} is still loading; retry shortly")
-        return model
+        return self.state.serving(self._model(name, version))
 
     @unary("ServerLive")
     async def ServerLive(self, request, context):
@@ -163,10 +158,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         timeout_us = None
         if "timeout" in request.parameters:
             value = _param_value(request.parameters["timeout"])
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidArgumentError("parameters.timeout: must be an integer >= 0 (microseconds)",
-                                           field="parameters.timeout")
-            timeout_us = value or None
+            timeout_us = checks.integer(value, "parameters.timeout", 0, what="microseconds") or None
         images = await self._inputs(request, model)
         deadline, _ = deadline_of(context)
         probs = await model.batcher.submit(images, timeout_us=timeout_us, deadline=deadline)

@@ -56,8 +56,8 @@ class ServedModel:
         """The PyTorch model (for layer facts, deconv and occlusion), loaded once."""
         with self._lock:
             if self._torch_model is None:
-                from ..model import load
-                self._torch_model = load(self.source, device=self.device)
+                from ..weights import load_model
+                self._torch_model = load_model(self.source, device=self.device)
             return self._torch_model
 
     def deconv_engine(self):

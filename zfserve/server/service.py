@@ -8,13 +8,13 @@ import json
 
 import numpy as np
 
+from .. import _checks as checks
+from .. import render, wire
 from .._proto.v1 import zfserve_pb2 as pb
 from .._proto.v1 import zfserve_pb2_grpc as pb_grpc
 from ..errors import InvalidArgumentError
-from ..preprocess import load_images
+from ..preprocess import load_images, to_display
 from .handlers import deadline_of, server_stream, unary
-from .status import Unavailable
-from .tensors import array_to_tensor, check_images, tensor_to_array
 
 DEFAULT_TOP_K = 5
 DEFAULT_DECONV_TOP_K = 9
@@ -34,12 +34,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
 
     # ------------------------------------------------------------------------------------------- helpers
     def _model(self, name: str):
-        model = self.state.repository.get(name)
-        if self.state.shutting_down:
-            raise Unavailable("server is shutting down; retry on another replica")
-        if not model.ready:
-            raise Unavailable(f"model {model.name!r} is still loading; retry shortly")
-        return model
+        return self.state.serving(self.state.repository.get(name))
 
     async def _images(self, images: pb.Images, model, *, exactly_one: bool = False) -> np.ndarray:
         """The request's images -> preprocessed float32 (N, 3, S, S); encoded ones are decoded off the loop."""
@@ -53,8 +48,8 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                                            field="images.encoded")
             return await asyncio.to_thread(load_images, list(images.encoded), model.config, field="images.encoded")
         if has_tensor:
-            arr = tensor_to_array(images.tensor, "images.tensor")
-            return check_images(arr, "images.tensor", model.input_size, max_images)
+            arr = wire.tensor_to_array(images.tensor, "images.tensor")
+            return wire.check_images(arr, "images.tensor", model.input_size, max_images)
         raise InvalidArgumentError("images: empty; send images.encoded (JPEG/PNG/WebP bytes) or images.tensor "
                                    f"(float32 (N, 3, {model.input_size}, {model.input_size}))", field="images")
 
@@ -71,21 +66,17 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         deadline, _ = deadline_of(context)
         probs = await model.batcher.submit(images, deadline=deadline)
         response = pb.ClassifyResponse(model=model.name, model_version=model.version)
-        for preds in model.classifier.top_k(probs, top_k):
-            response.predictions.add(classes=[pb.ClassScore(index=int(p.index), name=p.name,
-                                                            probability=float(p.probability)) for p in preds])
+        wire.add_predictions(response, model.classifier.top_k(probs, top_k))
         if request.return_probabilities:
-            response.probabilities.CopyFrom(array_to_tensor(np.asarray(probs, dtype=np.float32), pb.Tensor))
+            response.probabilities.CopyFrom(wire.array_to_tensor(np.asarray(probs, dtype=np.float32)))
         return response
 
     # ------------------------------------------------------------------------------------------- Deconv
     @unary("DeconvProject")
     async def DeconvProject(self, request, context):
         model = self._model(request.model)
-        from ..engine.deconv import PROJECTABLE
-        if request.layer not in PROJECTABLE:
-            raise InvalidArgumentError(f"layer: {request.layer!r} cannot be projected; accepted: "
-                                       f"{list(PROJECTABLE)}", field="layer")
+        from ..engine.deconv import PROJECTABLE   # torch: loaded with the first deconv request, not at start-up
+        checks.layer(request.layer, PROJECTABLE)
         if request.units and request.maps:
             raise InvalidArgumentError("units/maps: give one of them, not both", field="units")
         images = await self._images(request.images, model)
@@ -105,75 +96,21 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         def work(job):
             engine = model.deconv_engine()
             job.check()
-            return engine.project(images, request.layer, top_k=top_k, one_per_map=not request.allow_same_map,
-                                  units=units, maps=maps)
+            projected = engine.project(images, request.layer, top_k=top_k, one_per_map=not request.allow_same_map,
+                                       units=units, maps=maps)
+            for unit in projected:   # PNG encoding is CPU work too: on this worker, off the event loop
+                if request.return_png:
+                    unit.png = render.png_bytes(render.signed_to_rgb(unit.projection))
+                if request.return_patches:
+                    unit.patch_png = render.png_bytes(render.patch_to_rgb(unit.patch, model.config, unit.box))
+            return wire.deconv_response(model.name, projected, tensor=request.return_tensor)
 
-        projections = await self.state.heavy.run(work, deadline_mono=deadline_mono)
-        response = pb.DeconvResponse(model=model.name)
-        from .. import render
-        for unit in projections:
-            x0, y0, x1, y1 = unit.box
-            item = response.projections.add(
-                image_index=unit.image_index, layer=unit.layer,
-                unit=pb.Unit(channel=unit.channel, y=unit.y, x=unit.x), activation=float(unit.activation),
-                box=pb.Box(y0=y0, x0=x0, y1=y1, x1=x1))
-            if request.return_png:
-                item.png = render.png_bytes(render.projection_to_rgb(unit.projection))
-            if request.return_patches:
-                item.patch_png = render.png_bytes(render.patch_to_rgb(unit.patch, model.config, unit.box))
-        if request.return_tensor and projections:
-            stack = np.stack([u.projection for u in projections]).astype(np.float32)
-            response.tensor.CopyFrom(array_to_tensor(stack, pb.Tensor))
-        return response
+        return await self.state.heavy.run(work, deadline_mono=deadline_mono)
 
     # ------------------------------------------------------------------------------------------- Occlusion
-    def _sweep_args(self, request, model) -> dict:
-        fill_kind = request.WhichOneof("fill")
-        if fill_kind == "fill_value":
-            fill = float(request.fill_value)
-        elif fill_kind == "fill_per_channel":
-            values = tensor_to_array(request.fill_per_channel, "fill_per_channel")
-            if values.shape != (3,):
-                raise InvalidArgumentError(f"fill_per_channel: shape must be (3,), got {list(values.shape)}",
-                                           field="fill_per_channel")
-            fill = values.astype(np.float64)
-        else:
-            fill = "mean"
-        args = dict(window=request.window or DEFAULT_WINDOW, stride=request.stride or DEFAULT_STRIDE, fill=fill,
-                    target=request.target if request.HasField("target") else None,
-                    layer=request.activity_layer or "conv5",
-                    channel=request.activity_channel if request.HasField("activity_channel") else None,
-                    attribution_on="logit" if request.attribution_on_logits else "probability",
-                    fill_units="pixel" if request.fill_in_pixels else "input")
-        if request.outputs:
-            args["outputs"] = tuple(request.outputs)
-        return args
-
-    def _sweep_response(self, result, model, return_png: bool, image, backend: str) -> pb.OcclusionResponse:
-        ny, nx = result.shape
-        response = pb.OcclusionResponse(
-            model=model.name, target=int(result.target), positions_y=ny, positions_x=nx,
-            activity_layer=result.layer, activity_channel=int(result.channel),
-            base_probability=float(result.base_probability), base_activity=float(result.base_activity),
-            starts=[int(s) for s in result.starts], window=int(result.window), stride=int(result.stride),
-            fill=[float(v) for v in np.asarray(result.fill).reshape(-1)], fill_units=result.fill_units,
-            attribution_on=result.attribution_on, backend=backend,
-            seconds=float(sum(result.timings.get(k, 0.0) for k in ("base_s", "sweep_s"))))
-        for name, arr in result.arrays().items():
-            arr = np.asarray(arr)
-            arr = arr.astype(np.int64 if name == "argmax" else np.float32, copy=False)
-            getattr(response, name).CopyFrom(array_to_tensor(arr, pb.Tensor))
-        if return_png:
-            from .. import render
-            from ..preprocess import to_display
-            pictures = render.occlusion_pictures(result, to_display(image, model.config), model.config.class_names)
-            for name, picture in pictures.items():
-                response.png[name] = render.png_bytes(picture)
-        return response
-
     async def _start_sweep(self, request, context, on_progress=None):
         model = self._model(request.model)
-        args = self._sweep_args(request, model)
+        args = wire.sweep_arguments(request, window=DEFAULT_WINDOW, stride=DEFAULT_STRIDE)
         images = await self._images(request.images, model, exactly_one=True)
         _, deadline_mono = deadline_of(context)
 
@@ -181,8 +118,11 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
             engine = model.occlusion_engine()
             job.check()
             result = engine.sweep(images[0], progress=job.progress, **args)
-            # Rendering is CPU work too: keep it on this worker, off the event loop.
-            return self._sweep_response(result, model, request.return_png, images[0], engine.backend)
+            if request.return_png:   # rendering is CPU work too: keep it on this worker, off the event loop
+                pictures = render.occlusion_pictures(result, to_display(images[0], model.config),
+                                                     model.config.class_names)
+                result.png = {name: render.png_bytes(picture) for name, picture in pictures.items()}
+            return wire.occlusion_response(model.name, result)
 
         return self.state.heavy.run(work, deadline_mono=deadline_mono, on_progress=on_progress)
 

@@ -1,0 +1,263 @@
+"""``zfserve info``, ``export``, ``classify`` and ``serve``: a model's facts, its ONNX export, classification
+(locally or on a server) and the server itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+from .. import _checks as checks
+from ..errors import ZFServeError
+from .common import CommandError, EXIT_USAGE, add_server_option, model_help, remote_client
+
+
+# ---------------------------------------------------------------------------------------------------- info
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="layers, shapes, parameter counts and receptive fields of a model")
+    p.add_argument("--model", default=None, help=model_help())
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from ..weights import load_model
+    model = load_model(args.model)
+    layers = model.layer_info()
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    if args.json:
+        print(json.dumps({
+            "model": cfg.name, "version": cfg.version, "num_classes": cfg.num_classes,
+            "input": [3, cfg.input_size, cfg.input_size], "parameters": total,
+            "layers": [{"name": li.name, "shape": list(li.shape), "parameters": li.params,
+                        "receptive_field": li.receptive_field, "stride": li.jump} for li in layers],
+            "preprocess": cfg.preprocess.to_json(),
+        }, indent=2))
+        return 0
+    print(f"model {cfg.name} (version {cfg.version}), {cfg.num_classes} classes, input 3x{cfg.input_size}x"
+          f"{cfg.input_size}")
+    print(f"{'layer':<7}{'output':>16}{'params':>14}{'receptive field':>17}{'stride':>8}")
+    for li in layers:
+        shape = "x".join(str(s) for s in li.shape)
+        rf = f"{li.receptive_field}px" if li.receptive_field else "-"
+        print(f"{li.name:<7}{shape:>16}{li.params:>14,}{rf:>17}{li.jump or '-':>8}")
+    print(f"{'total':<7}{'':>16}{total:>14,}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX (checked by onnx.checker and against PyTorch)")
+    p.add_argument("--model", default=None, help=model_help())
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="output file (default: the cached model.onnx in the model directory or the user cache, "
+                        "re-exported only when the weights changed)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (with --out)")
+    p.add_argument("--extra-outputs", default="", metavar="LAYERS",
+                   help="comma-separated layer names to add as outputs, e.g. conv5,pool5 (with --out)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from ..export import META_OUTPUTS, META_WEIGHTS_HASH, ensure_onnx, export_onnx, read_metadata
+    from ..weights import load_model
+    from ..weights import WEIGHTS_FILE, default_model_name, resolve_model_dir, weights_hash
+
+    extra = tuple(name.strip() for name in args.extra_outputs.split(",") if name.strip())
+    if args.out is None:
+        if extra or args.opset != 17:
+            raise CommandError("--opset and --extra-outputs need --out FILE (the cached model.onnx is opset 17 "
+                               "with logits and probabilities only)", field="out")
+        path = ensure_onnx(args.model)
+    else:
+        path = Path(args.out)
+        if path.is_dir():
+            raise CommandError(f"--out: {path} is a directory; give a file name such as {path / 'model.onnx'}",
+                               field="out")
+        directory = resolve_model_dir(args.model or default_model_name())
+        source = dict(weights_sha256=weights_hash(directory), weights_source=WEIGHTS_FILE) if directory else {}
+        path = export_onnx(load_model(args.model), path, extra_outputs=extra, opset=args.opset, **source)
+    meta = read_metadata(path)
+    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, outputs {', '.join(json.loads(meta[META_OUTPUTS]))}, "
+          f"weights sha256 {meta[META_WEIGHTS_HASH][:16]}, checked against PyTorch")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- classify
+MAX_CLI_BATCH = 1024
+
+
+def add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="classify images with ONNX Runtime: top-k classes per image",
+                       description=cmd_classify.__doc__)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG or WebP files")
+    p.add_argument("--model", default=None, help=model_help())
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (1..number of classes; default 5)")
+    p.add_argument("--batch-size", type=int, default=32, help=f"images per run (1..{MAX_CLI_BATCH}; default 32)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print one JSON array instead of one line per image")
+    add_server_option(p)
+    p.set_defaults(func=cmd_classify)
+
+
+def cmd_classify(args) -> int:
+    """Classify images locally. A file that cannot be read is reported on stderr (one line per file) and
+    skipped; the others are still classified; the exit status is then 2."""
+    import numpy as np
+
+    from ..engine.classifier import Classifier
+    from ..preprocess import load_image
+
+    checks.integer(args.batch_size, "batch_size", 1, MAX_CLI_BATCH, label="--batch-size")
+    checks.integer(args.top_k, "top_k", 1, label="--top-k", what="the model's classes")
+    if args.threads is not None:
+        checks.integer(args.threads, "threads", 1, label="--threads")
+    output = _ClassifyOutput(args)
+    if args.server:
+        return _classify_remote(args, output)
+    classifier = Classifier(args.model, max_batch_size=args.batch_size, threads=args.threads)
+    checks.integer(args.top_k, "top_k", 1, classifier.num_classes, label="--top-k", what="the model's classes")
+    for start in range(0, len(args.images), args.batch_size):
+        arrays, good = [], []
+        for index in range(start, min(len(args.images), start + args.batch_size)):
+            try:
+                arrays.append(load_image(args.images[index], classifier.config, field="image"))
+                good.append(index)
+            except ZFServeError as exc:
+                output.fail(index, str(exc))
+        for index, preds in zip(good, classifier.classify(np.stack(arrays), args.top_k) if arrays else []):
+            output.done(index, preds)
+    return output.finish()
+
+
+class _ClassifyOutput:
+    """What ``classify`` prints, whether it ran here or on a server: a line per image as its batch is done (or
+    one JSON array, in the order given, at the end); a line on stderr per image that could not be read."""
+
+    def __init__(self, args):
+        self.args, self.records, self.failed = args, [], 0
+
+    def fail(self, index: int, message: str) -> None:
+        self.failed += 1
+        print(f"zfserve classify: error: {self.args.images[index]}: {message}", file=sys.stderr)
+        self.records.append((index, {"image": self.args.images[index], "error": message}))
+
+    def done(self, index: int, preds) -> None:
+        path = self.args.images[index]
+        if self.args.json:
+            self.records.append((index, {"image": path, "predictions": [
+                {"index": p.index, "name": p.name, "probability": p.probability} for p in preds]}))
+        else:
+            print(f"{path}: " + "; ".join(f"{p.name} ({p.probability:.4f})" for p in preds), flush=True)
+
+    def finish(self) -> int:
+        if self.args.json:
+            print(json.dumps([record for _, record in sorted(self.records, key=lambda r: r[0])], indent=2))
+        return EXIT_USAGE if self.failed else 0
+
+
+def _classify_remote(args, output: _ClassifyOutput) -> int:
+    """``classify --server``: the server decodes and classifies; same output as the local run. An image the
+    server refuses is reported like a local decode error (its batch is resent without it)."""
+    with remote_client(args) as client:
+        for start in range(0, len(args.images), args.batch_size):
+            chunk = []
+            for index in range(start, min(len(args.images), start + args.batch_size)):
+                try:
+                    with open(args.images[index], "rb") as fh:
+                        chunk.append((index, fh.read()))
+                except OSError:  # worded as the local decoder words it
+                    output.fail(index, f"image: no such file: {args.images[index]}")
+            while chunk:
+                try:
+                    predictions = client.classify([data for _, data in chunk], top_k=args.top_k,
+                                                  model=args.model or "")
+                except ZFServeError as exc:
+                    bad = re.search(r"images\.encoded\[(\d+)\]", getattr(exc, "details", ""))
+                    if bad is None or int(bad.group(1)) >= len(chunk):
+                        raise
+                    index, _ = chunk.pop(int(bad.group(1)))
+                    output.fail(index, exc.details.replace(f"images.encoded[{bad.group(1)}]", "image"))
+                    continue
+                for (index, _), preds in zip(chunk, predictions):
+                    output.done(index, preds)
+                break
+    return output.finish()
+
+
+# ---------------------------------------------------------------------------------------------------- serve
+def add_serve(sub) -> None:
+    from ..server.app import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT
+    from ..server.batcher import BatcherConfig
+
+    b = BatcherConfig()
+    p = sub.add_parser("serve", help="run the gRPC server (zfserve.v1 API + Open Inference Protocol)",
+                       description=cmd_serve.__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 = a free one)")
+    p.add_argument("--model-repository", default=None, metavar="DIR",
+                   help="serve every model sub-directory of DIR (named after it), as in Triton")
+    p.add_argument("--model", default=None, help=model_help() + "; ignored with --model-repository")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="engine device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    g = p.add_argument_group("dynamic batching (Triton's knobs; shared by Classify and ModelInfer)")
+    g.add_argument("--max-batch-size", type=int, default=b.max_batch_size,
+                   help=f"most images per engine call; 1 turns batching off (default {b.max_batch_size})")
+    g.add_argument("--max-queue-delay-us", type=int, default=b.max_queue_delay_us,
+                   help="longest wait after the oldest queued request before a partial batch leaves "
+                        f"(default {b.max_queue_delay_us})")
+    g.add_argument("--max-queue-size", type=int, default=b.max_queue_size,
+                   help=f"most waiting requests; more are rejected with UNAVAILABLE (0 = unbounded; default "
+                        f"{b.max_queue_size})")
+    g.add_argument("--default-timeout-us", type=int, default=b.default_timeout_us,
+                   help="longest queue wait before UNAVAILABLE (0 = none; requests may lower it; default 0)")
+    g.add_argument("--max-images-per-request", type=int, default=64, help="images per request (default 64)")
+    g.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                   help=f"gRPC receive and send limit (default {DEFAULT_MAX_MESSAGE_BYTES})")
+    h = p.add_argument_group("deconv and occlusion (run apart from classification)")
+    h.add_argument("--heavy-workers", type=int, default=1, help="concurrent deconv/occlusion computations "
+                   "(default 1)")
+    h.add_argument("--heavy-queue-size", type=int, default=4, help="more that may wait; beyond, UNAVAILABLE "
+                   "(default 4)")
+    h.add_argument("--heavy-threads", type=int, default=1, help="PyTorch threads for them, so classification keeps "
+                                                                "the other cores (default 1)")
+    s = p.add_argument_group("security")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
+    s.add_argument("--tls-key", default=None, help="PEM private key")
+    s.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mTLS)")
+    s.add_argument("--auth-token-file", default=None,
+                   help="require 'authorization: Bearer <token>' (token read from this file; health exempt)")
+    o = p.add_argument_group("operations")
+    o.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    o.add_argument("--shutdown-grace-s", type=float, default=30.0,
+                   help="on SIGTERM, how long accepted requests may take to finish (default 30)")
+    o.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="debug logs one line per request (default info)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    """Serve classification, deconv projections and occlusion maps over gRPC, plus the Open Inference Protocol
+    (tritonclient works unmodified), on one port. SIGTERM: health NOT_SERVING, finish accepted requests, exit 0.
+    Overload (queue full, queue timeout) answers UNAVAILABLE."""
+    import asyncio
+
+    from ..server.app import ServerOptions, configure_logging, serve
+    from ..server.batcher import BatcherConfig
+
+    configure_logging(args.log_level)
+    options = ServerOptions(
+        host=args.host, port=args.port, model_repository=args.model_repository, model=args.model,
+        device=args.device, threads=args.threads,
+        batching=BatcherConfig(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                               max_queue_size=args.max_queue_size, default_timeout_us=args.default_timeout_us),
+        max_images_per_request=args.max_images_per_request, max_message_bytes=args.max_message_bytes,
+        heavy_workers=args.heavy_workers, heavy_queue_size=args.heavy_queue_size, heavy_threads=args.heavy_threads,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file, metrics_port=args.metrics_port,
+        shutdown_grace_s=args.shutdown_grace_s)
+    options.validate()
+    return asyncio.run(serve(options))

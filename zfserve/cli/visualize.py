@@ -1,0 +1,147 @@
+"""``zfserve deconv`` and ``occlude``: deconvnet projections and occlusion maps of one image, computed locally or
+on a server, written by ``zfserve.render`` into the same output directory either way."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .. import _checks as checks
+from .common import CommandError, add_server_option, model_help, progress_bar, remote_client
+
+
+# ---------------------------------------------------------------------------------------------------- deconv
+def add_deconv(sub) -> None:
+    p = sub.add_parser("deconv", help="deconvnet projections of a layer's strongest (or given) units to pixels",
+                       description=cmd_deconv.__doc__)
+    p.add_argument("image", metavar="IMAGE", help="JPEG, PNG or WebP file")
+    p.add_argument("--layer", default="conv5", help="conv1..conv5, pool1, pool2 or pool5 (default conv5)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="strongest units, at most one per feature map (1..maps in the layer; default 9 "
+                        "unless --units is given)")
+    p.add_argument("--units", nargs="+", default=None, metavar="C,Y,X",
+                   help="units to project (channel,row,column), after the top-k if --top-k is also given")
+    p.add_argument("--model", default=None, help=model_help())
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--json", action="store_true", help="also print deconv.json to stdout")
+    add_server_option(p)
+    p.set_defaults(func=cmd_deconv)
+
+
+def _parse_units(texts) -> list[tuple[int, int, int]]:
+    units = []
+    for text in texts:
+        try:
+            c, y, x = (int(v) for v in text.split(","))
+        except ValueError:
+            raise CommandError(f"--units: {text!r} is not C,Y,X (three integers separated by commas)",
+                               field="units") from None
+        units.append((c, y, x))
+    return units
+
+
+def cmd_deconv(args) -> int:
+    """Project units of one layer back to input pixels (Zeiler & Fergus 2014). Writes one PNG per unit, grid.png
+    (projection, its receptive field, the input patch), deconv.json and projections.npz (K x 3 x 224 x 224
+    float32)."""
+    from ..engine.deconv import PROJECTABLE
+    checks.layer(args.layer, PROJECTABLE)
+    units = _parse_units(args.units) if args.units else None
+    if args.top_k is not None:
+        checks.integer(args.top_k, "top_k", 1, label="--top-k", what="the layer's feature maps")
+    if args.server:
+        with remote_client(args) as client:
+            model_name = args.model or client.list_models().default_model
+            results = client.deconv([args.image], args.layer, top_k=args.top_k or 0, units=units,
+                                    model=model_name, return_patches=True, return_tensor=True)
+        config = None
+    else:
+        from ..engine.deconv import DeconvEngine
+        from ..preprocess import load_image
+        from ..weights import load_model
+        model = load_model(args.model)
+        model_name, config = model.config.name, model.config
+        image = load_image(args.image, config, field="image")
+        results = DeconvEngine(model, args.device).project(image, args.layer, top_k=args.top_k, units=units)
+    from ..render import write_deconv
+    doc = write_deconv(args.out, results, layer=args.layer, model=model_name, image=args.image, config=config)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"wrote {len(results)} projections of {args.layer} to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- occlude
+def add_occlude(sub) -> None:
+    p = sub.add_parser("occlude", help="occlusion-sensitivity maps (paper Fig. 7) and Captum-style attribution",
+                       description=cmd_occlude.__doc__)
+    p.add_argument("image", metavar="IMAGE", help="JPEG, PNG or WebP file")
+    p.add_argument("--window", type=int, default=32, help="side of the square in input pixels (1..224, default 32)")
+    p.add_argument("--stride", type=int, default=8, help="step between windows (1..window, default 8)")
+    p.add_argument("--target", type=int, default=None,
+                   help="class whose probability is mapped (default: the unoccluded top-1)")
+    p.add_argument("--fill", default="mean",
+                   help="occluder value: 'mean' (default, 0 after mean subtraction), V or R,G,B in --fill-units")
+    p.add_argument("--fill-units", choices=("input", "pixel"), default="input",
+                   help="'input': network-input units (mean subtracted); 'pixel': 0..255 values")
+    p.add_argument("--layer", default="conv5", help="layer of the activity map (default conv5)")
+    p.add_argument("--channel", type=int, default=None,
+                   help="feature map (unit for fc layers) of the activity map (default: the strongest unoccluded)")
+    p.add_argument("--model", default=None, help=model_help())
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="window positions per batch (>= 1; default 128 on cpu, 1024 on cuda)")
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--json", action="store_true", help="also print occlusion.json to stdout")
+    add_server_option(p)
+    p.set_defaults(func=cmd_occlude)
+
+
+def _parse_fill(text: str):
+    if text == "mean":
+        return "mean"
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3):
+        raise CommandError(f"--fill: {text!r} is not 'mean', a number or R,G,B", field="fill")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def cmd_occlude(args) -> int:
+    """Slide a square over the image and map, per window position, the target class's probability, the most
+    probable class and a feature map's total activation; plus per-pixel attribution (Captum Occlusion's
+    definition). Writes PNGs, occlusion.npz (probability, argmax, activity, attribution) and occlusion.json."""
+    fill = _parse_fill(args.fill)
+    progress = progress_bar if sys.stderr.isatty() else None
+    common = dict(fill=fill, target=args.target, layer=args.layer, channel=args.channel)
+    if args.server:
+        with remote_client(args) as client:
+            model_name = args.model or client.list_models().default_model
+            names = list(client.model_info(model_name).class_names)
+            result = client.occlude(args.image, window=args.window, stride=args.stride, return_png=True,
+                                    model=model_name, fill_in_pixels=args.fill_units == "pixel", progress=progress,
+                                    **common)
+        picture = None
+    else:
+        from ..engine.occlusion import OcclusionEngine
+        from ..preprocess import load_image, to_display
+        from ..weights import load_model
+        model = load_model(args.model, device="cpu")
+        image = load_image(args.image, model.config, field="image")
+        engine = OcclusionEngine(model, device=args.device, batch_size=args.batch_size)
+        result = engine.sweep(image, args.window, args.stride, fill_units=args.fill_units, progress=progress,
+                              **common)
+        model_name, names, picture = model.config.name, model.config.class_names, to_display(image, model.config)
+    from ..render import write_occlusion
+    doc = write_occlusion(args.out, result, model=model_name, image=args.image, class_names=names, picture=picture)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{doc['positions'][0]}x{doc['positions'][1]} windows in {doc['seconds']} s: p({doc['target_name']}) "
+              f"{doc['unoccluded_probability']:.4f} unoccluded, {doc['min_probability']:.4f} at worst; wrote "
+              f"{args.out}")
+    return 0

@@ -1,0 +1,110 @@
+"""What the engines return: plain dataclasses of numpy arrays, with no torch or ONNX Runtime behind them, so the
+client (``zfserve.client``) returns the very same types from a server, and the renderer draws both alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# The maps an occlusion sweep can compute.
+OUTPUTS = ("probability", "argmax", "activity", "attribution")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of a top-k list: its index, name and probability."""
+
+    index: int
+    name: str
+    probability: float
+
+
+@dataclass
+class UnitProjection:
+    """One projected unit.
+
+    ``projection`` is unnormalized, in input units per unit of seed (the activation by default);
+    ``box`` is the receptive field ``(x0, y0, x1, y1)`` in input pixels, clipped to the image, exclusive end;
+    ``patch`` is the input under the box, ``(3, y1 - y0, x1 - x0)``, in network-input units. From a server
+    (``zfserve.client``) the arrays are there when asked for (else None), and ``png`` / ``patch_png`` hold the
+    rendered projection and input patch when those were asked for.
+    """
+
+    image_index: int
+    layer: str
+    channel: int
+    y: int
+    x: int
+    activation: float
+    box: tuple[int, int, int, int]
+    projection: np.ndarray | None
+    patch: np.ndarray | None
+    png: bytes = b""
+    patch_png: bytes = b""
+
+    def to_json(self) -> dict:
+        return {"image_index": self.image_index, "layer": self.layer, "channel": self.channel, "y": self.y,
+                "x": self.x, "activation": self.activation, "box": list(self.box)}
+
+
+@dataclass
+class OcclusionResult:
+    """What :meth:`OcclusionEngine.sweep` returns. Maps over positions are (ny, nx), row-major by window
+    start; ``attribution`` is (H, W) in input pixels. Maps not asked for are ``None``."""
+
+    window: int
+    stride: int
+    starts: np.ndarray                  # window starts along each axis (the same for rows and columns)
+    fill: np.ndarray                    # (3,) fill values as given, in ``fill_units``
+    fill_units: str                     # "input" (mean subtracted) or "pixel" (0..255)
+    target: int
+    layer: str
+    channel: int
+    attribution_on: str
+    base_logits: np.ndarray | None      # (num_classes,) of the unoccluded image (None from a server)
+    base_probability: float             # probability of ``target`` on the unoccluded image
+    base_activity: float                # total activation of ``layer``/``channel`` on the unoccluded image
+    probability: np.ndarray | None = None
+    argmax: np.ndarray | None = None
+    activity: np.ndarray | None = None
+    attribution: np.ndarray | None = None
+    timings: dict = field(default_factory=dict)
+    backend: str = ""                   # the stages that computed it: "onnxruntime" or "torch"
+    png: dict = field(default_factory=dict)   # map name -> PNG bytes, when a server rendered them
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.starts), len(self.starts))
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the unoccluded pass and the sweep."""
+        return float(self.timings.get("base_s", 0.0) + self.timings.get("sweep_s", 0.0))
+
+    def per_pixel(self, values: np.ndarray, size: int) -> np.ndarray:
+        """A map over this sweep's positions -> (size, size), each pixel the mean over the windows covering it."""
+        return per_pixel(values, self.starts, self.window, size)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The maps that were computed, by name (what the CLI writes to ``occlusion.npz``)."""
+        return {name: getattr(self, name) for name in OUTPUTS if getattr(self, name) is not None}
+
+
+def window_starts(size: int, window: int, stride: int) -> np.ndarray:
+    """Captum's positions along one axis: ``ceil((size - window) / stride) + 1`` starts at ``i * stride``."""
+    return np.arange(math.ceil((size - window) / stride) + 1, dtype=np.int64) * stride
+
+
+
+def per_pixel(values: np.ndarray, starts: np.ndarray, window: int, size: int) -> np.ndarray:
+    """A map over window positions -> (size, size): each pixel gets the mean of the values of the windows that
+    covered it (Captum Occlusion's attribution when ``values`` are the drops)."""
+    pixels = np.arange(size)
+    cover = ((pixels[None, :] >= starts[:, None]) & (pixels[None, :] < starts[:, None] + window)).astype(np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    total = cover.T @ values @ cover
+    count = cover.T @ np.ones_like(values) @ cover
+    return (total / count).astype(np.float32)

@@ -1,0 +1,259 @@
+"""The one codec between the wire (zfserve.v1 and Open Inference Protocol messages) and zfserve's own types,
+used by the server and the client alike, so a result read from a server is the engine's own result type:
+:class:`~zfserve.engine.results.Prediction`, :class:`~zfserve.engine.results.UnitProjection`,
+:class:`~zfserve.engine.results.OcclusionResult`.
+
+Raw tensors travel as bytes + dtype + shape, checked before anything is decoded; every check names the field:
+dtype in the accepted set, shape non-negative, byte length = product(shape) x itemsize, and for images the
+(N, 3, S, S) shape, the request's image limit and finite values.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ._proto.v1 import zfserve_pb2 as pb
+from .engine.results import OUTPUTS, OcclusionResult, Prediction, UnitProjection
+from .errors import InvalidArgumentError
+
+# zfserve.v1 Tensor dtypes (little-endian on the wire).
+DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int8": "i1",
+          "uint8": "u1"}
+# Open Inference Protocol datatypes (BYTES is handled separately).
+OIP_DTYPES = {"BOOL": "?", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "i1",
+              "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+
+
+def _count(shape, field: str) -> int:
+    shape = [int(s) for s in shape]
+    if any(s < 0 for s in shape):
+        raise InvalidArgumentError(f"{field}.shape: dimensions must be >= 0, got {shape}", field=f"{field}.shape")
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def from_raw(data: bytes, dtype: str, shape, field: str) -> np.ndarray:
+    """Bytes of a row-major little-endian array -> a read-only numpy view with that dtype and shape."""
+    np_dtype = np.dtype(dtype)
+    count = _count(shape, field)
+    expected = count * np_dtype.itemsize
+    if len(data) != expected:
+        raise InvalidArgumentError(
+            f"{field}: {len(data)} bytes for shape {list(shape)} of {np_dtype.name}; expected {expected} "
+            f"(product of the shape x {np_dtype.itemsize})", field=field)
+    # A writable copy: the engines (PyTorch) warn on read-only buffers, and the copy is cheap next to compute.
+    return np.frombuffer(bytearray(data), dtype=np_dtype).reshape([int(s) for s in shape])
+
+
+def tensor_to_array(tensor, field: str) -> np.ndarray:
+    """A zfserve.v1.Tensor -> numpy (native byte order)."""
+    if tensor.dtype not in DTYPES:
+        raise InvalidArgumentError(f"{field}.dtype: {tensor.dtype!r} is not accepted; accepted: "
+                                   f"{sorted(DTYPES)}", field=f"{field}.dtype")
+    arr = from_raw(tensor.data, DTYPES[tensor.dtype], tensor.shape, f"{field}.data")
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False)
+
+
+def array_to_tensor(arr: np.ndarray, message_type=pb.Tensor):
+    """numpy -> a zfserve.v1.Tensor (raw little-endian bytes)."""
+    arr = np.asarray(arr)
+    name = arr.dtype.name
+    if name not in DTYPES:
+        raise TypeError(f"cannot send dtype {name}")
+    data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[name])).tobytes()
+    return message_type(dtype=name, shape=list(arr.shape), data=data)
+
+
+def check_images(arr: np.ndarray, field: str, input_size: int, max_images: int) -> np.ndarray:
+    """A preprocessed batch: float32 (N, 3, S, S), 1 <= N <= max_images, finite. Returns a float32 array."""
+    expected = f"(N, 3, {input_size}, {input_size}) with 1 <= N <= {max_images}"
+    if arr.dtype != np.float32:
+        raise InvalidArgumentError(f"{field}.dtype: must be float32, got {arr.dtype.name}", field=f"{field}.dtype")
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != (3, input_size, input_size):
+        raise InvalidArgumentError(f"{field}: shape must be {expected}, got {list(arr.shape)}", field=field)
+    if not 1 <= arr.shape[0] <= max_images:
+        raise InvalidArgumentError(f"{field}: {arr.shape[0]} images; shape must be {expected}", field=field)
+    if not np.isfinite(arr).all():
+        raise InvalidArgumentError(f"{field}: holds NaN or infinite values; preprocessed images must be finite",
+                                   field=field)
+    return arr
+
+
+def decode_bytes_elements(data: bytes, count: int, field: str) -> list[bytes]:
+    """OIP BYTES raw contents: ``count`` elements, each a 4-byte little-endian length then that many bytes."""
+    out, pos = [], 0
+    for i in range(count):
+        if pos + 4 > len(data):
+            raise InvalidArgumentError(f"{field}: element {i} has no 4-byte length prefix ({len(data)} bytes, "
+                                       f"{count} elements expected)", field=field)
+        (length,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        if pos + length > len(data):
+            raise InvalidArgumentError(f"{field}: element {i} claims {length} bytes, only {len(data) - pos} "
+                                       f"remain", field=field)
+        out.append(bytes(data[pos:pos + length]))
+        pos += length
+    if pos != len(data):
+        raise InvalidArgumentError(f"{field}: {len(data) - pos} bytes after the last of {count} elements",
+                                   field=field)
+    return out
+
+
+def encode_bytes_elements(items: list[bytes]) -> bytes:
+    """The inverse of :func:`decode_bytes_elements` (for clients and tests)."""
+    return b"".join(struct.pack("<I", len(b)) + bytes(b) for b in items)
+
+
+def _optional_array(tensor) -> np.ndarray | None:
+    """A response's tensor, or None where the server left it unset."""
+    return tensor_to_array(tensor, "response") if tensor.dtype else None
+
+
+# ---------------------------------------------------------------------------------------------- images
+def images_message(images) -> pb.Images:
+    """A request's images: file paths or encoded bytes (JPEG / PNG / WebP, decoded by the server), or one float32
+    array (N, 3, S, S) or (3, S, S) already preprocessed."""
+    if isinstance(images, np.ndarray):
+        arr = images[None] if images.ndim == 3 else images
+        return pb.Images(tensor=array_to_tensor(np.ascontiguousarray(arr, dtype=np.float32)))
+    if isinstance(images, (bytes, bytearray, str, os.PathLike)):
+        images = [images]
+    encoded = []
+    for item in images:
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            encoded.append(bytes(item))
+        elif isinstance(item, (str, os.PathLike)):
+            path = Path(item)
+            if not path.is_file():
+                raise InvalidArgumentError(f"images: no such file: {path}", field="images")
+            encoded.append(path.read_bytes())
+        else:
+            raise InvalidArgumentError(f"images: expected paths, bytes or a float32 array, got "
+                                       f"{type(item).__name__}", field="images")
+    return pb.Images(encoded=encoded)
+
+
+# ---------------------------------------------------------------------------------------------- classify
+def add_predictions(response: pb.ClassifyResponse, predictions: list[list[Prediction]]) -> None:
+    for preds in predictions:
+        response.predictions.add(classes=[pb.ClassScore(index=int(p.index), name=p.name,
+                                                        probability=float(p.probability)) for p in preds])
+
+
+def predictions(response: pb.ClassifyResponse) -> list[list[Prediction]]:
+    return [[Prediction(c.index, c.name, c.probability) for c in p.classes] for p in response.predictions]
+
+
+def probabilities(response: pb.ClassifyResponse) -> np.ndarray | None:
+    return _optional_array(response.probabilities)
+
+
+# ---------------------------------------------------------------------------------------------- deconv
+def deconv_request(images, layer: str, *, top_k: int = 0, one_per_map: bool = True, units=None, maps=None,
+                   return_png: bool = False, return_patches: bool = False, return_tensor: bool = True,
+                   model: str = "") -> pb.DeconvRequest:
+    return pb.DeconvRequest(model=model, images=images_message(images), layer=layer, top_k=top_k,
+                            allow_same_map=not one_per_map, return_png=return_png, return_patches=return_patches,
+                            return_tensor=return_tensor, maps=list(maps or ()),
+                            units=[pb.Unit(channel=c, y=y, x=x) for c, y, x in (units or ())])
+
+
+def deconv_response(model: str, units: list[UnitProjection], *, tensor: bool) -> pb.DeconvResponse:
+    """The projections (with their ``png`` / ``patch_png`` when rendered) and, with ``tensor``, the stacked
+    float32 (K, 3, S, S) projections."""
+    response = pb.DeconvResponse(model=model)
+    for unit in units:
+        x0, y0, x1, y1 = unit.box
+        response.projections.add(image_index=unit.image_index, layer=unit.layer,
+                                 unit=pb.Unit(channel=unit.channel, y=unit.y, x=unit.x),
+                                 activation=float(unit.activation), box=pb.Box(y0=y0, x0=x0, y1=y1, x1=x1),
+                                 png=unit.png, patch_png=unit.patch_png)
+    if tensor and units:
+        response.tensor.CopyFrom(array_to_tensor(np.stack([u.projection for u in units]).astype(np.float32)))
+    return response
+
+
+def projections(response: pb.DeconvResponse) -> list[UnitProjection]:
+    """A DeconvResponse as the engine's UnitProjections (``projection`` None unless the tensor was sent;
+    ``patch`` None: the server sends the patch only as a PNG)."""
+    stack = _optional_array(response.tensor)
+    return [UnitProjection(p.image_index, p.layer, p.unit.channel, p.unit.y, p.unit.x, p.activation,
+                           (p.box.x0, p.box.y0, p.box.x1, p.box.y1), None if stack is None else stack[i], None,
+                           p.png, p.patch_png) for i, p in enumerate(response.projections)]
+
+
+# ---------------------------------------------------------------------------------------------- occlusion
+def occlusion_request(image, *, window: int, stride: int, fill="mean", target: int | None = None, outputs=None,
+                      layer: str | None = None, channel: int | None = None, attribution_on_logits: bool = False,
+                      return_png: bool = False, model: str = "", fill_in_pixels: bool = False) -> pb.OcclusionRequest:
+    request = pb.OcclusionRequest(model=model, images=images_message(image), window=window, stride=stride,
+                                  outputs=list(outputs or ()), activity_layer=layer or "",
+                                  attribution_on_logits=attribution_on_logits, return_png=return_png,
+                                  fill_in_pixels=fill_in_pixels)
+    if target is not None:
+        request.target = int(target)
+    if channel is not None:
+        request.activity_channel = int(channel)
+    if fill is not None and not (isinstance(fill, str) and fill == "mean"):
+        values = np.asarray(fill, dtype=np.float64).reshape(-1)
+        if values.size == 1:
+            request.fill_value = float(values[0])
+        else:
+            request.fill_per_channel.CopyFrom(array_to_tensor(values))
+    return request
+
+
+def sweep_arguments(request: pb.OcclusionRequest, *, window: int, stride: int) -> dict:
+    """An OcclusionRequest as keyword arguments of ``OcclusionEngine.sweep`` (``window`` / ``stride``: the
+    defaults for unset, 0, fields)."""
+    fill_kind = request.WhichOneof("fill")
+    if fill_kind == "fill_value":
+        fill = float(request.fill_value)
+    elif fill_kind == "fill_per_channel":
+        values = tensor_to_array(request.fill_per_channel, "fill_per_channel")
+        if values.shape != (3,):
+            raise InvalidArgumentError(f"fill_per_channel: shape must be (3,), got {list(values.shape)}",
+                                       field="fill_per_channel")
+        fill = values.astype(np.float64)
+    else:
+        fill = "mean"
+    args = dict(window=request.window or window, stride=request.stride or stride, fill=fill,
+                target=request.target if request.HasField("target") else None,
+                layer=request.activity_layer or "conv5",
+                channel=request.activity_channel if request.HasField("activity_channel") else None,
+                attribution_on="logit" if request.attribution_on_logits else "probability",
+                fill_units="pixel" if request.fill_in_pixels else "input")
+    if request.outputs:
+        args["outputs"] = tuple(request.outputs)
+    return args
+
+
+def occlusion_response(model: str, result: OcclusionResult) -> pb.OcclusionResponse:
+    """A sweep's result (with its ``png`` pictures when rendered) as an OcclusionResponse."""
+    ny, nx = result.shape
+    response = pb.OcclusionResponse(
+        model=model, target=int(result.target), positions_y=ny, positions_x=nx, activity_layer=result.layer,
+        activity_channel=int(result.channel), base_probability=float(result.base_probability),
+        base_activity=float(result.base_activity), starts=[int(s) for s in result.starts],
+        window=int(result.window), stride=int(result.stride),
+        fill=[float(v) for v in np.asarray(result.fill).reshape(-1)], fill_units=result.fill_units,
+        attribution_on=result.attribution_on, backend=result.backend, seconds=result.seconds, png=result.png)
+    for name, arr in result.arrays().items():
+        arr = np.asarray(arr).astype(np.int64 if name == "argmax" else np.float32, copy=False)
+        getattr(response, name).CopyFrom(array_to_tensor(arr))
+    return response
+
+
+def occlusion_result(r: pb.OcclusionResponse) -> OcclusionResult:
+    """An OcclusionResponse as the engine's OcclusionResult (no ``base_logits``: the server does not send
+    them; ``timings`` holds the server's total as ``sweep_s``)."""
+    return OcclusionResult(
+        window=r.window, stride=r.stride, starts=np.asarray(r.starts, dtype=np.int64),
+        fill=np.asarray(r.fill, dtype=np.float64), fill_units=r.fill_units, target=r.target,
+        layer=r.activity_layer, channel=r.activity_channel, attribution_on=r.attribution_on, base_logits=None,
+        base_probability=r.base_probability, base_activity=r.base_activity,
+        **{name: _optional_array(getattr(r, name)) for name in OUTPUTS},
+        timings={"base_s": 0.0, "sweep_s": r.seconds}, backend=r.backend, png=dict(r.png))
