@@ -47,7 +47,7 @@ async def _closed_loop(target: str, requesters: int, warmup_s: float, window_s: 
     from zfserve.wire import array_to_tensor
 
     x = np.random.default_rng(seed).normal(0, 50, (1, 3, size, size)).astype(np.float32)
-    request = pb.ClassifyRequest(images=pb.Images(tensor=array_to_tensor(x, pb.Tensor)), top_k=1)
+    request = pb.ClassifyRequest(images=pb.Images(tensor=array_to_tensor(x)), top_k=1)
     latencies, errors = [], []
     start = time.perf_counter() + warmup_s
     end = start + window_s

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from zfserve.engine.classifier import Classifier
+from zfserve.export import ort_session
 from zfserve.model import CONV_LAYERS, FC_LAYERS
 from zfserve.weights import paper_model
 
@@ -85,10 +86,7 @@ def _ort_matmul(threads: int):
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [MATMUL_N, MATMUL_N])],
         initializer=[numpy_helper.from_array(weight, "b")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(proto.SerializeToString(), threads=threads)   # the classifier's session options
     return session, {"a": rng.standard_normal((MATMUL_N, MATMUL_N)).astype(np.float32)}
 
 

@@ -115,7 +115,7 @@ def _png(seed: int, size=(240, 260)) -> bytes:
 
 
 def _tensor_images(x: np.ndarray) -> pb.Images:
-    return pb.Images(tensor=array_to_tensor(x, pb.Tensor))
+    return pb.Images(tensor=array_to_tensor(x))
 
 
 def _status(fn, *args, **kwargs) -> grpc.RpcError:
@@ -353,7 +353,7 @@ def test_nan_and_both_forms_and_unknown_model(stub):
     x[0, 1, 5, 5] = np.nan
     err = _status(stub.Classify, pb.ClassifyRequest(images=_tensor_images(x)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in err.details()
-    both = pb.Images(encoded=[_png(1)], tensor=array_to_tensor(_images(1, 1), pb.Tensor))
+    both = pb.Images(encoded=[_png(1)], tensor=array_to_tensor(_images(1, 1)))
     err = _status(stub.Classify, pb.ClassifyRequest(images=both))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not both" in err.details()
     err = _status(stub.Classify, pb.ClassifyRequest(model="nope", images=pb.Images(encoded=[_png(1)])))

@@ -54,7 +54,7 @@ def test_sigterm_under_load_completes_every_accepted_request(model_dir):
     proc, port = _start(model_dir, "--max-batch-size", "8", "--max-queue-delay-us", "2000",
                         "--shutdown-grace-s", "60")
     x = np.random.default_rng(0).normal(0, 50, (1, 3, 224, 224)).astype(np.float32)
-    request = pb.ClassifyRequest(images=pb.Images(tensor=array_to_tensor(x, pb.Tensor)), top_k=1)
+    request = pb.ClassifyRequest(images=pb.Images(tensor=array_to_tensor(x)), top_k=1)
     ok = threading.Semaphore(0)
     outcomes: list[str] = []
     lock = threading.Lock()

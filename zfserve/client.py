@@ -21,7 +21,8 @@ import grpc
 from . import wire
 from ._proto.v1 import zfserve_pb2 as pb
 from ._proto.v1 import zfserve_pb2_grpc as pb_grpc
-from .engine.results import OcclusionResult, Prediction, UnitProjection
+from .engine.results import (DEFAULT_STRIDE, DEFAULT_TOP_K, DEFAULT_WINDOW, OcclusionResult, Prediction,
+                             UnitProjection)
 from .errors import ZFServeError
 
 DEFAULT_TARGET = "127.0.0.1:8001"
@@ -63,12 +64,11 @@ class Client:
             raise ServerError(exc.code(), exc.details()) from None
 
     # ------------------------------------------------------------------------------------------ API
-    def classify(self, images, *, top_k: int = 5, model: str = "", timeout: float | None = None,
+    def classify(self, images, *, top_k: int = DEFAULT_TOP_K, model: str = "", timeout: float | None = None,
                  return_probabilities: bool = False):
         """Top-k predictions per image (list of lists of Prediction); with ``return_probabilities`` also the
         (N, C) probabilities: ``(predictions, probabilities)``."""
-        request = pb.ClassifyRequest(model=model, images=wire.images_message(images), top_k=top_k,
-                                     return_probabilities=return_probabilities)
+        request = wire.classify_request(images, top_k=top_k, model=model, return_probabilities=return_probabilities)
         response = self._call(self._stub.Classify, request, timeout)
         preds: list[list[Prediction]] = wire.predictions(response)
         return (preds, wire.probabilities(response)) if return_probabilities else preds
@@ -84,7 +84,7 @@ class Client:
                                       return_tensor=return_tensor, model=model)
         return wire.projections(self._call(self._stub.DeconvProject, request, timeout))
 
-    def occlude(self, image, *, window: int = 32, stride: int = 8, fill="mean", target: int | None = None,
+    def occlude(self, image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean", target: int | None = None,
                 outputs: Iterable[str] | None = None, layer: str | None = None, channel: int | None = None,
                 attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
                 timeout: float | None = None, fill_in_pixels: bool = False,

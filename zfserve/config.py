@@ -203,7 +203,7 @@ class TrainConfig:
                   ("lr", self.lr > 0, "> 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
                   ("dropout", 0 <= self.dropout < 1, "in [0, 1)"), ("clip_radius", self.clip_radius > 0, "> 0"),
                   ("fc_width", self.fc_width >= 1, ">= 1"), ("crop", 32 <= self.crop <= self.resize,
-                                                               f"in [32, resize={self.resize}]"),
+                                                             f"in [32, resize={self.resize}]"),
                   ("init", self.init in ("paper", "scaled"), "'paper' or 'scaled'"),
                   ("amp", self.amp in ("none", "bf16"), "'none' or 'bf16'"),
                   ("optimizer", self.optimizer in ("sgd", "adam"), "'sgd' or 'adam'"),

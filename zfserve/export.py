@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
+from . import _checks as checks
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .model import LAYER_NAMES, ZFNet
@@ -217,9 +218,7 @@ def export_onnx(model: ZFNet, path: str | Path, *, extra_outputs=(), opset: int 
 
     if not isinstance(model, ZFNet):
         raise InvalidArgumentError(f"model: expected a zfserve ZFNet, got {type(model).__name__}", field="model")
-    if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise InvalidArgumentError(f"opset: {opset!r} is outside the accepted range {MIN_OPSET}..{MAX_OPSET}",
-                                   field="opset")
+    checks.integer(opset, "opset", MIN_OPSET, MAX_OPSET)
     extra = _check_extra_outputs(extra_outputs)
     path = Path(path)
     config = model.config

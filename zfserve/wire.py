@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ._proto.v1 import zfserve_pb2 as pb
-from .engine.results import OUTPUTS, OcclusionResult, Prediction, UnitProjection
+from .engine.results import (DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult, Prediction,
+                             UnitProjection)
 from .errors import InvalidArgumentError
 
 # zfserve.v1 Tensor dtypes (little-endian on the wire).
@@ -36,7 +37,7 @@ def _count(shape, field: str) -> int:
 
 
 def from_raw(data: bytes, dtype: str, shape, field: str) -> np.ndarray:
-    """Bytes of a row-major little-endian array -> a read-only numpy view with that dtype and shape."""
+    """Bytes of a row-major little-endian array -> a numpy array (a writable copy) with that dtype and shape."""
     np_dtype = np.dtype(dtype)
     count = _count(shape, field)
     expected = count * np_dtype.itemsize
@@ -57,14 +58,14 @@ def tensor_to_array(tensor, field: str) -> np.ndarray:
     return arr.astype(arr.dtype.newbyteorder("="), copy=False)
 
 
-def array_to_tensor(arr: np.ndarray, message_type=pb.Tensor):
+def array_to_tensor(arr: np.ndarray) -> pb.Tensor:
     """numpy -> a zfserve.v1.Tensor (raw little-endian bytes)."""
     arr = np.asarray(arr)
     name = arr.dtype.name
     if name not in DTYPES:
         raise TypeError(f"cannot send dtype {name}")
     data = np.ascontiguousarray(arr, dtype=np.dtype(DTYPES[name])).tobytes()
-    return message_type(dtype=name, shape=list(arr.shape), data=data)
+    return pb.Tensor(dtype=name, shape=list(arr.shape), data=data)
 
 
 def check_images(arr: np.ndarray, field: str, input_size: int, max_images: int) -> np.ndarray:
@@ -137,10 +138,21 @@ def images_message(images) -> pb.Images:
 
 
 # ---------------------------------------------------------------------------------------------- classify
-def add_predictions(response: pb.ClassifyResponse, predictions: list[list[Prediction]]) -> None:
+def classify_request(images, *, top_k: int, model: str = "", return_probabilities: bool = False):
+    return pb.ClassifyRequest(model=model, images=images_message(images), top_k=top_k,
+                              return_probabilities=return_probabilities)
+
+
+def classify_response(model: str, version: str, predictions: list[list[Prediction]],
+                      probabilities: np.ndarray | None = None) -> pb.ClassifyResponse:
+    """Top-k predictions per image and, when given, the (N, C) float32 probabilities."""
+    response = pb.ClassifyResponse(model=model, model_version=version)
     for preds in predictions:
         response.predictions.add(classes=[pb.ClassScore(index=int(p.index), name=p.name,
                                                         probability=float(p.probability)) for p in preds])
+    if probabilities is not None:
+        response.probabilities.CopyFrom(array_to_tensor(np.asarray(probabilities, dtype=np.float32)))
+    return response
 
 
 def predictions(response: pb.ClassifyResponse) -> list[list[Prediction]]:
@@ -159,6 +171,15 @@ def deconv_request(images, layer: str, *, top_k: int = 0, one_per_map: bool = Tr
                             allow_same_map=not one_per_map, return_png=return_png, return_patches=return_patches,
                             return_tensor=return_tensor, maps=list(maps or ()),
                             units=[pb.Unit(channel=c, y=y, x=x) for c, y, x in (units or ())])
+
+
+def deconv_arguments(request: pb.DeconvRequest) -> dict:
+    """A DeconvRequest as keyword arguments of ``DeconvEngine.project`` (top_k 0: the engine's default, the 9
+    strongest when neither units nor maps are named, else none)."""
+    if request.units and request.maps:
+        raise InvalidArgumentError("units/maps: give one of them, not both", field="units")
+    return dict(top_k=request.top_k or None, one_per_map=not request.allow_same_map,
+                units=[(u.channel, u.y, u.x) for u in request.units] or None, maps=list(request.maps) or None)
 
 
 def deconv_response(model: str, units: list[UnitProjection], *, tensor: bool) -> pb.DeconvResponse:
@@ -186,7 +207,7 @@ def projections(response: pb.DeconvResponse) -> list[UnitProjection]:
 
 
 # ---------------------------------------------------------------------------------------------- occlusion
-def occlusion_request(image, *, window: int, stride: int, fill="mean", target: int | None = None, outputs=None,
+def occlusion_request(image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean", target: int | None = None, outputs=None,
                       layer: str | None = None, channel: int | None = None, attribution_on_logits: bool = False,
                       return_png: bool = False, model: str = "", fill_in_pixels: bool = False) -> pb.OcclusionRequest:
     request = pb.OcclusionRequest(model=model, images=images_message(image), window=window, stride=stride,
@@ -206,9 +227,9 @@ def occlusion_request(image, *, window: int, stride: int, fill="mean", target: i
     return request
 
 
-def sweep_arguments(request: pb.OcclusionRequest, *, window: int, stride: int) -> dict:
-    """An OcclusionRequest as keyword arguments of ``OcclusionEngine.sweep`` (``window`` / ``stride``: the
-    defaults for unset, 0, fields)."""
+def sweep_arguments(request: pb.OcclusionRequest) -> dict:
+    """An OcclusionRequest as keyword arguments of ``OcclusionEngine.sweep`` (window / stride 0: the
+    defaults)."""
     fill_kind = request.WhichOneof("fill")
     if fill_kind == "fill_value":
         fill = float(request.fill_value)
@@ -220,7 +241,7 @@ def sweep_arguments(request: pb.OcclusionRequest, *, window: int, stride: int) -
         fill = values.astype(np.float64)
     else:
         fill = "mean"
-    args = dict(window=request.window or window, stride=request.stride or stride, fill=fill,
+    args = dict(window=request.window or DEFAULT_WINDOW, stride=request.stride or DEFAULT_STRIDE, fill=fill,
                 target=request.target if request.HasField("target") else None,
                 layer=request.activity_layer or "conv5",
                 channel=request.activity_channel if request.HasField("activity_channel") else None,

@@ -8,6 +8,7 @@ import re
 import sys
 
 from .. import _checks as checks
+from ..engine.results import DEFAULT_TOP_K
 from ..errors import ZFServeError
 from .common import CommandError, EXIT_USAGE, add_server_option, model_help, remote_client
 
@@ -63,8 +64,7 @@ def cmd_export(args) -> int:
     from pathlib import Path
 
     from ..export import META_OUTPUTS, META_WEIGHTS_HASH, ensure_onnx, export_onnx, read_metadata
-    from ..weights import load_model
-    from ..weights import WEIGHTS_FILE, default_model_name, resolve_model_dir, weights_hash
+    from ..weights import WEIGHTS_FILE, default_model_name, load_model, resolve_model_dir, weights_hash
 
     extra = tuple(name.strip() for name in args.extra_outputs.split(",") if name.strip())
     if args.out is None:
@@ -95,7 +95,8 @@ def add_classify(sub) -> None:
                        description=cmd_classify.__doc__)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="JPEG, PNG or WebP files")
     p.add_argument("--model", default=None, help=model_help())
-    p.add_argument("--top-k", type=int, default=5, help="classes per image (1..number of classes; default 5)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help=f"classes per image (1..number of classes; default {DEFAULT_TOP_K})")
     p.add_argument("--batch-size", type=int, default=32, help=f"images per run (1..{MAX_CLI_BATCH}; default 32)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print one JSON array instead of one line per image")

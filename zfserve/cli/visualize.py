@@ -7,6 +7,7 @@ import json
 import sys
 
 from .. import _checks as checks
+from ..engine.results import DEFAULT_STRIDE, DEFAULT_WINDOW
 from .common import CommandError, add_server_option, model_help, progress_bar, remote_client
 
 
@@ -45,8 +46,8 @@ def cmd_deconv(args) -> int:
     """Project units of one layer back to input pixels (Zeiler & Fergus 2014). Writes one PNG per unit, grid.png
     (projection, its receptive field, the input patch), deconv.json and projections.npz (K x 3 x 224 x 224
     float32)."""
-    from ..engine.deconv import PROJECTABLE
-    checks.layer(args.layer, PROJECTABLE)
+    from ..model import SPATIAL_LAYERS
+    checks.layer(args.layer, SPATIAL_LAYERS)
     units = _parse_units(args.units) if args.units else None
     if args.top_k is not None:
         checks.integer(args.top_k, "top_k", 1, label="--top-k", what="the layer's feature maps")
@@ -78,8 +79,10 @@ def add_occlude(sub) -> None:
     p = sub.add_parser("occlude", help="occlusion-sensitivity maps (paper Fig. 7) and Captum-style attribution",
                        description=cmd_occlude.__doc__)
     p.add_argument("image", metavar="IMAGE", help="JPEG, PNG or WebP file")
-    p.add_argument("--window", type=int, default=32, help="side of the square in input pixels (1..224, default 32)")
-    p.add_argument("--stride", type=int, default=8, help="step between windows (1..window, default 8)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                   help=f"side of the square in input pixels (1..224, default {DEFAULT_WINDOW})")
+    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE,
+                   help=f"step between windows (1..window, default {DEFAULT_STRIDE})")
     p.add_argument("--target", type=int, default=None,
                    help="class whose probability is mapped (default: the unoccluded top-1)")
     p.add_argument("--fill", default="mean",

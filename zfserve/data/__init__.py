@@ -16,22 +16,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InvalidArgumentError
-from .folders import ANNOTATIONS_FILE, IMAGE_SUFFIXES, Entry, image_folder_arrays, resize_images, scan
+from .. import _checks as checks
+from .folders import (ANNOTATIONS_FILE, IMAGE_SUFFIXES, MASKS_DIR, Entry, image_folder_arrays, read_mask,
+                      resize_images, scan)
 from .synthetic import (CLASSES, GENERATOR_VERSION, NUM_CLASSES, PART_NAMES, SIZE, Sample, label_of, render,
                         render_images)
 
 __all__ = ["CLASSES", "GENERATOR_VERSION", "NUM_CLASSES", "PART_NAMES", "SIZE", "Sample", "label_of", "render",
            "render_images", "SyntheticDataset", "synthetic_arrays", "write_synthetic",
-           "ANNOTATIONS_FILE", "IMAGE_SUFFIXES", "Entry", "image_folder_arrays", "resize_images", "scan"]
+           "ANNOTATIONS_FILE", "IMAGE_SUFFIXES", "MASKS_DIR", "Entry", "image_folder_arrays", "read_mask",
+           "resize_images", "scan"]
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """Streams ``render(seed, i)`` for i in ``range(n)`` without touching disk: (uint8 HWC tensor, label)."""
 
     def __init__(self, seed: int, n: int):
-        if n < 1:
-            raise InvalidArgumentError(f"n must be >= 1, got {n}", field="n")
+        checks.integer(n, "n", 1)
         self.seed, self.n = seed, n
         self.classes = list(CLASSES)
 
@@ -57,8 +58,7 @@ def synthetic_arrays(seed: int, n: int, *, cache_dir: str | Path | None = None, 
     With ``cache_dir`` the images are kept as ``synthetic-v{GENERATOR_VERSION}-s{seed}-n{n}.npy`` there
     (memory-mapped on reuse), so a resumed run does not pay for generation again.
     """
-    if n < 1:
-        raise InvalidArgumentError(f"n must be >= 1, got {n}", field="n")
+    checks.integer(n, "n", 1)
     labels = np.array([label_of(i) for i in range(n)], dtype=np.int64)
     stem = f"synthetic-v{GENERATOR_VERSION}-s{seed}"
     path = Path(cache_dir) / f"{stem}-n{n}.npy" if cache_dir else None
@@ -99,17 +99,16 @@ def write_synthetic(out: str | Path, n: int, seed: int) -> Path:
 ``annotations.json`` is a list of ``{file, label, class, mask, parts}``; paths are relative to ``out``.
 """
     out = Path(out)
-    if n < 1:
-        raise InvalidArgumentError(f"n must be >= 1, got {n}", field="n")
+    checks.integer(n, "n", 1)
     for name in CLASSES:
         (out / name).mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / MASKS_DIR).mkdir(parents=True, exist_ok=True)
     annotations = []
     for index in range(n):
         sample = render(seed, index)
         stem = f"{seed}_{index:06d}.png"
         image_file = f"{sample.class_name}/{stem}"
-        mask_file = f"masks/{stem}"
+        mask_file = f"{MASKS_DIR}/{stem}"
         Image.fromarray(sample.image).save(out / image_file)
         Image.fromarray(sample.mask.astype(np.uint8) * 255).save(out / mask_file)
         annotations.append({"file": image_file, "label": sample.label, "class": sample.class_name,

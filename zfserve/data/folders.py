@@ -73,6 +73,12 @@ def scan(root) -> tuple[list[Entry], list[str]]:
     return annotated_entries(root) if (_root(root) / ANNOTATIONS_FILE).is_file() else folder_entries(root)
 
 
+def read_mask(path) -> np.ndarray:
+    """An object mask file (a PNG, object >= 128) as bool (H, W), through the safe decoder."""
+    from ..preprocess import decode_image
+    return decode_image(path, field=f"data {path}")[..., 0] >= 128
+
+
 def image_folder_arrays(root, *, resize: int = 256, limit: int | None = None
                         ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """An ImageFolder tree (:func:`folder_entries`) as uint8 (N, resize, resize, 3), labels, class names.

@@ -20,9 +20,8 @@ from ..errors import InvalidArgumentError, ModelLoadError
 from ..export import INPUT_NAME, PROBABILITIES, ensure_onnx, ort_session
 from ..model import ZFNet
 from ..weights import default_model_name, paper_model, read_model_config, resolve_model_dir
-from .results import Prediction
+from .results import DEFAULT_TOP_K, Prediction
 
-DEVICES = ("cpu", "cuda")
 MAX_BATCH_SIZE_LIMIT = 4096
 
 
@@ -52,7 +51,7 @@ class Classifier:
                  warmup: bool = True, profile_prefix: str | None = None):
         import onnxruntime as ort
 
-        checks.choice(device, "device", DEVICES)
+        checks.choice(device, "device", checks.DEVICE_TYPES)
         checks.integer(max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE_LIMIT)
         if threads is not None:
             checks.integer(threads, "threads", 1, what="or None: all cores")
@@ -102,7 +101,7 @@ class Classifier:
             out[start:stop] = self._run(batch[start:stop])
         return out
 
-    def classify(self, batch: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
+    def classify(self, batch: np.ndarray, top_k: int = DEFAULT_TOP_K) -> list[list[Prediction]]:
         """The ``top_k`` most probable classes of each image, most probable first."""
         self._check_k(top_k)
         return self.top_k(self.probabilities(batch), top_k)

@@ -33,10 +33,8 @@ from zfserve.kernels import unpool_sum
 from .. import _checks as checks
 from ..errors import InvalidArgumentError
 from ..model import POOL_LAYERS, SPATIAL_LAYERS, ZFNet
-from .results import UnitProjection
+from .results import DEFAULT_DECONV_TOP_K, UnitProjection
 
-# Layers whose units can be projected: everything with a spatial map.
-PROJECTABLE = SPATIAL_LAYERS
 DEFAULT_MAX_UNITS_PER_PASS = 128
 SEEDS = ("activation", "one")
 
@@ -128,7 +126,7 @@ class DeconvEngine:
     @torch.no_grad()
     def forward(self, images, layer: str):
         """One forward pass up to ``layer``: returns ``(images, activations of layer, switches)``."""
-        checks.layer(layer, PROJECTABLE)
+        checks.layer(layer, SPATIAL_LAYERS)
         x = self._as_batch(images)
         trace = self.model.trace(x, layers=(layer,), switches=True, stop_after=layer)
         return x, trace.activations[layer], trace.switches
@@ -149,7 +147,7 @@ class DeconvEngine:
         if units is not None and maps is not None:
             raise InvalidArgumentError("units/maps: give one of them, not both", field="units")
         if top_k is None:
-            top_k = 9 if units is None and maps is None else 0
+            top_k = DEFAULT_DECONV_TOP_K if units is None and maps is None else 0
         else:
             self._check_top_k(top_k, activations.shape, one_per_map)
         parts = [self._top_k(activations, top_k, one_per_map)] if top_k else []
@@ -212,9 +210,7 @@ class DeconvEngine:
             if len(unit) == 4:
                 limits.insert(0, ("image_index", n_img))
             for value, (name, bound) in zip(unit, limits):
-                if not 0 <= value < bound:
-                    raise InvalidArgumentError(f"units[{i}]: {name} {value} out of range; accepted "
-                                               f"0..{bound - 1}", field="units")
+                checks.integer(value, "units", 0, bound - 1, label=f"units[{i}]: {name}")
             rows.extend([(n, *unit) for n in range(n_img)] if len(unit) == 3 else [unit])
         if not rows:
             raise InvalidArgumentError("units: empty list; give at least one (c, y, x)", field="units")
@@ -230,7 +226,7 @@ class DeconvEngine:
         ``seed``: ``"activation"`` keeps each unit's activation (the paper); ``"one"`` puts 1 there (a
         gradient-style seed, as Captum's NeuronDeconvolution does). The walk is linear in the seed.
         """
-        checks.layer(layer, PROJECTABLE)
+        checks.layer(layer, SPATIAL_LAYERS)
         if seed not in SEEDS:
             raise InvalidArgumentError(f"seed: {seed!r}; accepted: {', '.join(SEEDS)}", field="seed")
         size = self.input_size
@@ -251,7 +247,7 @@ class DeconvEngine:
         value[rows, units.channel, 0, 0] = values
         top, left, width = units.y.clone(), units.x.clone(), 1  # window of the current level, per unit
         rectified = False
-        for name in reversed(PROJECTABLE[:PROJECTABLE.index(layer) + 1]):
+        for name in reversed(SPATIAL_LAYERS[:SPATIAL_LAYERS.index(layer) + 1]):
             if name in POOL_LAYERS:
                 kernel, stride = self._geometry[name].kernel, self._geometry[name].stride
                 sw = self._window(switches[name], units.image_index, top, left, width)
@@ -269,7 +265,7 @@ class DeconvEngine:
                 # the forward pass's zero padding are dropped by the mask (or the final crop).
                 value = F.conv_transpose2d(value, getattr(self.model, name).weight, stride=stride)
                 top, left, width = top * stride - pad, left * stride - pad, (width - 1) * stride + kernel
-                if name != PROJECTABLE[0]:
+                if name != SPATIAL_LAYERS[0]:
                     value.mul_(self._inside(top, left, width, g.in_size))
                 rectified = False
         return self._paste(value, top, left, self.input_size)
@@ -311,7 +307,7 @@ class DeconvEngine:
     # ------------------------------------------------------------------ boxes and the one-call API
     def box(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
         """Receptive field of unit (y, x) of ``layer``: (x0, y0, x1, y1) in input pixels, clipped, end exclusive."""
-        checks.layer(layer, PROJECTABLE)
+        checks.layer(layer, SPATIAL_LAYERS)
         info = self._infos[layer]
         half = info.receptive_field / 2
         size = self.input_size

@@ -35,7 +35,7 @@ from .. import _checks as checks
 from ..errors import InvalidArgumentError
 from ..model import CONV_GEOMETRY, POOL_GEOMETRY, SPATIAL_LAYERS, ZFNet
 from .occlusion_stages import OrtStages, TorchStages
-from .results import OUTPUTS, OcclusionResult, window_starts
+from .results import DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult, window_starts
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 ATTRIBUTION_ON = ("probability", "logit")
@@ -297,7 +297,8 @@ class OcclusionEngine:
 
     # -------------------------------------------------------------------------------------- the sweep
     @torch.no_grad()
-    def sweep(self, image, window: int = 32, stride: int = 8, fill="mean", target: int | None = None,
+    def sweep(self, image, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean",
+              target: int | None = None,
               outputs: Sequence[str] = OUTPUTS, layer: str = "conv5", channel: int | None = None,
               attribution_on: str = "probability", progress: Callable[[int, int], None] | None = None,
               fill_units: str = "input") -> OcclusionResult:

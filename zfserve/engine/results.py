@@ -11,6 +11,11 @@ import numpy as np
 
 # The maps an occlusion sweep can compute.
 OUTPUTS = ("probability", "argmax", "activity", "attribution")
+# Defaults shared by the engines, the server (for unset request fields), the client and the CLI.
+DEFAULT_TOP_K = 5              # classes per image
+DEFAULT_DECONV_TOP_K = 9       # units per image when none are named (the paper's top-9)
+DEFAULT_WINDOW = 32            # occluder side, input pixels
+DEFAULT_STRIDE = 8             # occluder step, input pixels
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,8 @@ class UnitProjection:
     ``projection`` is unnormalized, in input units per unit of seed (the activation by default);
     ``box`` is the receptive field ``(x0, y0, x1, y1)`` in input pixels, clipped to the image, exclusive end;
     ``patch`` is the input under the box, ``(3, y1 - y0, x1 - x0)``, in network-input units. From a server
-    (``zfserve.client``) the arrays are there when asked for (else None), and ``png`` / ``patch_png`` hold the
-    rendered projection and input patch when those were asked for.
+    (``zfserve.client``) ``projection`` is there with ``return_tensor`` (else None), ``patch`` is always None,
+    and ``png`` / ``patch_png`` hold the rendered projection and input patch when those were asked for.
     """
 
     image_index: int

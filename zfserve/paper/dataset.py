@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import _checks as checks
-from ..data import CLASSES, label_of, render, scan
+from ..data import CLASSES, label_of, read_mask, render, scan
 from ..model import ZFNet
 from ..preprocess import decode_image, to_input
 
@@ -64,9 +64,7 @@ class AnalysisData:
             return Item(sample.image, sample.label, sample.mask, dict(sample.parts))
         entry = self._files[index]
         image = decode_image(entry.path, field=f"data {entry.path}")
-        mask = None
-        if entry.mask is not None:
-            mask = decode_image(entry.mask, field=f"data {entry.mask}")[..., 0] >= 128
+        mask = read_mask(entry.mask) if entry.mask is not None else None
         return Item(image, entry.label, mask, dict(entry.parts))
 
     def labels(self) -> np.ndarray:

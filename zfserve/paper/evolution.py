@@ -98,7 +98,7 @@ def probe_inputs(config: ModelConfig, *, seed: int, n: int) -> np.ndarray:
 def write_evolution(run_dir: str | Path, model_dir: str | Path | None = None, *, probe_seed: int = 1,
                     probe_n: int = 110, maps_per_layer: int = 6, seed: int = 0) -> Path:
     """Compute feature evolution from a run's snapshots into ``model_dir/evolution.npz`` (default: the run
-    directory itself, which is also a model directory). Used after training and by ``--evolution``."""
+    directory itself, which is also a model directory), as `zfserve evolution` and `zfserve train --evolution` do."""
     run_dir = Path(run_dir)
     model_dir = Path(model_dir or run_dir)
     config = run_config(run_dir)

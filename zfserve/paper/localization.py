@@ -181,7 +181,6 @@ def _examples_figure(model, data, out: Path, s, engine: OcclusionEngine) -> dict
                     fig.colorbar(shown, ax=ax, fraction=0.046)
             ax.set_title(title, fontsize=9)
     fig.suptitle(f"Occlusion sensitivity: grey (mean) {s.window}x{s.window} square, stride {s.stride}")
-    fig.suptitle(f"Occlusion sensitivity: grey (mean) {s.window}x{s.window} square, stride {s.stride}")
     return {"file": save(fig, out / "occlusion.png"), "data": [], "caption": (
         "For each example row: (a) the input; (b) the total activation of the conv5 feature map that is strongest "
         "on the unoccluded image, as a function of where the grey square is centred; (c) that map's strongest "

@@ -86,7 +86,7 @@ def build(model, out, sections=SECTIONS, settings: Settings | None = None, *, st
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"{name}: done in {timings[name]} s")
     meta = {"model": model.config.name, "data": data.describe(), "timings_s": timings,
-            "settings": {k: v for k, v in vars(s).items()}}
+            "settings": dict(vars(s))}
     previous = out / "report.json"
     if previous.is_file():
         old = json.loads(previous.read_text())

@@ -54,11 +54,10 @@ def top_activations(model: ZFNet, data: AnalysisData, layer, maps=None, *, k: in
     for name in list(wanted):
         checks.layer(name, SPATIAL_LAYERS)
         channels = infos[name].shape[0]
-        chosen = list(range(channels)) if wanted[name] is None else [int(c) for c in wanted[name]]
-        if not chosen or any(not 0 <= c < channels for c in chosen):
-            raise InvalidArgumentError(f"maps: channels of {name} must be in 0..{channels - 1}, got {chosen}",
-                                       field="maps")
-        wanted[name] = chosen
+        chosen = list(range(channels)) if wanted[name] is None else list(wanted[name])
+        if not chosen:
+            raise InvalidArgumentError(f"maps: no channels of {name}; give at least one", field="maps")
+        wanted[name] = [checks.integer(c, "maps", 0, channels - 1, what=f"the maps of {name}") for c in chosen]
     checks.integer(k, "k", 1, len(data), what="the dataset's images")
     model.eval()
     deepest = max(wanted, key=LAYER_NAMES.index)

@@ -117,7 +117,11 @@ class AppState:
 
     @property
     def ready(self) -> bool:
-        return not self.shutting_down and all(m.ready for m in self.repository)
+        return all(self.model_ready(m) for m in self.repository)
+
+    def model_ready(self, model) -> bool:
+        """Whether ``model`` takes work now: loaded and warm, and the server not shutting down."""
+        return model.ready and not self.shutting_down
 
     def serving(self, model):
         """``model`` when it may take work now; UNAVAILABLE (retry) while shutting down or still loading."""

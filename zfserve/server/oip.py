@@ -66,7 +66,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelReady")
     async def ModelReady(self, request, context):
         model = self._model(request.name, request.version)
-        return pb.ModelReadyResponse(ready=model.ready and not self.state.shutting_down)
+        return pb.ModelReadyResponse(ready=self.state.model_ready(model))
 
     @unary("ServerMetadata")
     async def ServerMetadata(self, request, context):

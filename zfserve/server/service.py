@@ -12,17 +12,14 @@ from .. import _checks as checks
 from .. import render, wire
 from .._proto.v1 import zfserve_pb2 as pb
 from .._proto.v1 import zfserve_pb2_grpc as pb_grpc
+from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K
 from ..errors import InvalidArgumentError
 from ..preprocess import load_images, to_display
 from .handlers import deadline_of, server_stream, unary
 
-DEFAULT_TOP_K = 5
-DEFAULT_DECONV_TOP_K = 9
 # Most units one DeconvProject may project (each is a 3 x 224 x 224 float32 map, 0.6 MB): bounds memory and
 # keeps a response with return_tensor under the message limit.
 MAX_DECONV_UNITS = 96
-DEFAULT_WINDOW = 32
-DEFAULT_STRIDE = 8
 # A streaming sweep sends at most this many progress events per second.
 PROGRESS_INTERVAL_S = 0.1
 
@@ -58,34 +55,25 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     async def Classify(self, request, context):
         model = self._model(request.model)
         classes = model.num_classes
-        top_k = request.top_k or min(DEFAULT_TOP_K, classes)
-        if not 1 <= top_k <= classes:
-            raise InvalidArgumentError(f"top_k: {request.top_k} out of range; accepted 1..{classes} (0 = default "
-                                       f"{min(DEFAULT_TOP_K, classes)})", field="top_k")
+        top_k = checks.integer(request.top_k or min(DEFAULT_TOP_K, classes), "top_k", 1, classes,
+                               what=f"0 = default {min(DEFAULT_TOP_K, classes)}")
         images = await self._images(request.images, model)
         deadline, _ = deadline_of(context)
         probs = await model.batcher.submit(images, deadline=deadline)
-        response = pb.ClassifyResponse(model=model.name, model_version=model.version)
-        wire.add_predictions(response, model.classifier.top_k(probs, top_k))
-        if request.return_probabilities:
-            response.probabilities.CopyFrom(wire.array_to_tensor(np.asarray(probs, dtype=np.float32)))
-        return response
+        return wire.classify_response(model.name, model.version, model.classifier.top_k(probs, top_k),
+                                      probs if request.return_probabilities else None)
 
     # ------------------------------------------------------------------------------------------- Deconv
     @unary("DeconvProject")
     async def DeconvProject(self, request, context):
         model = self._model(request.model)
-        from ..engine.deconv import PROJECTABLE   # torch: loaded with the first deconv request, not at start-up
-        checks.layer(request.layer, PROJECTABLE)
-        if request.units and request.maps:
-            raise InvalidArgumentError("units/maps: give one of them, not both", field="units")
+        from ..model import SPATIAL_LAYERS   # torch: loaded with the first deconv request, not at start-up
+        checks.layer(request.layer, SPATIAL_LAYERS)
+        args = wire.deconv_arguments(request)
         images = await self._images(request.images, model)
-        units = [(u.channel, u.y, u.x) for u in request.units] or None
-        maps = list(request.maps) or None
-        # top_k 0: the engine's default (9 strongest when no units or maps are named, else none).
-        top_k = request.top_k or None
+        units, maps = args["units"], args["maps"]
         default_k = DEFAULT_DECONV_TOP_K if units is None and maps is None else 0
-        per_image = (top_k or default_k) + len(units or ()) + len(maps or ())
+        per_image = (args["top_k"] or default_k) + len(units or ()) + len(maps or ())
         if per_image * len(images) > MAX_DECONV_UNITS:
             what = "units" if units else "maps" if maps else "top_k"
             raise InvalidArgumentError(f"{what}: {len(images)} images x {per_image} units = "
@@ -96,8 +84,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         def work(job):
             engine = model.deconv_engine()
             job.check()
-            projected = engine.project(images, request.layer, top_k=top_k, one_per_map=not request.allow_same_map,
-                                       units=units, maps=maps)
+            projected = engine.project(images, request.layer, **args)
             for unit in projected:   # PNG encoding is CPU work too: on this worker, off the event loop
                 if request.return_png:
                     unit.png = render.png_bytes(render.signed_to_rgb(unit.projection))
@@ -110,7 +97,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     # ------------------------------------------------------------------------------------------- Occlusion
     async def _start_sweep(self, request, context, on_progress=None):
         model = self._model(request.model)
-        args = wire.sweep_arguments(request, window=DEFAULT_WINDOW, stride=DEFAULT_STRIDE)
+        args = wire.sweep_arguments(request)
         images = await self._images(request.images, model, exactly_one=True)
         _, deadline_mono = deadline_of(context)
 
@@ -173,7 +160,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                 response.models.add(name=m.name, ready=False)
             else:
                 response.models.add(name=m.name, version=m.version, num_classes=m.num_classes,
-                                    ready=m.ready and not self.state.shutting_down)
+                                    ready=self.state.model_ready(m))
         return response
 
     @unary("GetModelInfo")

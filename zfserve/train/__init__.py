@@ -33,8 +33,8 @@ from ..errors import InvalidArgumentError
 from ..evaluate import predict_logits
 from ..model import build
 from . import checkpoint
-from .recipe import (conv1_lr_factor, crop_batch, epoch_draws, erase_squares, init_weights, input_rms, load_data,
-                     mean_image, model_config_for, optimizer_for, scaled_evolution_epochs, shrink_conv1_)
+from .recipe import (conv1_lr_factor, crop_batch, epoch_draws, erase_squares, he_normal_, init_weights, input_rms,
+                     load_data, mean_image, model_config_for, optimizer_for, scaled_evolution_epochs, shrink_conv1_)
 from .trainee import BN_CALIBRATION_IMAGES, TrainingNet, recalibrate_batchnorm, trained_parameters
 
 __all__ = ["TrainConfig", "train"]
@@ -150,9 +150,8 @@ class _Run:
     def _initialize(self, rms: float) -> None:
         cfg = self.cfg
         init_weights(self.model, cfg.init, torch.Generator().manual_seed(cfg.seed), rms)
-        if cfg.tied_fc6:    # He's fan-in init for the shared weights (fan-in: conv5's channels)
-            self.trainee.fc6.weight.data.normal_(0.0, math.sqrt(2.0 / self.trainee.fc6.in_features),
-                                                 generator=torch.Generator().manual_seed(cfg.seed + 1))
+        if cfg.tied_fc6:    # the shared weights (fan-in: conv5's channels), with their own generator
+            he_normal_(self.trainee.fc6, torch.Generator().manual_seed(cfg.seed + 1))
             self.trainee.fc6.bias.data.zero_()
         self.model.clip_filter_rms_(cfg.clip_radius)
 

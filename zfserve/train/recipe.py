@@ -1,5 +1,6 @@
 """The paper's training recipe (ZFNet v3 §3) as pieces: initialization, the data of a run, batches (random
-crops, flips, Cutout), the optimizer and the schedule facts. :func:`zfserve.train.train` runs them.
+crops, flips, Cutout), the optimizer and the feature-evolution epochs. :func:`zfserve.train.train` runs them
+(and steps the learning-rate schedule).
 
 Determinism: the sample order, crop offsets, flips and Cutout squares of epoch ``e`` come from a generator
 seeded with ``(seed, e)`` (:func:`epoch_generator`); crop offsets are drawn per sample (not per batch
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, PreprocessConfig, TrainConfig
 from ..errors import InvalidArgumentError
 from ..model import CONV_LAYERS, ZFNet
 
@@ -39,16 +40,22 @@ def input_rms(images: np.ndarray, mean: np.ndarray, n: int = 256) -> float:
 
 
 @torch.no_grad()
+def he_normal_(layer: nn.Module, generator: torch.Generator | None = None) -> None:
+    """He's fan-in init of ``layer``'s weight, N(0, 2 / fan_in): it keeps the signal's scale through ReLUs."""
+    layer.weight.normal_(0.0, math.sqrt(2.0 / layer.weight[0].numel()), generator=generator)
+
+
+@torch.no_grad()
 def init_scaled_(conv1: nn.Module, later: Iterable[nn.Module], rms: float,
                  generator: torch.Generator | None = None) -> None:
     """The "scaled" init (a documented deviation for short runs): conv1's weights N(0, s^2) with
     s = 1 / (sqrt(fan_in) * rms), so its outputs start with unit RMS on mean-subtracted raw pixels of RMS
-    ``rms``; every layer in ``later`` He's fan-in scaling N(0, 2 / fan_in), which keeps that scale through
-    the ReLUs. Biases are left alone. Weights are drawn in order, conv1 first, from ``generator`` (default:
+    ``rms``; every layer in ``later`` :func:`he_normal_`, which keeps that scale through the ReLUs. Biases
+    are left alone. Weights are drawn in order, conv1 first, from ``generator`` (default:
     the global one)."""
     conv1.weight.normal_(0.0, 1.0 / (math.sqrt(conv1.weight[0].numel()) * rms), generator=generator)
     for layer in later:
-        layer.weight.normal_(0.0, math.sqrt(2.0 / layer.weight[0].numel()), generator=generator)
+        he_normal_(layer, generator)
 
 
 def init_weights(model: ZFNet, scheme: str, generator: torch.Generator, input_rms: float | None = None) -> None:
@@ -136,7 +143,6 @@ def mean_image(images: np.ndarray) -> np.ndarray:
 
 def model_config_for(cfg: TrainConfig, classes) -> ModelConfig:
     """The config of the model a run trains (the per-pixel mean image is filled in once known)."""
-    from ..config import PreprocessConfig
     return ModelConfig(name=cfg.name, num_classes=len(classes), fc_width=cfg.fc_width, input_size=cfg.crop,
                        class_names=list(classes), preprocess=PreprocessConfig(resize=cfg.resize, crop=cfg.crop,
                                                                               mean="image"))
