@@ -71,7 +71,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    running = RunningServer(ServerOptions(port=0, model=str(model_dir),
+    # A position cap above the 217 x 217 sweep the cancellation test needs (the default is 4096).
+    running = RunningServer(ServerOptions(port=0, model=str(model_dir), max_occlusion_positions=217 * 217,
                                           batching=BatcherConfig(max_batch_size=16, max_queue_delay_us=2000)))
     yield running
     running.stop()
@@ -169,7 +170,7 @@ def test_get_model_info_lists_layers(stub, torch_model):
 
 
 def test_concurrent_requests_are_batched(server, stub, classifier):
-    batcher = server.server.repository.get("tiny").batcher
+    batcher = server.server.repository.get("tiny").runtime.batcher
     before = (batcher.stats.batches, batcher.stats.images_computed)
     x = _images(8, seed=5)
 
@@ -252,14 +253,16 @@ def test_client_occlude_with_progress(server, torch_model):
 
 
 # ------------------------------------------------------------------------------------------------ OIP
-def test_tritonclient_drives_the_inference_protocol(server, classifier):
+def test_tritonclient_drives_the_inference_protocol(server, classifier, model_dir):
+    from zfserve.weights import read_snapshot
     import tritonclient.grpc as tc
     client = tc.InferenceServerClient(server.target)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
     meta = client.get_server_metadata()
     assert meta.name == "zfserve" and list(meta.extensions) == ["model_configuration"]
     md = client.get_model_metadata("tiny")
-    assert md.platform == "onnxruntime_onnx" and list(md.versions) == ["0"]
+    version = read_snapshot(model_dir).version   # the config's "0" + the weights hash
+    assert md.platform == "onnxruntime_onnx" and list(md.versions) == [version] and version.startswith("0+")
     assert [(t.name, t.datatype, list(t.shape)) for t in md.inputs] == [
         ("image", "FP32", [-1, 3, 224, 224]), ("image_bytes", "BYTES", [-1])]
     assert [(t.name, t.datatype, list(t.shape)) for t in md.outputs] == [("probabilities", "FP32", [-1, 10])]
@@ -383,9 +386,10 @@ def test_bad_deconv_and_occlusion_requests(stub):
         err = _status(method, request)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, err.details())
         assert named in err.details(), err.details()
+    # An explicit 0 is refused (unset means the default), as it is locally.
     stream_err = _status(lambda: list(stub.OcclusionSweepStream(pb.OcclusionRequest(images=images, window=0,
                                                                                      stride=40))))
-    assert stream_err.code() == grpc.StatusCode.INVALID_ARGUMENT and "stride" in stream_err.details()
+    assert stream_err.code() == grpc.StatusCode.INVALID_ARGUMENT and "window: 0" in stream_err.details()
 
 
 def test_bad_model_infer_requests(oip_stub):
@@ -426,7 +430,7 @@ def test_bad_model_infer_requests(oip_stub):
 
 # ------------------------------------------------------------------------------------------------ deadlines
 def test_deadline_shorter_than_the_work_is_never_computed(server, stub, oip_stub):
-    batcher = server.server.repository.get("tiny").batcher
+    batcher = server.server.repository.get("tiny").runtime.batcher
     blocker_images = _images(32, seed=19)
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(stub.Classify, pb.ClassifyRequest(images=_tensor_images(blocker_images)))
@@ -481,7 +485,7 @@ def guarded(model_dir, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     running = RunningServer(ServerOptions(
         port=0, model=str(model_dir), auth_token_file=str(token_file), max_message_bytes=1 << 20, metrics_port=0,
-        heavy_queue_size=0,
+        heavy_queue_size=0, max_occlusion_positions=217 * 217,
         batching=BatcherConfig(max_batch_size=8, max_queue_delay_us=1000, max_queue_size=8)))
     yield running
     running.stop()
@@ -528,6 +532,7 @@ def test_busy_heavy_worker_answers_unavailable_at_once(guarded):
 
 def test_prometheus_endpoint_and_debug_log_line(guarded, caplog):
     import logging
+    import urllib.error
     import urllib.request
     with caplog.at_level(logging.DEBUG, logger="zfserve.server"):
         with Client(guarded.target, token=TOKEN, timeout=30) as client:
@@ -535,7 +540,11 @@ def test_prometheus_endpoint_and_debug_log_line(guarded, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rpc=Classify")]
     assert lines and "code=OK" in lines[-1] and "ms=" in lines[-1]
     url = f"http://127.0.0.1:{guarded.server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    with pytest.raises(urllib.error.HTTPError) as info:   # the same token as the RPCs
+        urllib.request.urlopen(url, timeout=10)
+    assert info.value.code == 401
+    request = urllib.request.Request(url, headers={"Authorization": f"bearer {TOKEN}"})
+    text = urllib.request.urlopen(request, timeout=10).read().decode()
     assert 'zfserve_requests_total{code="OK",rpc="Classify"}' in text
     assert 'zfserve_queue_depth{model="tiny"}' in text and "zfserve_heavy_requests" in text
 
@@ -550,7 +559,7 @@ def test_message_over_the_size_limit(guarded):
 
 def test_64_concurrent_clients_every_request_accounted_for(guarded):
     """64 clients x 3 requests against a queue of 8: each gets its result or UNAVAILABLE, counts add up."""
-    batcher = guarded.server.repository.get("tiny").batcher
+    batcher = guarded.server.repository.get("tiny").runtime.batcher
     before = (batcher.stats.completed, batcher.stats.rejected_full)
     x = _images(4, seed=26)
     metadata = (("authorization", f"Bearer {TOKEN}"),)
@@ -582,7 +591,7 @@ def test_64_concurrent_clients_every_request_accounted_for(guarded):
     assert batcher.stats.completed - before[0] == ok
     assert batcher.stats.rejected_full - before[1] == unavailable
     assert all("queue full" in r[2] for r in results if r[0] == "UNAVAILABLE")
-    expected = {k: guarded.server.repository.get("tiny").classifier.classify(x[k:k + 1], 1)[0][0].index
+    expected = {k: guarded.server.repository.get("tiny").runtime.classifier.classify(x[k:k + 1], 1)[0][0].index
                 for k in range(4)}
     assert all(r[2] == expected[r[1]] for r in results if r[0] == "OK")
 
@@ -688,7 +697,7 @@ def test_model_repository_serves_each_sub_directory(model_dir, tmp_path, classif
             np.testing.assert_allclose(probs, classifier.probabilities(x), atol=1e-6)
         triton = tc.InferenceServerClient(running.target)
         assert triton.is_model_ready("alpha") and triton.is_model_ready("beta")
-        assert running.server.repository.get("alpha").batcher is not running.server.repository.get("beta").batcher
+        assert running.server.repository.get("alpha").runtime.batcher is not running.server.repository.get("beta").runtime.batcher
     finally:
         running.stop()
 

@@ -73,7 +73,7 @@ class Client:
         preds: list[list[Prediction]] = wire.predictions(response)
         return (preds, wire.probabilities(response)) if return_probabilities else preds
 
-    def deconv(self, images, layer: str, *, top_k: int = 0, one_per_map: bool = True,
+    def deconv(self, images, layer: str, *, top_k: int | None = None, one_per_map: bool = True,
                units: Sequence[tuple[int, int, int]] | None = None, maps: Sequence[int] | None = None,
                return_png: bool = False, return_patches: bool = False, return_tensor: bool = True,
                model: str = "", timeout: float | None = None) -> list[UnitProjection]:
@@ -84,8 +84,8 @@ class Client:
                                       return_tensor=return_tensor, model=model)
         return wire.projections(self._call(self._stub.DeconvProject, request, timeout))
 
-    def occlude(self, image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean", target: int | None = None,
-                outputs: Iterable[str] | None = None, layer: str | None = None, channel: int | None = None,
+    def occlude(self, image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean",
+                target: int | None = None, outputs: Iterable[str] | None = None, layer: str | None = None, channel: int | None = None,
                 attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
                 timeout: float | None = None, fill_in_pixels: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> OcclusionResult:

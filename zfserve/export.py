@@ -33,8 +33,7 @@ from . import _checks as checks
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .model import LAYER_NAMES, ZFNet
-from .weights import (CONFIG_FILE, EMBEDDED_DIR, ONNX_FILE, WEIGHTS_FILE, default_model_name, paper_model,
-                      read_config, resolve_model_dir, state_dict_hash, weights_hash)
+from .weights import EMBEDDED_DIR, ONNX_FILE, WEIGHTS_FILE, state_dict_hash
 
 INPUT_NAME = "image"
 LOGITS = "logits"
@@ -253,12 +252,20 @@ def export_onnx(model: ZFNet, path: str | Path, *, extra_outputs=(), opset: int 
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"ZFNet {config.name} (version {config.version}) exported by zfserve"
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ExportError(f"export: cannot write {path}: {exc.strerror or exc}; use another --out, or set "
+                          f"ZFSERVE_CACHE_DIR to a writable disk") from None
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(proto.SerializeToString())
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(proto.SerializeToString())
+        except OSError as exc:   # a full disk (ENOSPC) shows here, or at the close inside the with
+            raise ExportError(f"export: cannot write {path}: {exc.strerror or exc}; free space, or set "
+                              f"ZFSERVE_CACHE_DIR to another disk") from None
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; the export is as readable as the weights beside it
         del proto
         if check:
@@ -343,11 +350,14 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "zfserve"
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata props of an ONNX file (empty if it is missing or unreadable)."""
+def read_metadata(path_or_bytes: str | Path | bytes) -> dict[str, str]:
+    """The metadata props of an ONNX file or its bytes (empty if missing or unreadable)."""
     import onnx
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        if isinstance(path_or_bytes, bytes):
+            proto = onnx.load_from_string(path_or_bytes)
+        else:
+            proto = onnx.load(str(path_or_bytes), load_external_data=False)
     except Exception:  # a truncated or foreign file is simply not a usable cache entry  # noqa: BLE001
         return {}
     return {p.key: p.value for p in proto.metadata_props}
@@ -371,35 +381,27 @@ def _writable(directory: Path) -> bool:
         return False
 
 
-def ensure_onnx(model_dir_or_name: str | Path | ZFNet | None = None) -> Path:
+def ensure_onnx(model=None) -> Path:
     """The path of an up-to-date ONNX export of a model, exporting it only when needed.
 
-    A model directory keeps ``model.onnx`` beside its weights; it is re-exported when the hash of
-    ``weights.safetensors`` (or of config.json) no longer matches the file's metadata. Read-only directories
-    (an installed package), embedded models (package data), the built-in ``zfnet-paper`` and in-memory ZFNets use
+    ``model``: a name or directory (read once as a :class:`~zfserve.weights.Snapshot`), a Snapshot, or an
+    in-memory ZFNet. A model directory keeps ``model.onnx`` beside its weights; it is re-exported when the
+    hash of the weights (or of config.json) no longer matches the file's metadata. Read-only directories (an
+    installed package), embedded models (package data), the built-in ``zfnet-paper`` and in-memory ZFNets use
     ``cache_root()/<name>-<hash>/model.onnx``, keyed by the weights hash.
     """
-    from .weights import load_model
+    from .weights import Snapshot, read_snapshot
 
-    if isinstance(model_dir_or_name, ZFNet):
-        model = model_dir_or_name
-        source, source_kind, config = state_dict_hash(model), "state_dict", model.config
-        candidates, load = [], (lambda: model)
+    if isinstance(model, ZFNet):
+        source, source_kind, config, candidates, build = (state_dict_hash(model), "state_dict", model.config, [],
+                                                          lambda: model)
     else:
-        directory = resolve_model_dir(model_dir_or_name or default_model_name())
-        if directory is None:  # the built-in paper configuration: deterministic init, no files
-            model = paper_model().eval()
-            source, source_kind, config = state_dict_hash(model), "state_dict", model.config
-            candidates, load = [], (lambda: model)
-        else:
-            if not (directory / WEIGHTS_FILE).is_file():
-                raise ModelLoadError(f"{directory / WEIGHTS_FILE}: missing (a model directory holds "
-                                     f"{CONFIG_FILE} and {WEIGHTS_FILE})")
-            config = read_config(directory)
-            source, source_kind = weights_hash(directory), WEIGHTS_FILE
-            # Embedded models are package data: never write beside them, use the cache.
-            embedded = directory.resolve().is_relative_to(EMBEDDED_DIR)
-            candidates, load = ([] if embedded else [directory]), (lambda: load_model(directory))
+        snap = model if isinstance(model, Snapshot) else read_snapshot(model)
+        source, config, build = snap.sha256, snap.config, snap.model
+        source_kind = WEIGHTS_FILE if snap.directory is not None else "state_dict"
+        # Embedded models are package data: never write beside them, use the cache.
+        local = snap.directory is not None and not snap.directory.resolve().is_relative_to(EMBEDDED_DIR)
+        candidates = [snap.directory] if local else []
     digest = config_hash(config)
     candidates.append(cache_root() / f"{config.name}-{source[:16]}")
     for folder in candidates:
@@ -407,6 +409,6 @@ def ensure_onnx(model_dir_or_name: str | Path | ZFNet | None = None) -> Path:
             return folder / ONNX_FILE
     for folder in candidates:
         if _writable(folder):
-            return export_onnx(load(), folder / ONNX_FILE, weights_sha256=source, weights_source=source_kind)
+            return export_onnx(build(), folder / ONNX_FILE, weights_sha256=source, weights_source=source_kind)
     raise ModelLoadError(f"cannot write {ONNX_FILE}: neither {candidates[0]} nor the cache directory "
                          f"{candidates[-1]} is writable (set ZFSERVE_CACHE_DIR)")

@@ -2,12 +2,15 @@
 training, evaluation) goes through :func:`load_image` / :func:`load_images`.
 
 Decoding untrusted bytes safely:
-- only JPEG, PNG and WebP are opened (Pillow is given the allowlist, so other decoders never run);
-- the size and frame count are read from the header and checked *before* any pixel is decoded;
-- a pixel limit (default 40 MP) and a minimum side (default 32 px) are enforced (Pillow's own bomb check, at
-  89 MP, only ever warns about images we refuse anyway); truncated files are errors (``LOAD_TRUNCATED_IMAGES``
-  stays off);
-- only the first frame of an animated PNG/WebP is decoded; EXIF orientation is applied.
+- only JPEG, PNG and WebP are opened (only their Pillow plugins are consulted, so other decoders never run);
+- the size and frame count are read from the header (:func:`read_header`) and checked *before* any pixel is
+  decoded: a pixel limit (default 40 MP) and a minimum side (default 32 px); Pillow's own decompression-bomb
+  check is not run, so its warnings and its numbers never reach a user, only ours; truncated files are errors
+  (``LOAD_TRUNCATED_IMAGES`` stays off);
+- only the first frame of an animated PNG/WebP is decoded; EXIF orientation is applied;
+- the cost of a large image is bounded: inference decodes at a working size (JPEG at 1/2 to 1/8 scale while
+  decoding, other formats reduced in uint8 right after), cuts images longer than 16:1 to their centre first,
+  and never holds a full-size image in floating point; a ``check`` callback can stop the work between steps.
 Colour: grayscale, palette and CMYK are converted to RGB; 16-bit images are scaled to 8 bits (not clipped);
 alpha is composited onto the model's mean colour, so fully transparent pixels become 0 after mean
 subtraction (the same value the occlusion engine fills with).
@@ -22,11 +25,13 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .config import ModelConfig, PreprocessConfig
 from .errors import CorruptImageError, ImageSizeError, InvalidArgumentError, UnsupportedImageFormatError
@@ -37,6 +42,8 @@ DEFAULT_MIN_SIDE = 32
 DEFAULT_MAX_FRAMES = 1000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 MAX_ASPECT = 16
+# Inference decodes large images to a short side of at least this many times the resize side (then resizes).
+WORKING_SCALE = 2
 
 ImageSource = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
 
@@ -90,8 +97,8 @@ def _read_source(source, field: str, max_bytes: int) -> bytes:
     return data
 
 
-def _to_rgb_array(im: Image.Image, pre: PreprocessConfig) -> np.ndarray:
-    """Any decoded mode -> uint8 (H, W, 3)."""
+def _to_rgb_array(im: Image.Image, pre: PreprocessConfig, premultiplied: bool = False) -> np.ndarray:
+    """Any decoded mode -> uint8 (H, W, 3); ``premultiplied``: ``im`` is "RGBa" (see :func:`_shrink`)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit (or 32-bit) grayscale: scale to 8 bits instead of clipping everything above 255.
         arr = np.asarray(im, dtype=np.float64)
@@ -99,6 +106,8 @@ def _to_rgb_array(im: Image.Image, pre: PreprocessConfig) -> np.ndarray:
         gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     # Transparency is an alpha channel, or a palette index / colour key (PNG tRNS) in P, L, 1 and RGB images.
+    if premultiplied:
+        return _composite_on_mean(np.asarray(im), pre, premultiplied=True)
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
         (im.mode in ("P", "L", "1", "RGB") and "transparency" in im.info)
     if has_alpha:
@@ -106,64 +115,164 @@ def _to_rgb_array(im: Image.Image, pre: PreprocessConfig) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def _composite_on_mean(rgba: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
-    """uint8 (H, W, 4) -> uint8 (H, W, 3): alpha-blend onto the mean colour (transparent -> 0 after subtraction)."""
+def _composite_on_mean(rgba: np.ndarray, pre: PreprocessConfig, premultiplied: bool = False) -> np.ndarray:
+    """uint8 (H, W, 4) -> uint8 (H, W, 3): alpha-blend onto the mean colour (transparent -> 0 after subtraction).
+    ``premultiplied``: the colour channels already carry the alpha factor."""
     rgba = rgba.astype(np.float32)
     alpha = rgba[:, :, 3:4] / 255.0
     mean = np.asarray(pre.mean_rgb(), dtype=np.float32).reshape(1, 1, 3)
-    rgb = rgba[:, :, :3] * alpha + mean * (1.0 - alpha)
+    rgb = (rgba[:, :, :3] if premultiplied else rgba[:, :, :3] * alpha) + mean * (1.0 - alpha)
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, read without decoding a pixel."""
+
+    width: int
+    height: int
+    format: str
+    frames: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _open(data: bytes, field: str) -> Image.Image:
+    """Open ``data`` with the allowlisted plugins only. This is Pillow's ``Image.open`` without its
+    decompression-bomb check: that check warns (on stderr) or fails with Pillow's own limit, while ours, lower,
+    is applied right after the header is read, in our words."""
+    Image.preinit()   # registers JPEG and PNG (and a few others we never consult) ...
+    if any(fmt not in Image.OPEN for fmt in ALLOWED_FORMATS):
+        Image.init()  # ... and, once, every plugin, WebP among them
+    prefix = data[:16]
+    for fmt in ALLOWED_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and not accept(prefix):
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error, EOFError) as exc:
+            raise CorruptImageError(f"{field}: corrupt {fmt} header ({exc})", field=field) from None
+        except (OSError, ValueError) as exc:
+            raise CorruptImageError(f"{field}: corrupt image header ({exc})", field=field) from None
+    refused = _sniff_refused(prefix)
+    if refused:
+        raise UnsupportedImageFormatError(f"{field}: {refused} images are not accepted; accepted formats: "
+                                          f"JPEG, PNG, WebP", field=field)
+    raise CorruptImageError(f"{field}: not a decodable JPEG, PNG or WebP image ({len(data)} bytes)", field=field)
+
+
+def _open_checked(data: bytes, field: str, max_pixels: int, min_side: int, max_frames: int) -> Image.Image:
+    """:func:`_open`, then the size and frame limits from the header, before any pixel is decoded."""
+    im = _open(data, field)
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise ImageSizeError(f"{field}: {width}x{height} = {width * height} pixels; at most {max_pixels} "
+                             f"pixels are accepted", field=field)
+    if min(width, height) < min_side:
+        im.close()
+        raise ImageSizeError(f"{field}: {width}x{height} is too small; each side must be at least "
+                             f"{min_side} pixels", field=field)
+    frames = getattr(im, "n_frames", 1)
+    if frames > max_frames:
+        im.close()
+        raise ImageSizeError(f"{field}: {frames} frames; at most {max_frames} are accepted (only the "
+                             f"first is used)", field=field)
+    return im
+
+
+def read_header(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
+                max_frames: int = DEFAULT_MAX_FRAMES, max_bytes: int = DEFAULT_MAX_BYTES,
+                field: str = "image") -> ImageHeader:
+    """The size, format and frame count of image bytes or a file, checked against the same limits as
+    :func:`decode_image`, decoding nothing (what a request's pixel budget is counted from)."""
+    if isinstance(source, np.ndarray):
+        _array_to_rgb(source[:1, :1], field, 1, max_pixels, PreprocessConfig())   # dtype and layout only
+        return ImageHeader(int(source.shape[1]), int(source.shape[0]), "array", 1)
+    with _open_checked(_read_source(source, field, max_bytes), field, max_pixels, min_side, max_frames) as im:
+        return ImageHeader(im.size[0], im.size[1], im.format, getattr(im, "n_frames", 1))
 
 
 def decode_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
                  max_frames: int = DEFAULT_MAX_FRAMES, max_bytes: int = DEFAULT_MAX_BYTES,
-                 config=None, field: str = "image") -> np.ndarray:
-    """Safely decode image bytes or a file to uint8 RGB (H, W, 3), EXIF orientation applied."""
+                 config=None, field: str = "image", working_size: int | None = None,
+                 check: Callable[[], None] | None = None) -> np.ndarray:
+    """Safely decode image bytes or a file to uint8 RGB (H, W, 3), EXIF orientation applied.
+
+    ``working_size``: the image may come back smaller, its short side still at least ``working_size``:
+    a JPEG decodes at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) and other images are reduced by an integer
+    factor (box filter, in uint8, alpha premultiplied) right after decoding; images longer than 16:1 are cut to
+    their centre 16:1 part first. So a large image never exists as a full-size float array. ``check()``, if
+    given, is called between the steps (open, decode, reduce, convert) and may raise to stop the work.
+    """
     pre = preprocess_config(config)
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, field, min_side, max_pixels, pre)
-    data = _read_source(source, field, max_bytes)
-    # No warning filters are touched here: they are process-global (a race between threads could leak one),
-    # and our own pixel limit, checked right after the header is read, is below Pillow's bomb threshold.
-    try:
-        im = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
-    except UnidentifiedImageError:
-        refused = _sniff_refused(data[:16])
-        if refused:
-            raise UnsupportedImageFormatError(
-                f"{field}: {refused} images are not accepted; accepted formats: JPEG, PNG, WebP",
-                field=field) from None
-        raise CorruptImageError(f"{field}: not a decodable JPEG, PNG or WebP image ({len(data)} bytes)",
-                                field=field) from None
-    except Image.DecompressionBombError as exc:
-        raise ImageSizeError(f"{field}: too many pixels ({exc}); at most {max_pixels} pixels are accepted",
-                             field=field) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImageError(f"{field}: corrupt image header ({exc})", field=field) from None
+    check = check or (lambda: None)
+    im = _open_checked(_read_source(source, field, max_bytes), field, max_pixels, min_side, max_frames)
     with im:
-        width, height = im.size
-        if width * height > max_pixels:
-            raise ImageSizeError(f"{field}: {width}x{height} = {width * height} pixels; at most {max_pixels} "
-                                 f"pixels are accepted", field=field)
-        if min(width, height) < min_side:
-            raise ImageSizeError(f"{field}: {width}x{height} is too small; each side must be at least "
-                                 f"{min_side} pixels", field=field)
-        frames = getattr(im, "n_frames", 1)
-        if frames > max_frames:
-            raise ImageSizeError(f"{field}: {frames} frames; at most {max_frames} are accepted (only the "
-                                 f"first is used)", field=field)
+        check()
         try:
-            if frames > 1:
+            if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
+            if working_size and im.format == "JPEG":
+                im.draft(im.mode, _at_least(im.size, working_size))
             im.load()
+            check()
+            im, premultiplied = _shrink(_centre_of_long(im), working_size)
+            check()
             im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb_array(im, pre)
-        except Image.DecompressionBombError as exc:
-            raise ImageSizeError(f"{field}: {exc}", field=field) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            rgb = _to_rgb_array(im, pre, premultiplied)
+        except Image.DecompressionBombError:
+            raise ImageSizeError(f"{field}: too many pixels; at most {max_pixels} pixels are accepted",
+                                 field=field) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
             raise CorruptImageError(f"{field}: truncated or corrupt {im.format} data ({exc})",
                                     field=field) from None
+    check()
     return rgb
+
+
+def _at_least(size: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """``size`` scaled so that its short side is ``short_side`` (never up)."""
+    scale = min(1.0, short_side / min(size))
+    return max(1, math.ceil(size[0] * scale)), max(1, math.ceil(size[1] * scale))
+
+
+def _long_centre(width: int, height: int) -> tuple[int, int, int, int] | None:
+    """Only the centre of a very long image reaches the crop: its centre MAX_ASPECT:1 part (left, top, right,
+    bottom), so that a thin 40 MP strip (32 x 1,250,000) is neither converted nor resized whole; None for images
+    up to 16:1, which are used whole."""
+    longest = MAX_ASPECT * min(width, height)
+    if max(width, height) <= longest:
+        return None
+    left, top = max(0, (width - longest) // 2), max(0, (height - longest) // 2)
+    return left, top, left + min(width, longest), top + min(height, longest)
+
+
+def _centre_of_long(im: Image.Image) -> Image.Image:
+    box = _long_centre(*im.size)
+    return im if box is None else im.crop(box)
+
+
+def _shrink(im: Image.Image, working_size: int | None) -> tuple[Image.Image, bool]:
+    """Reduce by the largest integer factor that keeps the short side >= ``working_size`` (in 8-bit modes;
+    palettes and 16-bit greys are converted first, alpha is premultiplied so that averaging is exact).
+    Returns the image and whether its alpha is premultiplied ("RGBa")."""
+    factor = min(im.size) // working_size if working_size else 1
+    if factor < 2:
+        return im, False
+    if im.mode in ("P", "PA", "1") or "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif im.mode.startswith("I;16"):
+        im = im.convert("I")
+    premultiplied = im.mode in ("RGBA", "LA", "La", "RGBa")
+    if premultiplied:
+        im = im.convert("RGBa") if im.mode != "RGBa" else im
+    return im.reduce(factor), premultiplied
 
 
 def _array_to_rgb(arr: np.ndarray, field: str, min_side: int, max_pixels: int,
@@ -191,12 +300,10 @@ def _array_to_rgb(arr: np.ndarray, field: str, min_side: int, max_pixels: int,
 def resize_and_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (crop, crop, 3): short side to ``resize`` (bilinear, antialiased), centre crop."""
     h, w = rgb.shape[:2]
-    # Only the centre of a very long image reaches the crop: cut it to MAX_ASPECT:1 first, so that a thin
-    # 40 MP strip (32 x 1,250,000) is not resized to gigabytes. Images up to 16:1 are untouched.
-    longest = MAX_ASPECT * min(h, w)
-    if max(h, w) > longest:
-        top, left = max(0, (h - longest) // 2), max(0, (w - longest) // 2)
-        rgb = rgb[top:top + longest, left:left + longest]
+    box = _long_centre(w, h)
+    if box is not None:
+        left, top, right, bottom = box
+        rgb = rgb[top:bottom, left:right]
         h, w = rgb.shape[:2]
     if min(h, w) != resize:
         scale = resize / min(h, w)
@@ -218,15 +325,23 @@ def load_image(source: ImageSource, config=None, **limits) -> np.ndarray:
     """bytes | path | uint8 array -> float32 (3, crop, crop), ready for the network.
 
     ``config`` is a model's ``ModelConfig`` (``model.config``), its ``PreprocessConfig`` or a ZFNet.
-    ``limits``: ``max_pixels``, ``min_side``, ``max_frames``, ``max_bytes``, ``field`` (name used in errors).
+    ``limits``: ``max_pixels``, ``min_side``, ``max_frames``, ``max_bytes``, ``field`` (name used in errors),
+    ``check`` (see :func:`decode_image`). Large images are decoded at a working size of twice the resize
+    side (:data:`WORKING_SCALE`), never at full size in floating point.
     """
-    return to_input(decode_image(source, config=config, **limits), config)
+    pre = preprocess_config(config)
+    return to_input(decode_image(source, config=pre, working_size=WORKING_SCALE * pre.resize, **limits), pre)
 
 
 def load_images(sources: Iterable[ImageSource], config=None, **limits) -> np.ndarray:
-    """Batch form of :func:`load_image`: float32 (N, 3, crop, crop). Errors name the failing item's index."""
+    """Batch form of :func:`load_image`: float32 (N, 3, crop, crop). Errors name the failing item's index;
+    ``check`` is also called before each image."""
     field = limits.pop("field", "images")
-    arrays = [load_image(src, config, field=f"{field}[{i}]", **limits) for i, src in enumerate(sources)]
+    check = limits.get("check") or (lambda: None)
+    arrays = []
+    for i, src in enumerate(sources):
+        check()
+        arrays.append(load_image(src, config, field=f"{field}[{i}]", **limits))
     if not arrays:
         raise InvalidArgumentError(f"{field}: no images given", field=field)
     return np.stack(arrays)

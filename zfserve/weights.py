@@ -9,8 +9,10 @@ untrained paper configuration (1000 classes, paper init with a fixed seed), neve
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,7 @@ MEAN_IMAGE_TENSOR = "mean_image"
 PAPER_MODEL = "zfnet-paper"
 DEMO_MODEL = "zfnet-demo"
 PAPER_SEED = 0
+VERSION_HASH_CHARS = 12   # of the weights' SHA-256 in a served version, "<config version>+<hash prefix>"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "models"
 
 
@@ -123,58 +126,91 @@ def _check_mean_image(mean, config: ModelConfig, path: Path) -> np.ndarray:
     return np.asarray(mean, dtype=np.float32)
 
 
-def read_model_config(directory: str | Path) -> ModelConfig:
-    """A model directory's config, with the mean image loaded when the preprocessing uses one (without
-    reading the other weights)."""
-    from safetensors import SafetensorError, safe_open
+@dataclass
+class Snapshot:
+    """A model as read once from its directory (or built in): the config and the weights from one read of
+    each file, and the SHA-256 of the weights file's bytes. Every runtime of a served model (the ONNX export
+    and session, the PyTorch model behind deconv and occlusion) is built from one snapshot, so they agree,
+    whatever happens to the files afterwards.
 
-    directory = Path(directory)
+    ``version`` is what a server reports: the config's version and a prefix of the weights hash, so it
+    changes with the weights."""
+
+    source: str                       # the directory it was read from, or the built-in name
+    directory: Path | None            # None for the built-in zfnet-paper
+    config: ModelConfig
+    tensors: dict                     # name -> CPU tensor as stored (the mean image is in ``config``)
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def version(self) -> str:
+        return f"{self.config.version}+{self.sha256[:VERSION_HASH_CHARS]}"
+
+    def model(self, device: str | torch.device = "cpu"):
+        """A fresh ZFNet (float32, eval mode, on ``device``) with these weights; ``model.model_dir`` is the
+        directory. Tensors that do not fit the config are a ModelLoadError naming the file."""
+        import torch
+        from .model import build
+        config = copy.deepcopy(self.config)
+        with torch.random.fork_rng(devices=[]):   # building initializes weights: leave the caller's RNG alone
+            model = build(config)
+        if self.directory is None:
+            model.load_state_dict(self.tensors)
+        else:
+            path = self.directory / WEIGHTS_FILE
+            expected = model.state_dict()
+            missing = sorted(set(expected) - set(self.tensors))
+            extra = sorted(set(self.tensors) - set(expected))
+            if missing or extra:
+                raise ModelLoadError(f"{path}: missing tensors {missing}, unexpected tensors {extra}")
+            for key in expected:   # in layer order: the first misfit named is the lowest layer's
+                tensor = self.tensors[key]
+                if tuple(tensor.shape) != tuple(expected[key].shape):
+                    raise ModelLoadError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                         f"expected {tuple(expected[key].shape)} for the config in {CONFIG_FILE}")
+                if not torch.isfinite(tensor).all():
+                    raise ModelLoadError(f"{path}: tensor {key!r} holds non-finite values")
+            model.load_state_dict({k: v.to(torch.float32) for k, v in self.tensors.items()})
+            model.config.provenance.setdefault("directory", str(self.directory))
+        model.model_dir = self.directory
+        return model.eval().to(device)
+
+
+def read_snapshot(name_or_dir: str | Path | None = None) -> Snapshot:
+    """Read a model directory (or embedded name) once into a :class:`Snapshot`; ``zfnet-paper`` is built."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+    source = str(name_or_dir or default_model_name())
+    directory = resolve_model_dir(source)
+    if directory is None:
+        model = paper_model()
+        tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return Snapshot(source, None, model.config, tensors, state_dict_hash(model))
     config = read_config(directory)
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing")
+    try:
+        data = path.read_bytes()
+        tensors = load_safetensors(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
     if isinstance(config.preprocess.mean, str):
-        path = directory / WEIGHTS_FILE
-        try:
-            with safe_open(str(path), framework="np") as fh:
-                mean = fh.get_tensor(MEAN_IMAGE_TENSOR) if MEAN_IMAGE_TENSOR in fh.keys() else None
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{path}: corrupt or unreadable safetensors file ({exc})") from None
-        config.preprocess.mean_image = _check_mean_image(mean, config, path)
-    return config
+        mean = tensors.pop(MEAN_IMAGE_TENSOR, None)
+        config.preprocess.mean_image = _check_mean_image(None if mean is None else mean.to(torch.float32).numpy(),
+                                                         config, path)
+    return Snapshot(str(directory), directory, config, tensors, hashlib.sha256(data).hexdigest())
 
 
 def load_model(name_or_dir: str | Path | None = None, *, device: str | torch.device = "cpu"):
     """Load a model by embedded name (``zfnet-demo``, the built-in ``zfnet-paper``) or directory into a ZFNet in
     eval mode; ``model.config`` holds its config and ``model.model_dir`` its directory (None if built in)."""
-    import torch
-    from .model import build
-    directory = resolve_model_dir(name_or_dir or default_model_name())
-    if directory is None:
-        model = paper_model()
-        model.model_dir = None
-    else:
-        config = read_config(directory)
-        path = directory / WEIGHTS_FILE
-        tensors = read_tensors(path)
-        if isinstance(config.preprocess.mean, str):
-            mean = tensors.pop(MEAN_IMAGE_TENSOR, None)
-            config.preprocess.mean_image = _check_mean_image(None if mean is None else mean.float().numpy(),
-                                                             config, path)
-        model = build(config)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise ModelLoadError(f"{path}: missing tensors {missing}, unexpected tensors {extra}")
-        for key, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise ModelLoadError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(expected[key].shape)} for the config in {CONFIG_FILE}")
-            if not torch.isfinite(tensor).all():
-                raise ModelLoadError(f"{path}: tensor {key!r} holds non-finite values")
-        model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
-        model.config.provenance.setdefault("directory", str(directory))
-        model.model_dir = directory
-    model.eval()
-    return model.to(device)
+    return read_snapshot(name_or_dir).model(device)
 
 
 def save_model(model, directory: str | Path, *, dtype: torch.dtype | None = None, **config_updates) -> Path:

@@ -10,6 +10,7 @@ dtype in the accepted set, shape non-negative, byte length = product(shape) x it
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -24,22 +25,29 @@ from .errors import InvalidArgumentError
 # zfserve.v1 Tensor dtypes (little-endian on the wire).
 DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4", "int8": "i1",
           "uint8": "u1"}
+# Most elements one tensor may claim (2^31, 8 GiB of float32: well above any message limit).
+MAX_ELEMENTS = 1 << 31
 # Open Inference Protocol datatypes (BYTES is handled separately).
 OIP_DTYPES = {"BOOL": "?", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "i1",
               "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 
 
-def _count(shape, field: str) -> int:
+def element_count(shape, field: str) -> int:
+    """The number of elements of ``shape``, counted exactly (no int64 overflow), at most :data:`MAX_ELEMENTS`."""
     shape = [int(s) for s in shape]
     if any(s < 0 for s in shape):
         raise InvalidArgumentError(f"{field}.shape: dimensions must be >= 0, got {shape}", field=f"{field}.shape")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise InvalidArgumentError(f"{field}.shape: {shape} holds {count} elements; at most {MAX_ELEMENTS} are "
+                                   f"accepted", field=f"{field}.shape")
+    return count
 
 
 def from_raw(data: bytes, dtype: str, shape, field: str) -> np.ndarray:
     """Bytes of a row-major little-endian array -> a numpy array (a writable copy) with that dtype and shape."""
     np_dtype = np.dtype(dtype)
-    count = _count(shape, field)
+    count = element_count(shape, field)
     expected = count * np_dtype.itemsize
     if len(data) != expected:
         raise InvalidArgumentError(
@@ -138,9 +146,13 @@ def images_message(images) -> pb.Images:
 
 
 # ---------------------------------------------------------------------------------------------- classify
-def classify_request(images, *, top_k: int, model: str = "", return_probabilities: bool = False):
-    return pb.ClassifyRequest(model=model, images=images_message(images), top_k=top_k,
-                              return_probabilities=return_probabilities)
+def classify_request(images, *, top_k: int | None = None, model: str = "", return_probabilities: bool = False):
+    """``top_k`` None: unset, the server's default."""
+    request = pb.ClassifyRequest(model=model, images=images_message(images),
+                                 return_probabilities=return_probabilities)
+    if top_k is not None:
+        request.top_k = top_k
+    return request
 
 
 def classify_response(model: str, version: str, predictions: list[list[Prediction]],
@@ -164,21 +176,25 @@ def probabilities(response: pb.ClassifyResponse) -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------------------------------- deconv
-def deconv_request(images, layer: str, *, top_k: int = 0, one_per_map: bool = True, units=None, maps=None,
-                   return_png: bool = False, return_patches: bool = False, return_tensor: bool = True,
+def deconv_request(images, layer: str, *, top_k: int | None = None, one_per_map: bool = True, units=None,
+                   maps=None, return_png: bool = False, return_patches: bool = False, return_tensor: bool = True,
                    model: str = "") -> pb.DeconvRequest:
-    return pb.DeconvRequest(model=model, images=images_message(images), layer=layer, top_k=top_k,
-                            allow_same_map=not one_per_map, return_png=return_png, return_patches=return_patches,
-                            return_tensor=return_tensor, maps=list(maps or ()),
-                            units=[pb.Unit(channel=c, y=y, x=x) for c, y, x in (units or ())])
+    """``top_k`` None: unset, the engine's default (9 strongest when neither units nor maps are named)."""
+    request = pb.DeconvRequest(model=model, images=images_message(images), layer=layer,
+                               allow_same_map=not one_per_map, return_png=return_png, return_patches=return_patches,
+                               return_tensor=return_tensor, maps=list(maps or ()),
+                               units=[pb.Unit(channel=c, y=y, x=x) for c, y, x in (units or ())])
+    if top_k is not None:
+        request.top_k = top_k
+    return request
 
 
 def deconv_arguments(request: pb.DeconvRequest) -> dict:
-    """A DeconvRequest as keyword arguments of ``DeconvEngine.project`` (top_k 0: the engine's default, the 9
-    strongest when neither units nor maps are named, else none)."""
+    """A DeconvRequest as keyword arguments of ``DeconvEngine.project`` (top_k unset: the engine's default,
+    the 9 strongest when neither units nor maps are named, else none)."""
     if request.units and request.maps:
         raise InvalidArgumentError("units/maps: give one of them, not both", field="units")
-    return dict(top_k=request.top_k or None, one_per_map=not request.allow_same_map,
+    return dict(top_k=request.top_k if request.HasField("top_k") else None, one_per_map=not request.allow_same_map,
                 units=[(u.channel, u.y, u.x) for u in request.units] or None, maps=list(request.maps) or None)
 
 
@@ -207,9 +223,10 @@ def projections(response: pb.DeconvResponse) -> list[UnitProjection]:
 
 
 # ---------------------------------------------------------------------------------------------- occlusion
-def occlusion_request(image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean", target: int | None = None, outputs=None,
-                      layer: str | None = None, channel: int | None = None, attribution_on_logits: bool = False,
-                      return_png: bool = False, model: str = "", fill_in_pixels: bool = False) -> pb.OcclusionRequest:
+def occlusion_request(image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean",
+                      target: int | None = None, outputs=None, layer: str | None = None, channel: int | None = None,
+                      attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
+                      fill_in_pixels: bool = False) -> pb.OcclusionRequest:
     request = pb.OcclusionRequest(model=model, images=images_message(image), window=window, stride=stride,
                                   outputs=list(outputs or ()), activity_layer=layer or "",
                                   attribution_on_logits=attribution_on_logits, return_png=return_png,
@@ -228,8 +245,8 @@ def occlusion_request(image, *, window: int = DEFAULT_WINDOW, stride: int = DEFA
 
 
 def sweep_arguments(request: pb.OcclusionRequest) -> dict:
-    """An OcclusionRequest as keyword arguments of ``OcclusionEngine.sweep`` (window / stride 0: the
-    defaults)."""
+    """An OcclusionRequest as keyword arguments of ``OcclusionEngine.sweep`` (window / stride unset: the
+    defaults; an explicit 0 is passed on, to be refused like a local 0)."""
     fill_kind = request.WhichOneof("fill")
     if fill_kind == "fill_value":
         fill = float(request.fill_value)
@@ -241,7 +258,8 @@ def sweep_arguments(request: pb.OcclusionRequest) -> dict:
         fill = values.astype(np.float64)
     else:
         fill = "mean"
-    args = dict(window=request.window or DEFAULT_WINDOW, stride=request.stride or DEFAULT_STRIDE, fill=fill,
+    args = dict(window=request.window if request.HasField("window") else DEFAULT_WINDOW,
+                stride=request.stride if request.HasField("stride") else DEFAULT_STRIDE, fill=fill,
                 target=request.target if request.HasField("target") else None,
                 layer=request.activity_layer or "conv5",
                 channel=request.activity_channel if request.HasField("activity_channel") else None,

@@ -64,7 +64,7 @@ def cmd_export(args) -> int:
     from pathlib import Path
 
     from ..export import META_OUTPUTS, META_WEIGHTS_HASH, ensure_onnx, export_onnx, read_metadata
-    from ..weights import WEIGHTS_FILE, default_model_name, load_model, resolve_model_dir, weights_hash
+    from ..weights import WEIGHTS_FILE, read_snapshot
 
     extra = tuple(name.strip() for name in args.extra_outputs.split(",") if name.strip())
     if args.out is None:
@@ -77,9 +77,9 @@ def cmd_export(args) -> int:
         if path.is_dir():
             raise CommandError(f"--out: {path} is a directory; give a file name such as {path / 'model.onnx'}",
                                field="out")
-        directory = resolve_model_dir(args.model or default_model_name())
-        source = dict(weights_sha256=weights_hash(directory), weights_source=WEIGHTS_FILE) if directory else {}
-        path = export_onnx(load_model(args.model), path, extra_outputs=extra, opset=args.opset, **source)
+        snapshot = read_snapshot(args.model)
+        source = dict(weights_sha256=snapshot.sha256, weights_source=WEIGHTS_FILE) if snapshot.directory else {}
+        path = export_onnx(snapshot.model(), path, extra_outputs=extra, opset=args.opset, **source)
     meta = read_metadata(path)
     print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, outputs {', '.join(json.loads(meta[META_OUTPUTS]))}, "
           f"weights sha256 {meta[META_WEIGHTS_HASH][:16]}, checked against PyTorch")
@@ -191,10 +191,10 @@ def _classify_remote(args, output: _ClassifyOutput) -> int:
 
 # ---------------------------------------------------------------------------------------------------- serve
 def add_serve(sub) -> None:
-    from ..server.app import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT
-    from ..server.batcher import BatcherConfig
+    from ..server.app import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, ServerOptions
 
-    b = BatcherConfig()
+    o = ServerOptions()
+    b = o.batching
     p = sub.add_parser("serve", help="run the gRPC server (zfserve.v1 API + Open Inference Protocol)",
                        description=cmd_serve.__doc__)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -218,6 +218,15 @@ def add_serve(sub) -> None:
     g.add_argument("--max-images-per-request", type=int, default=64, help="images per request (default 64)")
     g.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                    help=f"gRPC receive and send limit (default {DEFAULT_MAX_MESSAGE_BYTES})")
+    d = p.add_argument_group("decoding uploaded images (a budgeted stage of its own)")
+    d.add_argument("--max-request-pixels", type=int, default=o.max_request_pixels,
+                   help=f"most decoded pixels in one request's images, counted from their headers before any "
+                        f"decode (default {o.max_request_pixels:,}: ten 40 MP images)")
+    d.add_argument("--decode-workers", type=int, default=o.decode_workers,
+                   help=f"threads decoding requests that hold large images (default {o.decode_workers}); small "
+                        f"images have a lane of their own")
+    d.add_argument("--decode-queue-size", type=int, default=o.decode_queue_size,
+                   help=f"more such requests that may wait; beyond, UNAVAILABLE (default {o.decode_queue_size})")
     h = p.add_argument_group("deconv and occlusion (run apart from classification)")
     h.add_argument("--heavy-workers", type=int, default=1, help="concurrent deconv/occlusion computations "
                    "(default 1)")
@@ -225,18 +234,24 @@ def add_serve(sub) -> None:
                    "(default 4)")
     h.add_argument("--heavy-threads", type=int, default=1, help="PyTorch threads for them, so classification keeps "
                                                                 "the other cores (default 1)")
+    h.add_argument("--max-occlusion-positions", type=int, default=o.max_occlusion_positions,
+                   help=f"most occluder positions in one sweep (default {o.max_occlusion_positions})")
     s = p.add_argument_group("security")
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS)")
     s.add_argument("--tls-key", default=None, help="PEM private key")
     s.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mTLS)")
     s.add_argument("--auth-token-file", default=None,
                    help="require 'authorization: Bearer <token>' (token read from this file; health exempt)")
-    o = p.add_argument_group("operations")
-    o.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
-    o.add_argument("--shutdown-grace-s", type=float, default=30.0,
+    g = p.add_argument_group("operations (SIGHUP reloads the models' files; SIGTERM shuts down)")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (with --auth-token-file it needs the token too)")
+    g.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM, how long accepted requests may take to finish (default 30)")
-    o.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="debug logs one line per request (default info)")
+    g.add_argument("--strict", action="store_true",
+                   help="a model that fails to load stops the start (default: it is listed as not ready, with "
+                        "its reason, and the others are served)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -259,6 +274,8 @@ def cmd_serve(args) -> int:
         heavy_workers=args.heavy_workers, heavy_queue_size=args.heavy_queue_size, heavy_threads=args.heavy_threads,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file, metrics_port=args.metrics_port,
-        shutdown_grace_s=args.shutdown_grace_s)
+        shutdown_grace_s=args.shutdown_grace_s, max_request_pixels=args.max_request_pixels,
+        decode_workers=args.decode_workers, decode_queue_size=args.decode_queue_size,
+        max_occlusion_positions=args.max_occlusion_positions, strict=args.strict)
     options.validate()
     return asyncio.run(serve(options))

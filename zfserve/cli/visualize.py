@@ -54,7 +54,7 @@ def cmd_deconv(args) -> int:
     if args.server:
         with remote_client(args) as client:
             model_name = args.model or client.list_models().default_model
-            results = client.deconv([args.image], args.layer, top_k=args.top_k or 0, units=units,
+            results = client.deconv([args.image], args.layer, top_k=args.top_k, units=units,
                                     model=model_name, return_patches=True, return_tensor=True)
         config = None
     else:

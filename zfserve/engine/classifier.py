@@ -17,9 +17,9 @@ import numpy as np
 from .. import _checks as checks
 from ..config import ModelConfig
 from ..errors import InvalidArgumentError, ModelLoadError
-from ..export import INPUT_NAME, PROBABILITIES, ensure_onnx, ort_session
+from ..export import INPUT_NAME, META_WEIGHTS_HASH, PROBABILITIES, ensure_onnx, ort_session, read_metadata
 from ..model import ZFNet
-from ..weights import default_model_name, paper_model, read_model_config, resolve_model_dir
+from ..weights import Snapshot, read_snapshot
 from .results import DEFAULT_TOP_K, Prediction
 
 MAX_BATCH_SIZE_LIMIT = 4096
@@ -36,8 +36,9 @@ def available_threads() -> int:
 class Classifier:
     """A model's ONNX export under ONNX Runtime.
 
-    ``model``: a model name, a model directory, or a loaded :class:`~zfserve.model.ZFNet` (exported to the
-    cache, see :func:`zfserve.export.ensure_onnx`); default: the default model. ``device``: ``"cpu"`` or
+    ``model``: a model name, a model directory, a :class:`~zfserve.weights.Snapshot` or a loaded
+    :class:`~zfserve.model.ZFNet` (exported to the cache, see :func:`zfserve.export.ensure_onnx`); default: the
+    default model. ``device``: ``"cpu"`` or
     ``"cuda"`` (the CUDA execution provider with IO binding; falls back to CPU with a warning when this
     onnxruntime has no CUDA provider). ``threads``: intra-op threads (default: all usable cores).
     ``profile_prefix``: turn on ONNX Runtime's profiler, writing ``<prefix>_<date>.json`` on
@@ -55,7 +56,7 @@ class Classifier:
         checks.integer(max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE_LIMIT)
         if threads is not None:
             checks.integer(threads, "threads", 1, what="or None: all cores")
-        self.config, self.onnx_path = _resolve(model)
+        self.config, self.onnx_path, weights_sha256 = _resolve(model)
         self.name = self.config.name
         self.class_names = list(self.config.class_names)
         self.num_classes = self.config.num_classes
@@ -71,8 +72,13 @@ class Classifier:
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        # The session is built from bytes read once and checked against the weights they were exported from,
+        # so a file replaced on disk meanwhile can never be what is served.
+        onnx_bytes = self.onnx_path.read_bytes()
+        if weights_sha256 is not None and read_metadata(onnx_bytes).get(META_WEIGHTS_HASH) != weights_sha256:
+            raise ModelLoadError(f"{self.onnx_path}: changed on disk while the model was loading; load it again")
         try:
-            self.session = ort_session(self.onnx_path, threads=self.threads, providers=providers,
+            self.session = ort_session(onnx_bytes, threads=self.threads, providers=providers,
                                        profile_prefix=profile_prefix)
         except Exception as exc:  # onnxruntime raises its own exception types  # noqa: BLE001
             raise ModelLoadError(f"{self.onnx_path}: ONNX Runtime cannot load it ({exc})") from None
@@ -158,15 +164,13 @@ class Classifier:
         return np.ascontiguousarray(batch)
 
 
-def _resolve(model) -> tuple[ModelConfig, Path]:
-    """(config with preprocessing, path of a current ONNX export) for a name, directory or ZFNet."""
+def _resolve(model) -> tuple[ModelConfig, Path, str | None]:
+    """(config with preprocessing, path of a current ONNX export, the weights hash it must carry) for a name,
+    directory, Snapshot or ZFNet."""
     if isinstance(model, ZFNet):
-        return model.config, ensure_onnx(model)
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        raise InvalidArgumentError(f"model: expected a model name, a directory or a ZFNet, got "
+        return model.config, ensure_onnx(model), None
+    if model is not None and not isinstance(model, (str, os.PathLike, Snapshot)):
+        raise InvalidArgumentError(f"model: expected a model name, a directory, a Snapshot or a ZFNet, got "
                                    f"{type(model).__name__}", field="model")
-    directory = resolve_model_dir(model or default_model_name())
-    if directory is None:  # built-in zfnet-paper: build it once for its config and (cached) export
-        built = paper_model()
-        return built.config, ensure_onnx(built)
-    return read_model_config(directory), ensure_onnx(directory)
+    snapshot = model if isinstance(model, Snapshot) else read_snapshot(model)
+    return snapshot.config, ensure_onnx(snapshot), snapshot.sha256

@@ -40,6 +40,7 @@ from .results import DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult, w
 BACKENDS = ("auto", "onnxruntime", "torch")
 ATTRIBUTION_ON = ("probability", "logit")
 FILL_UNITS = ("input", "pixel")
+MAX_INPUT_FILL = 255.0
 # The layers whose changed region is recomputed as a tile, in order (pool1 .. conv5; block 1 computes conv1
 # inside its stage); conv5 tiles go into full-map copies for pool5 and the head.
 TILE_LAYERS = SPATIAL_LAYERS[1:SPATIAL_LAYERS.index("conv5") + 1]
@@ -288,6 +289,9 @@ class OcclusionEngine:
                 raise InvalidArgumentError(f"fill in pixel units must be in 0..255, got {values.tolist()}",
                                            field="fill")
             return values, (values.reshape(3, 1, 1) - self.model.config.preprocess.mean_crop()).astype(np.float32)
+        if not (np.abs(values) <= MAX_INPUT_FILL).all():   # raw pixels minus a mean lie within +-255
+            raise InvalidArgumentError(f"fill in input units must be in -{MAX_INPUT_FILL:g}..{MAX_INPUT_FILL:g}, got "
+                                       f"{values.tolist()}", field="fill")
         return values, values.reshape(3, 1, 1).astype(np.float32)
 
     def _native(self, a: np.ndarray):
@@ -301,16 +305,22 @@ class OcclusionEngine:
               target: int | None = None,
               outputs: Sequence[str] = OUTPUTS, layer: str = "conv5", channel: int | None = None,
               attribution_on: str = "probability", progress: Callable[[int, int], None] | None = None,
-              fill_units: str = "input") -> OcclusionResult:
+              fill_units: str = "input", max_positions: int | None = None) -> OcclusionResult:
         """Slide a ``window`` square with ``stride`` over ``image`` (a (3, 224, 224) network input) and return
         the maps named in ``outputs``. ``fill``: ``"mean"`` (0 in input units), a number, or (r, g, b), in
         ``fill_units`` ("input": mean-subtracted network units; "pixel": 0..255, the mean is subtracted).
         ``target``: the class whose probability is mapped (default: the unoccluded top-1). ``layer`` /
         ``channel``: the feature map whose total activation is mapped (default: conv5, the channel strongest
-        on the unoccluded image). ``progress(done, total)`` is called after each batch of positions."""
+        on the unoccluded image). ``progress(done, total)`` is called after each batch of positions.
+        ``max_positions`` refuses sweeps of more positions (a server's cost cap)."""
         outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         self._check(window, stride, layer, channel, target, attribution_on, outputs)
         window, stride = int(window), int(stride)
+        starts = window_starts(self.model.input_size, window, stride)
+        if max_positions is not None and len(starts) ** 2 > max_positions:
+            raise InvalidArgumentError(f"window/stride: window {window} and stride {stride} give {len(starts)} x "
+                                       f"{len(starts)} = {len(starts) ** 2} positions; at most {max_positions} are "
+                                       f"accepted (--max-occlusion-positions)", field="stride")
         x = self._image(image)
         fill_values, fill_map = self._fill(fill, fill_units)
         want_activity = "activity" in outputs
@@ -318,7 +328,6 @@ class OcclusionEngine:
         t0 = time.perf_counter()
         base = self._base_pass(x, fill_map, layer, channel, target, want_activity)
         timings = {"base_s": time.perf_counter() - t0}
-        starts = window_starts(self.model.input_size, window, stride)
         logits, activity = self._occluded_passes(base, starts, window, layer if want_activity else None, progress)
         timings["sweep_s"] = time.perf_counter() - t0 - timings["base_s"]
         timings["stages_s"] = dict(self.stage_s)   # summed over the base pass and the sweep

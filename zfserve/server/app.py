@@ -2,9 +2,14 @@
 
 Life cycle:
 1. ``bind()``: the port is open and answers health (NOT_SERVING), liveness, and UNAVAILABLE for work;
-2. ``load()``: every model's classifier is loaded and warmed, its batcher started; health turns SERVING;
-3. ``stop()`` (SIGTERM / SIGINT under :func:`serve`): health NOT_SERVING, no new RPCs are accepted,
+2. ``load()``: every model's snapshot is read, its classifier loaded and warmed, its batcher started; health
+   turns SERVING. A model that fails is listed as not ready with its reason (``strict``: the start fails);
+3. ``reload()`` (SIGHUP under :func:`serve`): every model's files are read again; a changed one is rebuilt and
+   swapped in at once (see :mod:`.repository`); a failed reload keeps what was served;
+4. ``stop()`` (SIGTERM / SIGINT under :func:`serve`): health NOT_SERVING, no new RPCs are accepted,
    every accepted one finishes (up to ``shutdown_grace_s``), batchers drain, then the process exits 0.
+Start-up problems (port in use, bad TLS files, a model that cannot load with ``strict``) are one
+:class:`~zfserve.errors.ZFServeError` each, and leave nothing running.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +32,15 @@ from .._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from .._proto.v1 import zfserve_pb2 as v1_pb
 from .._proto.v1 import zfserve_pb2_grpc as v1_grpc
 from .. import _checks as checks
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .auth import BearerTokenInterceptor, read_token
 from .batcher import BatcherConfig, DynamicBatcher
-from .heavy import HeavyScheduler
+from .decode import DEFAULT_MAX_REQUEST_PIXELS, DecodeStage
 from .metrics import Metrics
 from .oip import InferenceServicer
-from .repository import ModelRepository
-from .service import ZFServeServicer
+from .pools import BoundedPool
+from .repository import ModelRepository, Runtime, ServedModel, public_reason
+from .service import DEFAULT_MAX_OCCLUSION_POSITIONS, ZFServeServicer
 from .status import Unavailable
 
 log = logging.getLogger("zfserve.server")
@@ -69,6 +76,11 @@ class ServerOptions:
     auth_token_file: str | None = None
     metrics_port: int | None = None
     shutdown_grace_s: float = 30.0
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS   # decoded pixels of one request's images, summed
+    decode_workers: int = 1              # threads decoding requests with large images
+    decode_queue_size: int = 2           # more such requests that may wait; beyond, UNAVAILABLE
+    max_occlusion_positions: int = DEFAULT_MAX_OCCLUSION_POSITIONS
+    strict: bool = False                 # a model that fails to load stops the start (else: listed not ready)
 
     def validate(self) -> None:
         def bounded(name, value, lo, hi):
@@ -90,6 +102,10 @@ class ServerOptions:
             bounded("threads", self.threads, 1, 1024)
         if self.metrics_port is not None:
             bounded("metrics_port", self.metrics_port, 0, 65535)
+        bounded("max_request_pixels", self.max_request_pixels, 1, 10**12)
+        bounded("decode_workers", self.decode_workers, 1, 64)
+        bounded("decode_queue_size", self.decode_queue_size, 0, 1024)
+        bounded("max_occlusion_positions", self.max_occlusion_positions, 1, 224 * 224)
         if not self.shutdown_grace_s >= 0:
             raise InvalidArgumentError("--shutdown-grace-s: must be >= 0", field="shutdown_grace_s")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -107,11 +123,12 @@ class AppState:
     """What the servicers share."""
 
     def __init__(self, options: ServerOptions, repository: ModelRepository, metrics: Metrics,
-                 heavy: HeavyScheduler):
+                 heavy: BoundedPool, decode: DecodeStage):
         self.options = options
         self.repository = repository
         self.metrics = metrics
         self.heavy = heavy
+        self.decode = decode
         self.shutting_down = False
         self.active_rpcs = 0      # RPCs inside a handler now (the drain phase of shutdown waits for them)
 
@@ -119,17 +136,21 @@ class AppState:
     def ready(self) -> bool:
         return all(self.model_ready(m) for m in self.repository)
 
-    def model_ready(self, model) -> bool:
+    def model_ready(self, model: ServedModel) -> bool:
         """Whether ``model`` takes work now: loaded and warm, and the server not shutting down."""
         return model.ready and not self.shutting_down
 
-    def serving(self, model):
-        """``model`` when it may take work now; UNAVAILABLE (retry) while shutting down or still loading."""
+    def serving(self, model: ServedModel) -> Runtime:
+        """The runtime ``model`` serves with now; UNAVAILABLE (retry) while shutting down, loading, or after its
+        load failed (with the reason)."""
         if self.shutting_down:
             raise Unavailable("server is shutting down; retry on another replica")
-        if not model.ready:
+        runtime = model.runtime
+        if runtime is None:
+            if model.error:
+                raise Unavailable(f"model {model.name!r} is not ready: it failed to load ({model.error})")
             raise Unavailable(f"model {model.name!r} is still loading; retry shortly")
-        return model
+        return runtime
 
 
 def _register_in_pool(module) -> None:
@@ -154,9 +175,11 @@ class ZFServer:
                               threads=self.options.threads)
         self.repository = ModelRepository.open(self.options.model_repository, self.options.model,
                                                **engine_options)
-        self.heavy = HeavyScheduler(self.options.heavy_workers, self.options.heavy_queue_size,
-                                    on_admitted=self.metrics.heavy_in_flight.set)
-        self.state = AppState(self.options, self.repository, self.metrics, self.heavy)
+        self.heavy = BoundedPool(self.options.heavy_workers, self.options.heavy_queue_size,
+                                 on_admitted=self.metrics.heavy_in_flight.set)
+        self.decode = DecodeStage(max_request_pixels=self.options.max_request_pixels,
+                                  workers=self.options.decode_workers, queue_size=self.options.decode_queue_size)
+        self.state = AppState(self.options, self.repository, self.metrics, self.heavy, self.decode)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -171,7 +194,22 @@ class ZFServer:
             await self.health.set(name, status)
 
     def _credentials(self):
+        """Server credentials, the files checked first: gRPC itself would only say 'failed to bind'."""
         o = self.options
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(o.tls_cert, o.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise InvalidArgumentError(f"--tls-cert/--tls-key: {o.tls_cert} and {o.tls_key} are not a PEM "
+                                       f"certificate chain and its private key ({exc.__class__.__name__}: "
+                                       f"{getattr(exc, 'reason', None) or exc}); are they swapped?",
+                                       field="tls_cert") from None
+        if o.tls_client_ca:
+            try:
+                context.load_verify_locations(o.tls_client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise InvalidArgumentError(f"--tls-client-ca: {o.tls_client_ca} is not a PEM CA bundle ({exc})",
+                                           field="tls_client_ca") from None
         key, cert = Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes()
         ca = Path(o.tls_client_ca).read_bytes() if o.tls_client_ca else None
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
@@ -180,8 +218,9 @@ class ZFServer:
         """Open the port; health says NOT_SERVING until :meth:`load` has finished."""
         o = self.options
         interceptors = []
-        if o.auth_token_file:
-            interceptors.append(BearerTokenInterceptor(read_token(o.auth_token_file)))
+        token = read_token(o.auth_token_file) if o.auth_token_file else None
+        if token is not None:
+            interceptors.append(BearerTokenInterceptor(token))
         self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", o.max_message_bytes),
             ("grpc.max_send_message_length", o.max_message_bytes),
@@ -201,36 +240,86 @@ class ZFServer:
             log.warning("protobuf runs its %s implementation, not upb: expect slower requests",
                         api_implementation.Type())
         address = f"{o.host}:{o.port}"
-        if o.tls_cert:
-            self.port = self._server.add_secure_port(address, self._credentials())
-        else:
-            self.port = self._server.add_insecure_port(address)
-        if not self.port:
-            raise InvalidArgumentError(f"--host/--port: cannot bind {address}", field="port")
+        try:
+            credentials = self._credentials() if o.tls_cert else None
+            try:
+                self.port = self._server.add_secure_port(address, credentials) if credentials else \
+                    self._server.add_insecure_port(address)
+            except RuntimeError:   # grpcio: "Failed to bind to address ..."
+                self.port = 0
+            if not self.port:
+                raise InvalidArgumentError(f"--host/--port: cannot listen on {address}: the port is in use (another "
+                                           f"server?) or the address is not this machine's; choose another --port",
+                                           field="port")
+        except BaseException:
+            await self._server.stop(None)   # a server that never started, closed on this loop
+            self._server = None
+            raise
         await self._server.start()
         if o.metrics_port is not None:
-            self.metrics_port = self.metrics.start_http(o.host, o.metrics_port)
+            self.metrics_port = self.metrics.start_http(o.host, o.metrics_port, token)
         log.info("listening on %s:%d (tls=%s, auth=%s)", o.host, self.port, bool(o.tls_cert),
                  bool(o.auth_token_file))
         return self.port
 
     async def load(self) -> None:
-        """Load and warm every model, start its batcher, then report SERVING."""
+        """Load and warm every model, start its batcher, then report SERVING. A model that fails is kept as
+        not ready with its reason (with ``strict``, the failure is raised)."""
         if self.options.heavy_threads is not None:
             import torch
             self._torch_threads = torch.get_num_threads()   # restored on stop (matters when embedded)
             torch.set_num_threads(self.options.heavy_threads)
         for model in self.repository:
-            await asyncio.to_thread(model.load)
-            model.batcher = DynamicBatcher(
-                model.classifier.probabilities, self.options.batching, name=model.name,
-                on_batch=self.metrics.batch_size.labels(model=model.name).observe,
-                on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set)
-            model.batcher.start()
-            model.ready = True
-            log.info("model %s (version %s, %d classes) ready", model.name, model.version, model.num_classes)
+            try:
+                self._activate(model, await asyncio.to_thread(model.build))
+            except ZFServeError as exc:
+                if self.options.strict:
+                    raise
+                model.fail(exc)
+        if not any(m.ready for m in self.repository):
+            reasons = "; ".join(f"{m.name}: {m.error}" for m in self.repository)
+            raise ModelLoadError(f"no model could be loaded ({reasons})")
         if not self.state.shutting_down:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _activate(self, model: ServedModel, runtime: Runtime) -> Runtime | None:
+        """Start ``runtime``'s batcher and make it the model's; returns the runtime it replaces."""
+        runtime.batcher = DynamicBatcher(
+            runtime.classifier.probabilities, self.options.batching, name=model.name,
+            on_batch=self.metrics.batch_size.labels(model=model.name).observe,
+            on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set)
+        runtime.batcher.start()
+        old, model.runtime, model.error = model.runtime, runtime, None
+        log.info("model %s (version %s, %d classes) ready", model.name, runtime.version, runtime.num_classes)
+        return old
+
+    async def reload(self) -> dict[str, str]:
+        """Read every model's files again and swap in the changed ones (one at a time, each atomically).
+        Returns ``{name: what happened}``; a model that fails to reload keeps serving what it served."""
+        from ..weights import read_snapshot
+        outcome = {}
+        for model in self.repository:
+            try:
+                snapshot = await asyncio.to_thread(read_snapshot, model.source)
+                if not model.changed(snapshot):
+                    outcome[model.name] = "unchanged"
+                    continue
+                runtime = await asyncio.to_thread(model.build, snapshot)
+            except ZFServeError as exc:
+                reason = public_reason(exc, model.source, model.name)
+                log.error("reload of model %s failed, keeping version %s: %s", model.name,
+                          model.runtime.version if model.runtime else None, exc)
+                if model.runtime is None:
+                    model.error = reason
+                outcome[model.name] = f"failed: {reason}"
+                continue
+            old = self._activate(model, runtime)
+            outcome[model.name] = f"{old.version if old else 'none'} -> {runtime.version}"
+            if old is not None:
+                await old.batcher.close()   # its queued requests finish on the old weights
+        if not self.state.shutting_down and any(m.ready for m in self.repository):
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return outcome
 
     async def start(self) -> int:
         port = await self.bind()
@@ -254,11 +343,13 @@ class ZFServer:
                 break
             await asyncio.sleep(0.01)
         # Only streams that never end on their own (health Watch) can remain: a short grace closes them.
-        await self._server.stop(min(1.0, max(0.0, give_up - loop.time())))
+        if self._server is not None:
+            await self._server.stop(min(1.0, max(0.0, give_up - loop.time())))
         for model in self.repository:
-            if model.batcher is not None:
-                await model.batcher.close()
+            if model.runtime is not None and model.runtime.batcher is not None:
+                await model.runtime.batcher.close()
         await asyncio.to_thread(self.heavy.shutdown)
+        await asyncio.to_thread(self.decode.shutdown)
         self.metrics.stop_http()
         if self._torch_threads is not None:
             import torch
@@ -278,27 +369,43 @@ class ZFServer:
 
 
 async def serve(options: ServerOptions, *, ready_line: bool = True) -> int:
-    """Run until SIGTERM/SIGINT, then shut down gracefully. Returns the exit status (0)."""
+    """Run until SIGTERM/SIGINT, then shut down gracefully; SIGHUP reloads the models. Returns the exit status
+    (0). A start-up failure stops what was started and raises its ZFServeError (the CLI prints one line)."""
     server = ZFServer(options)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-    port = await server.bind()
-    if ready_line:  # scripts and tests read the bound port from here (use --port 0 for a free one)
-        print(f"zfserve: listening on {options.host}:{port}", flush=True)
-    await server.load()
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(server, ready_line)))
+    try:
+        port = await server.bind()
+        if ready_line:  # scripts and tests read the bound port from here (use --port 0 for a free one)
+            print(f"zfserve: listening on {options.host}:{port}", flush=True)
+        await server.load()
+    except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await server.stop(0)
+        raise
     if ready_line:
-        print(f"zfserve: ready ({', '.join(server.repository.models)})", flush=True)
+        served = ", ".join(m.name if m.ready else f"{m.name} (not ready: {m.error})" for m in server.repository)
+        print(f"zfserve: ready ({served})", flush=True)
     await server.wait_stopped()
     if ready_line:
         for model in server.repository:
-            s = model.batcher.stats if model.batcher else None
+            s = model.runtime.batcher.stats if model.runtime and model.runtime.batcher else None
             if s is not None:
                 print(f"zfserve: model {model.name}: completed={s.completed} rejected_full={s.rejected_full} "
                       f"dropped_timeout={s.dropped_timeout} dropped_deadline={s.dropped_deadline} "
                       f"dropped_cancelled={s.dropped_cancelled} failed={s.failed}", flush=True)
         print("zfserve: stopped", flush=True)
     return 0
+
+
+async def _reload(server: ZFServer, ready_line: bool) -> None:
+    outcome = await server.reload()
+    if ready_line:
+        print("zfserve: reloaded (" + ", ".join(f"{name}: {what}" for name, what in outcome.items()) + ")",
+              flush=True)
 
 
 def configure_logging(level: str = "info") -> None:

@@ -1,7 +1,10 @@
 """Bearer-token authentication: every RPC except the health service must carry ``authorization: Bearer <token>``.
 
-The token is compared with ``hmac.compare_digest`` (constant time). Health is exempt so that load balancers
-and Kubernetes probes work without the secret; reflection is not exempt (it describes the API).
+The scheme is case-insensitive (RFC 7235: ``bearer`` works too); the token is compared with
+``hmac.compare_digest`` (constant time). Health is exempt so that load balancers and Kubernetes probes work
+without the secret; reflection is not exempt (it describes the API). An unauthenticated call to a method that
+does not exist gets UNAUTHENTICATED too, exactly as a real one does, so a caller without the token cannot
+tell which methods exist. ``/metrics`` takes the same header (see :mod:`.metrics`).
 """
 
 from __future__ import annotations
@@ -27,10 +30,23 @@ def read_token(path: str | Path) -> bytes:
     return token
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def authorized(header, token: bytes) -> bool:
+    """Whether an ``authorization`` header value (str or bytes, or None) is ``Bearer <token>``, the scheme in
+    any case."""
+    if header is None:
+        return False
+    if isinstance(header, str):
+        header = header.encode("latin-1", "replace")
+    scheme, _, given = header.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+
+
+def _denied(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
     async def deny(request_or_iterator, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+    if handler is None:   # an unknown method: refused like a known one (raw bytes in, nothing out)
+        return grpc.unary_unary_rpc_method_handler(deny)
     kwargs = dict(request_deserializer=handler.request_deserializer,
                   response_serializer=handler.response_serializer)
     if handler.unary_unary:
@@ -44,7 +60,7 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: bytes, exempt_prefixes=EXEMPT_PREFIXES):
-        self._expected = b"Bearer " + token
+        self._token = token
         self._exempt = tuple(exempt_prefixes)
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -54,12 +70,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         values = [value for key, value in (handler_call_details.invocation_metadata or ())
                   if key == "authorization"]
         given = values[0] if values else None
-        if isinstance(given, str):
-            given = given.encode()
         handler = await continuation(handler_call_details)
-        if given is not None and hmac.compare_digest(given, self._expected):
-            return handler
-        if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
-            return None
-        reason = "missing authorization metadata" if given is None else "wrong token"
+        if authorized(given, self._token):
+            return handler   # None for an unknown method: gRPC answers UNIMPLEMENTED, to an authorized caller
+        reason = "missing authorization metadata" if given is None else "wrong token or scheme"
         return _denied(handler, f"authorization: {reason}; send 'authorization: Bearer <token>'")

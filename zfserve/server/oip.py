@@ -20,8 +20,7 @@ from .._proto.inference import grpc_service_pb2 as pb
 from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from .._proto.inference import model_config_pb2 as mc
 from ..errors import InvalidArgumentError, NotFoundError
-from ..preprocess import load_images
-from ..wire import OIP_DTYPES, check_images, decode_bytes_elements, from_raw
+from ..wire import OIP_DTYPES, check_images, decode_bytes_elements, element_count, from_raw
 from .handlers import deadline_of, unary
 
 PLATFORM = "onnxruntime_onnx"
@@ -47,8 +46,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgumentError("model_name: required; served: "
                                        f"{sorted(self.state.repository.models)}", field="model_name")
         model = self.state.repository.get(name)
-        if version and model.ready and version != model.version:
-            raise NotFoundError(f"model_version: model {name!r} has version {model.version!r}, not {version!r}",
+        served = model.runtime.version if model.runtime else None
+        if version and served and version != served:
+            raise NotFoundError(f"model_version: model {name!r} has version {served!r}, not {version!r}",
                                 field="model_version")
         return model
 
@@ -101,7 +101,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     allow_timeout_override=True, max_queue_size=batching.max_queue_size)))
         return pb.ModelConfigResponse(config=config)
 
-    async def _inputs(self, request, model) -> np.ndarray:
+    async def _inputs(self, request, model, context) -> np.ndarray:
         """The request's one input -> preprocessed float32 (N, 3, S, S)."""
         max_images = self.state.options.max_images_per_request
         if len(request.inputs) != 1:
@@ -114,7 +114,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgumentError("raw_input_contents and inputs[0].contents are exclusive; send the data "
                                        "in one of them", field="raw_input_contents")
         if raw and len(raw) != 1:
-            raise InvalidArgumentError(f"raw_input_contents: {len(raw)} entries for 1 input", field="raw_input_contents")
+            raise InvalidArgumentError(f"raw_input_contents: {len(raw)} entries for 1 input",
+                                       field="raw_input_contents")
         shape = [int(s) for s in tensor.shape]
         if tensor.name == IMAGE_INPUT:
             if tensor.datatype != "FP32":
@@ -124,11 +125,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 arr = from_raw(raw[0], OIP_DTYPES["FP32"], shape, "raw_input_contents[0]")
             else:
                 values = tensor.contents.fp32_contents
-                count = int(np.prod(shape)) if shape and min(shape) >= 0 else -1
-                if count != len(values):
+                if element_count(shape, "inputs[0]") != len(values):
                     raise InvalidArgumentError(f"inputs[0].contents.fp32_contents: {len(values)} values for shape "
                                                f"{shape}", field="inputs[0].contents")
-                arr = np.asarray(values, dtype=np.float32).reshape(shape)
+                # Repeated floats are slow to convert (~50 ns each): off the event loop.
+                arr = await asyncio.to_thread(lambda: np.asarray(values, dtype=np.float32).reshape(shape))
             return check_images(arr.astype(np.float32, copy=False), "inputs[0]", model.input_size, max_images)
         if tensor.name == BYTES_INPUT:
             if tensor.datatype != "BYTES":
@@ -144,7 +145,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if len(items) != shape[0]:
                     raise InvalidArgumentError(f"inputs[0].contents.bytes_contents: {len(items)} elements for "
                                                f"shape {shape}", field="inputs[0].contents")
-            return await asyncio.to_thread(load_images, items, model.config, field="inputs[0]")
+            _, deadline_mono = deadline_of(context)
+            return await self.state.decode.decode(items, model.config, field="inputs[0]",
+                                                  deadline_mono=deadline_mono)
         raise InvalidArgumentError(f"inputs[0].name: {tensor.name!r} is not an input of model {model.name!r}; "
                                    f"accepted: {IMAGE_INPUT!r}, {BYTES_INPUT!r}", field="inputs[0].name")
 
@@ -159,7 +162,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if "timeout" in request.parameters:
             value = _param_value(request.parameters["timeout"])
             timeout_us = checks.integer(value, "parameters.timeout", 0, what="microseconds") or None
-        images = await self._inputs(request, model)
+        images = await self._inputs(request, model, context)
         deadline, _ = deadline_of(context)
         probs = await model.batcher.submit(images, timeout_us=timeout_us, deadline=deadline)
         probs = np.ascontiguousarray(probs, dtype="<f4")

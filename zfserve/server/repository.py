@@ -1,63 +1,59 @@
 """The models a server holds: ``--model-repository DIR`` (one sub-directory per model, named after it, as in
 Triton) or one model (the embedded default when none is named).
 
-Each served model has an ONNX Runtime classifier (behind the dynamic batcher) and, loaded on first use, the
-PyTorch model behind the deconv and occlusion engines.
+One model, one snapshot. Each model's files are read once (:class:`~zfserve.weights.Snapshot`) and every runtime
+it serves with comes from that snapshot: the ONNX Runtime classifier behind the dynamic batcher and, built on
+first use, the PyTorch model behind deconv and occlusion. The version every response reports is the
+snapshot's (config version + a prefix of the weights' SHA-256). Files changed on disk are served only after an
+explicit reload (SIGHUP, or :meth:`ServedModel.reload`), which reads a new snapshot, builds and warms its
+runtime off the event loop and swaps it in at once; requests already running finish on the old runtime.
+
+A model that fails to load is listed as not ready, with a reason that carries no server path; the others
+are served (``--strict`` makes any failure stop the server instead).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, NotFoundError
-from ..weights import CONFIG_FILE, default_model_name, read_config, resolve_model_dir
+from ..weights import CONFIG_FILE, Snapshot, default_model_name, read_config, read_snapshot, resolve_model_dir
+
+log = logging.getLogger("zfserve.server")
 
 
-class ServedModel:
-    def __init__(self, name: str, source: str, *, device: str = "cpu", max_batch_size: int = 32,
-                 threads: int | None = None):
+def public_reason(exc: BaseException, source: str, name: str) -> str:
+    """An error's message as a client may see it: the model's location on this server replaced by its name."""
+    message = str(exc)
+    for prefix in sorted({source, str(Path(source).resolve())}, key=len, reverse=True):
+        message = message.replace(prefix, f"<model {name}>")
+    return message
+
+
+class Runtime:
+    """What one snapshot of a model serves with. Handlers take the model's current runtime once per request
+    and use only it, so one request never mixes two versions."""
+
+    def __init__(self, name: str, snapshot: Snapshot, classifier, device: str):
         self.name = name
-        self.source = source            # a model directory or an embedded/built-in name
+        self.snapshot = snapshot
+        self.version = snapshot.version
+        self.config = snapshot.config
+        self.classifier = classifier
+        self.num_classes = int(classifier.num_classes)
+        self.input_size = int(classifier.input_size)
         self.device = device
-        self.max_batch_size = max_batch_size
-        self.threads = threads
-        self.classifier = None
-        self.batcher = None
-        self.ready = False
+        self.batcher = None                   # the dynamic batcher over ``classifier``, started by the app
         self._lock = threading.Lock()
-        self._torch_model = None
-        self._deconv = None
-        self._occlusion = None
-
-    def load(self) -> None:
-        """Load and warm the classifier (blocking: run it in a thread)."""
-        from ..engine.classifier import Classifier
-        self.classifier = Classifier(self.source, device=self.device, max_batch_size=self.max_batch_size,
-                                     threads=self.threads, warmup=True)
-
-    @property
-    def config(self):
-        return self.classifier.config
-
-    @property
-    def version(self) -> str:
-        return str(self.config.version)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.classifier.num_classes)
-
-    @property
-    def input_size(self) -> int:
-        return int(self.classifier.input_size)
+        self._torch_model = self._deconv = self._occlusion = None
 
     def torch_model(self):
-        """The PyTorch model (for layer facts, deconv and occlusion), loaded once."""
+        """The PyTorch model (layer facts, deconv, occlusion), built once from the snapshot's weights."""
         with self._lock:
             if self._torch_model is None:
-                from ..weights import load_model
-                self._torch_model = load_model(self.source, device=self.device)
+                self._torch_model = self.snapshot.model(self.device)
             return self._torch_model
 
     def deconv_engine(self):
@@ -75,6 +71,46 @@ class ServedModel:
                 from ..engine.occlusion import OcclusionEngine
                 self._occlusion = OcclusionEngine(model, device=self.device)
             return self._occlusion
+
+
+class ServedModel:
+    """One served name: its source (a directory or an embedded/built-in name), its current runtime (None until
+    loaded) and, when loading failed, why."""
+
+    def __init__(self, name: str, source: str, *, device: str = "cpu", max_batch_size: int = 32,
+                 threads: int | None = None):
+        self.name = name
+        self.source = source
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.threads = threads
+        self.runtime: Runtime | None = None
+        self.error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None
+
+    def build(self, snapshot: Snapshot | None = None) -> Runtime:
+        """Read the snapshot (unless given) and build its warmed classifier (blocking: run it in a thread)."""
+        from ..engine.classifier import Classifier
+        snapshot = snapshot or read_snapshot(self.source)
+        classifier = Classifier(snapshot, device=self.device, max_batch_size=self.max_batch_size,
+                                threads=self.threads, warmup=True)
+        return Runtime(self.name, snapshot, classifier, self.device)
+
+    def fail(self, exc: BaseException) -> str:
+        """Record a load failure (the runtime, if any, stays) and return its public reason."""
+        self.error = public_reason(exc, self.source, self.name)
+        log.error("model %s: %s", self.name, exc)
+        return self.error
+
+    def changed(self, snapshot: Snapshot) -> bool:
+        """Whether ``snapshot`` differs from what is served (weights or config)."""
+        from ..export import config_hash
+        current = self.runtime.snapshot if self.runtime else None
+        return current is None or current.sha256 != snapshot.sha256 or \
+            config_hash(current.config) != config_hash(snapshot.config)
 
 
 class ModelRepository:
@@ -109,3 +145,6 @@ class ModelRepository:
 
     def __iter__(self):
         return iter(self.models.values())
+
+
+__all__ = ["ModelRepository", "Runtime", "ServedModel", "public_reason"]

@@ -14,9 +14,11 @@ from .._proto.v1 import zfserve_pb2 as pb
 from .._proto.v1 import zfserve_pb2_grpc as pb_grpc
 from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K
 from ..errors import InvalidArgumentError
-from ..preprocess import load_images, to_display
+from ..preprocess import to_display
 from .handlers import deadline_of, server_stream, unary
 
+# Most occluder positions one sweep may take (64 x 64; the default 32/8 sweep is 25 x 25).
+DEFAULT_MAX_OCCLUSION_POSITIONS = 4096
 # Most units one DeconvProject may project (each is a 3 x 224 x 224 float32 map, 0.6 MB): bounds memory and
 # keeps a response with return_tensor under the message limit.
 MAX_DECONV_UNITS = 96
@@ -31,10 +33,12 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
 
     # ------------------------------------------------------------------------------------------- helpers
     def _model(self, name: str):
+        """The runtime of model ``name`` (empty: the default): every request uses the one it took here."""
         return self.state.serving(self.state.repository.get(name))
 
-    async def _images(self, images: pb.Images, model, *, exactly_one: bool = False) -> np.ndarray:
-        """The request's images -> preprocessed float32 (N, 3, S, S); encoded ones are decoded off the loop."""
+    async def _images(self, images: pb.Images, model, context, *, exactly_one: bool = False) -> np.ndarray:
+        """The request's images -> preprocessed float32 (N, 3, S, S); encoded ones go through the decode stage
+        (budget, bounded lanes, the client's deadline)."""
         max_images = 1 if exactly_one else self.state.options.max_images_per_request
         has_tensor = images.HasField("tensor")
         if images.encoded and has_tensor:
@@ -43,7 +47,9 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
             if not 1 <= len(images.encoded) <= max_images:
                 raise InvalidArgumentError(f"images.encoded: {len(images.encoded)} images; accepted 1..{max_images}",
                                            field="images.encoded")
-            return await asyncio.to_thread(load_images, list(images.encoded), model.config, field="images.encoded")
+            _, deadline_mono = deadline_of(context)
+            return await self.state.decode.decode(images.encoded, model.config, field="images.encoded",
+                                                  deadline_mono=deadline_mono)
         if has_tensor:
             arr = wire.tensor_to_array(images.tensor, "images.tensor")
             return wire.check_images(arr, "images.tensor", model.input_size, max_images)
@@ -55,9 +61,9 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     async def Classify(self, request, context):
         model = self._model(request.model)
         classes = model.num_classes
-        top_k = checks.integer(request.top_k or min(DEFAULT_TOP_K, classes), "top_k", 1, classes,
-                               what=f"0 = default {min(DEFAULT_TOP_K, classes)}")
-        images = await self._images(request.images, model)
+        top_k = checks.integer(request.top_k if request.HasField("top_k") else min(DEFAULT_TOP_K, classes),
+                               "top_k", 1, classes, what=f"unset = {min(DEFAULT_TOP_K, classes)}")
+        images = await self._images(request.images, model, context)
         deadline, _ = deadline_of(context)
         probs = await model.batcher.submit(images, deadline=deadline)
         return wire.classify_response(model.name, model.version, model.classifier.top_k(probs, top_k),
@@ -70,7 +76,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         from ..model import SPATIAL_LAYERS   # torch: loaded with the first deconv request, not at start-up
         checks.layer(request.layer, SPATIAL_LAYERS)
         args = wire.deconv_arguments(request)
-        images = await self._images(request.images, model)
+        images = await self._images(request.images, model, context)
         units, maps = args["units"], args["maps"]
         default_k = DEFAULT_DECONV_TOP_K if units is None and maps is None else 0
         per_image = (args["top_k"] or default_k) + len(units or ()) + len(maps or ())
@@ -98,7 +104,8 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     async def _start_sweep(self, request, context, on_progress=None):
         model = self._model(request.model)
         args = wire.sweep_arguments(request)
-        images = await self._images(request.images, model, exactly_one=True)
+        args["max_positions"] = self.state.options.max_occlusion_positions
+        images = await self._images(request.images, model, context, exactly_one=True)
         _, deadline_mono = deadline_of(context)
 
         def work(job):
@@ -156,10 +163,11 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     async def ListModels(self, request, context):
         response = pb.ListModelsResponse(default_model=self.state.repository.default)
         for m in self.state.repository:
-            if m.classifier is None:
-                response.models.add(name=m.name, ready=False)
+            runtime = m.runtime
+            if runtime is None:
+                response.models.add(name=m.name, ready=False, reason=m.error or "loading")
             else:
-                response.models.add(name=m.name, version=m.version, num_classes=m.num_classes,
+                response.models.add(name=m.name, version=runtime.version, num_classes=runtime.num_classes,
                                     ready=self.state.model_ready(m))
         return response
 

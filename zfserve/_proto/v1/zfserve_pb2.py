@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x18zfserve/v1/zfserve.proto\x12\nzfserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\x06Images\x12\x0f\n\x07\x65ncoded\x18\x01 \x03(\x0c\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.zfserve.v1.Tensor\"q\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.zfserve.v1.Images\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x1c\n\x14return_probabilities\x18\x04 \x01(\x08\">\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"5\n\nPrediction\x12\'\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x16.zfserve.v1.ClassScore\"\x90\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x16.zfserve.v1.Prediction\x12)\n\rprobabilities\x18\x04 \x01(\x0b\x32\x12.zfserve.v1.Tensor\"-\n\x04Unit\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\x05\x12\t\n\x01y\x18\x02 \x01(\x05\x12\t\n\x01x\x18\x03 \x01(\x05\"5\n\x03\x42ox\x12\n\n\x02y0\x18\x01 \x01(\x05\x12\n\n\x02x0\x18\x02 \x01(\x05\x12\n\n\x02y1\x18\x03 \x01(\x05\x12\n\n\x02x1\x18\x04 \x01(\x05\"\xea\x01\n\rDeconvRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.zfserve.v1.Images\x12\r\n\x05layer\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x16\n\x0e\x61llow_same_map\x18\x05 \x01(\x08\x12\x1f\n\x05units\x18\x06 \x03(\x0b\x32\x10.zfserve.v1.Unit\x12\x12\n\nreturn_png\x18\x07 \x01(\x08\x12\x15\n\rreturn_tensor\x18\x08 \x01(\x08\x12\x16\n\x0ereturn_patches\x18\t \x01(\x08\x12\x0c\n\x04maps\x18\n \x03(\x05\"\xa2\x01\n\nProjection\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x1e\n\x04unit\x18\x03 \x01(\x0b\x32\x10.zfserve.v1.Unit\x12\x12\n\nactivation\x18\x04 \x01(\x02\x12\x1c\n\x03\x62ox\x18\x05 \x01(\x0b\x32\x0f.zfserve.v1.Box\x12\x0b\n\x03png\x18\x06 \x01(\x0c\x12\x11\n\tpatch_png\x18\x07 \x01(\x0c\"p\n\x0e\x44\x65\x63onvResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x0bprojections\x18\x02 \x03(\x0b\x32\x16.zfserve.v1.Projection\x12\"\n\x06tensor\x18\x03 \x01(\x0b\x32\x12.zfserve.v1.Tensor\"\xfb\x02\n\x10OcclusionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.zfserve.v1.Images\x12\x0e\n\x06window\x18\x03 \x01(\x05\x12\x0e\n\x06stride\x18\x04 \x01(\x05\x12\x14\n\nfill_value\x18\x05 \x01(\x01H\x00\x12.\n\x10\x66ill_per_channel\x18\x06 \x01(\x0b\x32\x12.zfserve.v1.TensorH\x00\x12\x16\n\x0e\x66ill_in_pixels\x18\r \x01(\x08\x12\x13\n\x06target\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x0f\n\x07outputs\x18\x08 \x03(\t\x12\x16\n\x0e\x61\x63tivity_layer\x18\t \x01(\t\x12\x1d\n\x10\x61\x63tivity_channel\x18\n \x01(\x05H\x02\x88\x01\x01\x12\x1d\n\x15\x61ttribution_on_logits\x18\x0b \x01(\x08\x12\x12\n\nreturn_png\x18\x0c \x01(\x08\x42\x06\n\x04\x66illB\t\n\x07_targetB\x13\n\x11_activity_channel\"\xc8\x04\n\x11OcclusionResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x05\x12\x13\n\x0bpositions_y\x18\x03 \x01(\x05\x12\x13\n\x0bpositions_x\x18\x04 \x01(\x05\x12\'\n\x0bprobability\x18\x05 \x01(\x0b\x32\x12.zfserve.v1.Tensor\x12\"\n\x06\x61rgmax\x18\x06 \x01(\x0b\x32\x12.zfserve.v1.Tensor\x12$\n\x08\x61\x63tivity\x18\x07 \x01(\x0b\x32\x12.zfserve.v1.Tensor\x12\'\n\x0b\x61ttribution\x18\x08 \x01(\x0b\x32\x12.zfserve.v1.Tensor\x12\x16\n\x0e\x61\x63tivity_layer\x18\t \x01(\t\x12\x18\n\x10\x61\x63tivity_channel\x18\n \x01(\x05\x12\x33\n\x03png\x18\x0b \x03(\x0b\x32&.zfserve.v1.OcclusionResponse.PngEntry\x12\x18\n\x10\x62\x61se_probability\x18\x0c \x01(\x01\x12\x15\n\rbase_activity\x18\r \x01(\x01\x12\x0e\n\x06starts\x18\x0e \x03(\x03\x12\x0e\n\x06window\x18\x0f \x01(\x05\x12\x0e\n\x06stride\x18\x10 \x01(\x05\x12\x0c\n\x04\x66ill\x18\x11 \x03(\x01\x12\x12\n\nfill_units\x18\x12 \x01(\t\x12\x16\n\x0e\x61ttribution_on\x18\x13 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x14 \x01(\t\x12\x0f\n\x07seconds\x18\x15 \x01(\x01\x1a*\n\x08PngEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\'\n\x08Progress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\"t\n\x0eOcclusionEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.zfserve.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.zfserve.v1.OcclusionResponseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"Q\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.zfserve.v1.ModelSummary\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"e\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x12\n\nparameters\x18\x03 \x01(\x03\x12\x17\n\x0freceptive_field\x18\x04 \x01(\x05\x12\x0e\n\x06stride\x18\x05 \x01(\x05\"\xa9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12%\n\x06layers\x18\x06 \x03(\x0b\x32\x15.zfserve.v1.LayerInfo\x12\x17\n\x0fpreprocess_json\x18\x07 \x01(\t2\xd0\x03\n\x07ZFServe\x12\x45\n\x08\x43lassify\x12\x1b.zfserve.v1.ClassifyRequest\x1a\x1c.zfserve.v1.ClassifyResponse\x12\x46\n\rDeconvProject\x12\x19.zfserve.v1.DeconvRequest\x1a\x1a.zfserve.v1.DeconvResponse\x12M\n\x0eOcclusionSweep\x12\x1c.zfserve.v1.OcclusionRequest\x1a\x1d.zfserve.v1.OcclusionResponse\x12R\n\x14OcclusionSweepStream\x12\x1c.zfserve.v1.OcclusionRequest\x1a\x1a.zfserve.v1.OcclusionEvent0\x01\x12K\n\nListModels\x12\x1d.zfserve.v1.ListModelsRequest\x1a\x1e.zfserve.v1.ListModelsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.zfserve.v1.GetModelInfoRequest\x1a\x15.zfserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x18zfserve/v1/zfserve.proto\x12\nzfserve.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\x06Images\x12\x0f\n\x07\x65ncoded\x18\x01 \x03(\x0c\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.zfserve.v1.Tensor\"\x80\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.zfserve.v1.Images\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x1c\n\x14return_probabilities\x18\x04 \x01(\x08\x42\x08\n\x06_top_k\">\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"5\n\nPrediction\x12\'\n\x07\x63lasses\x18\x01 \x03(\x0b\x32\x16.zfserve.v1.ClassScore\"\x90\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12+\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x16.zfserve.v1.Prediction\x12)\n\rprobabilities\x18\x04 \x01(\x0b\x32\x12.zfserve.v1.Tensor\"-\n\x04Unit\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\x05\x12\t\n\x01y\x18\x02 \x01(\x05\x12\t\n\x01x\x18\x03 \x01(\x05\"5\n\x03\x42ox\x12\n\n\x02y0\x18\x01 \x01(\x05\x12\n\n\x02x0\x18\x02 \x01(\x05\x12\n\n\x02y1\x18\x03 \x01(\x05\x12\n\n\x02x1\x18\x04 \x01(\x05\"\xf9\x01\n\rDeconvRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.zfserve.v1.Images\x12\r\n\x05layer\x18\x03 \x01(\t\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0e\x61llow_same_map\x18\x05 \x01(\x08\x12\x1f\n\x05units\x18\x06 \x03(\x0b\x32\x10.zfserve.v1.Unit\x12\x12\n\nreturn_png\x18\x07 \x01(\x08\x12\x15\n\rreturn_tensor\x18\x08 \x01(\x08\x12\x16\n\x0ereturn_patches\x18\t \x01(\x08\x12\x0c\n\x04maps\x18\n \x03(\x05\x42\x08\n\x06_top_k\"\xa2\x01\n\nProjection\x12\x13\n\x0bimage_index\x18\x01 \x01(\x05\x12\r\n\x05layer\x18\x02 \x01(\t\x12\x1e\n\x04unit\x18\x03 \x01(\x0b\x32\x10.zfserve.v1.Unit\x12\x12\n\nactivation\x18\x04 \x01(\x02\x12\x1c\n\x03\x62ox\x18\x05 \x01(\x0b\x32\x0f.zfserve.v1.Box\x12\x0b\n\x03png\x18\x06 \x01(\x0c\x12\x11\n\tpatch_png\x18\x07 \x01(\x0c\"p\n\x0e\x44\x65\x63onvResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x0bprojections\x18\x02 \x03(\x0b\x32\x16.zfserve.v1.Projection\x12\"\n\x06tensor\x18\x03 \x01(\x0b\x32\x12.zfserve.v1.Tensor\"\x9b\x03\n\x10OcclusionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x12.zfserve.v1.Images\x12\x13\n\x06window\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06stride\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12\x14\n\nfill_value\x18\x05 \x01(\x01H\x00\x12.\n\x10\x66ill_per_channel\x18\x06 \x01(\x0b\x32\x12.zfserve.v1.TensorH\x00\x12\x16\n\x0e\x66ill_in_pixels\x18\r \x01(\x08\x12\x13\n\x06target\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x0f\n\x07outputs\x18\x08 \x03(\t\x12\x16\n\x0e\x61\x63tivity_layer\x18\t \x01(\t\x12\x1d\n\x10\x61\x63tivity_channel\x18\n \x01(\x05H\x04\x88\x01\x01\x12\x1d\n\x15\x61ttribution_on_logits\x18\x0b \x01(\x08\x12\x12\n\nreturn_png\x18\x0c \x01(\x08\x42\x06\n\x04\x66illB\t\n\x07_windowB\t\n\x07_strideB\t\n\x07_targetB\x13\n\x11_activity_channel\"\xc8\x04\n\x11OcclusionResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\x05\x12\x13\n\x0bpositions_y\x18\x03 \x01(\x05\x12\x13\n\x0bpositions_x\x18\x04 \x01(\x05\x12\'\n\x0bprobability\x18\x05 \x01(\x0b\x32\x12.zfserve.v1.Tensor\x12\"\n\x06\x61rgmax\x18\x06 \x01(\x0b\x32\x12.zfserve.v1.Tensor\x12$\n\x08\x61\x63tivity\x18\x07 \x01(\x0b\x32\x12.zfserve.v1.Tensor\x12\'\n\x0b\x61ttribution\x18\x08 \x01(\x0b\x32\x12.zfserve.v1.Tensor\x12\x16\n\x0e\x61\x63tivity_layer\x18\t \x01(\t\x12\x18\n\x10\x61\x63tivity_channel\x18\n \x01(\x05\x12\x33\n\x03png\x18\x0b \x03(\x0b\x32&.zfserve.v1.OcclusionResponse.PngEntry\x12\x18\n\x10\x62\x61se_probability\x18\x0c \x01(\x01\x12\x15\n\rbase_activity\x18\r \x01(\x01\x12\x0e\n\x06starts\x18\x0e \x03(\x03\x12\x0e\n\x06window\x18\x0f \x01(\x05\x12\x0e\n\x06stride\x18\x10 \x01(\x05\x12\x0c\n\x04\x66ill\x18\x11 \x03(\x01\x12\x12\n\nfill_units\x18\x12 \x01(\t\x12\x16\n\x0e\x61ttribution_on\x18\x13 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x14 \x01(\t\x12\x0f\n\x07seconds\x18\x15 \x01(\x01\x1a*\n\x08PngEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\'\n\x08Progress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\"t\n\x0eOcclusionEvent\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x14.zfserve.v1.ProgressH\x00\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1d.zfserve.v1.OcclusionResponseH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"a\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.zfserve.v1.ModelSummary\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"e\n\tLayerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x12\n\nparameters\x18\x03 \x01(\x03\x12\x17\n\x0freceptive_field\x18\x04 \x01(\x05\x12\x0e\n\x06stride\x18\x05 \x01(\x05\"\xa9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12%\n\x06layers\x18\x06 \x03(\x0b\x32\x15.zfserve.v1.LayerInfo\x12\x17\n\x0fpreprocess_json\x18\x07 \x01(\t2\xd0\x03\n\x07ZFServe\x12\x45\n\x08\x43lassify\x12\x1b.zfserve.v1.ClassifyRequest\x1a\x1c.zfserve.v1.ClassifyResponse\x12\x46\n\rDeconvProject\x12\x19.zfserve.v1.DeconvRequest\x1a\x1a.zfserve.v1.DeconvResponse\x12M\n\x0eOcclusionSweep\x12\x1c.zfserve.v1.OcclusionRequest\x1a\x1d.zfserve.v1.OcclusionResponse\x12R\n\x14OcclusionSweepStream\x12\x1c.zfserve.v1.OcclusionRequest\x1a\x1a.zfserve.v1.OcclusionEvent0\x01\x12K\n\nListModels\x12\x1d.zfserve.v1.ListModelsRequest\x1a\x1e.zfserve.v1.ListModelsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.zfserve.v1.GetModelInfoRequest\x1a\x15.zfserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,46 +38,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_end=92
   _globals['_IMAGES']._serialized_start=94
   _globals['_IMAGES']._serialized_end=155
-  _globals['_CLASSIFYREQUEST']._serialized_start=157
-  _globals['_CLASSIFYREQUEST']._serialized_end=270
-  _globals['_CLASSSCORE']._serialized_start=272
-  _globals['_CLASSSCORE']._serialized_end=334
-  _globals['_PREDICTION']._serialized_start=336
-  _globals['_PREDICTION']._serialized_end=389
-  _globals['_CLASSIFYRESPONSE']._serialized_start=392
-  _globals['_CLASSIFYRESPONSE']._serialized_end=536
-  _globals['_UNIT']._serialized_start=538
-  _globals['_UNIT']._serialized_end=583
-  _globals['_BOX']._serialized_start=585
-  _globals['_BOX']._serialized_end=638
-  _globals['_DECONVREQUEST']._serialized_start=641
-  _globals['_DECONVREQUEST']._serialized_end=875
-  _globals['_PROJECTION']._serialized_start=878
-  _globals['_PROJECTION']._serialized_end=1040
-  _globals['_DECONVRESPONSE']._serialized_start=1042
-  _globals['_DECONVRESPONSE']._serialized_end=1154
-  _globals['_OCCLUSIONREQUEST']._serialized_start=1157
-  _globals['_OCCLUSIONREQUEST']._serialized_end=1536
-  _globals['_OCCLUSIONRESPONSE']._serialized_start=1539
-  _globals['_OCCLUSIONRESPONSE']._serialized_end=2123
-  _globals['_OCCLUSIONRESPONSE_PNGENTRY']._serialized_start=2081
-  _globals['_OCCLUSIONRESPONSE_PNGENTRY']._serialized_end=2123
-  _globals['_PROGRESS']._serialized_start=2125
-  _globals['_PROGRESS']._serialized_end=2164
-  _globals['_OCCLUSIONEVENT']._serialized_start=2166
-  _globals['_OCCLUSIONEVENT']._serialized_end=2282
-  _globals['_LISTMODELSREQUEST']._serialized_start=2284
-  _globals['_LISTMODELSREQUEST']._serialized_end=2303
-  _globals['_MODELSUMMARY']._serialized_start=2305
-  _globals['_MODELSUMMARY']._serialized_end=2386
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2388
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2473
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2475
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2511
-  _globals['_LAYERINFO']._serialized_start=2513
-  _globals['_LAYERINFO']._serialized_end=2614
-  _globals['_MODELINFO']._serialized_start=2617
-  _globals['_MODELINFO']._serialized_end=2786
-  _globals['_ZFSERVE']._serialized_start=2789
-  _globals['_ZFSERVE']._serialized_end=3253
+  _globals['_CLASSIFYREQUEST']._serialized_start=158
+  _globals['_CLASSIFYREQUEST']._serialized_end=286
+  _globals['_CLASSSCORE']._serialized_start=288
+  _globals['_CLASSSCORE']._serialized_end=350
+  _globals['_PREDICTION']._serialized_start=352
+  _globals['_PREDICTION']._serialized_end=405
+  _globals['_CLASSIFYRESPONSE']._serialized_start=408
+  _globals['_CLASSIFYRESPONSE']._serialized_end=552
+  _globals['_UNIT']._serialized_start=554
+  _globals['_UNIT']._serialized_end=599
+  _globals['_BOX']._serialized_start=601
+  _globals['_BOX']._serialized_end=654
+  _globals['_DECONVREQUEST']._serialized_start=657
+  _globals['_DECONVREQUEST']._serialized_end=906
+  _globals['_PROJECTION']._serialized_start=909
+  _globals['_PROJECTION']._serialized_end=1071
+  _globals['_DECONVRESPONSE']._serialized_start=1073
+  _globals['_DECONVRESPONSE']._serialized_end=1185
+  _globals['_OCCLUSIONREQUEST']._serialized_start=1188
+  _globals['_OCCLUSIONREQUEST']._serialized_end=1599
+  _globals['_OCCLUSIONRESPONSE']._serialized_start=1602
+  _globals['_OCCLUSIONRESPONSE']._serialized_end=2186
+  _globals['_OCCLUSIONRESPONSE_PNGENTRY']._serialized_start=2144
+  _globals['_OCCLUSIONRESPONSE_PNGENTRY']._serialized_end=2186
+  _globals['_PROGRESS']._serialized_start=2188
+  _globals['_PROGRESS']._serialized_end=2227
+  _globals['_OCCLUSIONEVENT']._serialized_start=2229
+  _globals['_OCCLUSIONEVENT']._serialized_end=2345
+  _globals['_LISTMODELSREQUEST']._serialized_start=2347
+  _globals['_LISTMODELSREQUEST']._serialized_end=2366
+  _globals['_MODELSUMMARY']._serialized_start=2368
+  _globals['_MODELSUMMARY']._serialized_end=2465
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2467
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2552
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2554
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2590
+  _globals['_LAYERINFO']._serialized_start=2592
+  _globals['_LAYERINFO']._serialized_end=2693
+  _globals['_MODELINFO']._serialized_start=2696
+  _globals['_MODELINFO']._serialized_end=2865
+  _globals['_ZFSERVE']._serialized_start=2868
+  _globals['_ZFSERVE']._serialized_end=3332
 # @@protoc_insertion_point(module_scope)

@@ -242,16 +242,18 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "num_classes", "ready")
+    __slots__ = ("name", "version", "num_classes", "ready", "reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     num_classes: int
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., ready: _Optional[bool] = ...) -> None: ...
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")

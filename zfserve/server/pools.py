@@ -1,13 +1,14 @@
-"""Scheduling of the long computations (deconv projections, occlusion sweeps) apart from classification.
+"""Bounded pools for the work that runs beside classification: decoding uploaded images, and the long
+computations (deconv projections, occlusion sweeps).
 
-Why a long sweep cannot starve classification:
-- heavy work runs on its own small thread pool (``--heavy-workers``, default 1), never on the batcher's
-  thread, so the classification batch loop keeps forming and sending batches while a sweep runs;
+Why one kind of work cannot starve another:
+- each kind runs on its own small thread pool, never on the batcher's thread or the event loop, so the
+  classification batch loop keeps forming and sending batches while a sweep or a large decode runs;
 - PyTorch's intra-op threads in the server process are capped (``--heavy-threads``, default 1): on a 2-core
   host a sweep can take at most one core, ONNX Runtime's classification session keeps the other;
-- admission is bounded (``--heavy-queue-size`` waiting beyond the running ones): one more is rejected at once
-  with UNAVAILABLE instead of piling up;
-- a sweep checks, between chunks of positions (its progress callback), whether its client has gone or its
+- admission is bounded (workers + a queue): one more request is rejected at once with UNAVAILABLE instead of
+  piling up;
+- a job checks (its ``Job.check``, also called by its progress reports) whether its client has gone or its
   deadline has passed, and stops there; a request that expires or is cancelled while waiting never starts.
 """
 
@@ -28,7 +29,7 @@ class Aborted(Exception):
 
 
 class Job:
-    """What a heavy computation sees: a progress reporter that also stops it when it must stop."""
+    """What a pooled job sees: ``check()`` and a progress reporter, both of which stop it when it must stop."""
 
     def __init__(self, deadline_mono: float | None, on_progress: Callable[[int, int], None] | None):
         self.cancelled = threading.Event()
@@ -49,11 +50,19 @@ class Job:
             self.on_progress(int(done), int(total))
 
 
-class HeavyScheduler:
-    def __init__(self, workers: int = 1, queue_size: int = 4, on_admitted: Callable[[int], None] | None = None):
+class BoundedPool:
+    """``workers`` threads and room for ``queue_size`` more requests; ``what`` and ``flags`` name the work and
+    the two options in the overload message (so the client knows which knob is full)."""
+
+    def __init__(self, workers: int = 1, queue_size: int = 4, on_admitted: Callable[[int], None] | None = None,
+                 *, name: str = "heavy", what: str = "deconv/occlusion requests",
+                 flags: tuple[str, str] = ("--heavy-workers", "--heavy-queue-size"),
+                 after: Callable[[], None] | None = None):
         self.workers = workers
         self.queue_size = queue_size
-        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="heavy")
+        self.what, self.flags = what, flags
+        self._after = after or (lambda: None)
+        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name)
         self._admitted = 0
         self._on_admitted = on_admitted or (lambda n: None)
         self.completed = 0
@@ -69,11 +78,11 @@ class HeavyScheduler:
 
     async def run(self, fn: Callable[[Job], object], *, deadline_mono: float | None = None,
                   on_progress: Callable[[int, int], None] | None = None):
-        """Run ``fn(job)`` on the heavy pool; raises Unavailable when full, DeadlineExpired, Cancelled."""
+        """Run ``fn(job)`` on the pool; raises Unavailable when full, DeadlineExpired, Cancelled."""
         limit = self.workers + self.queue_size
         if self._admitted >= limit:
-            raise Unavailable(f"busy: {self._admitted} deconv/occlusion requests admitted (--heavy-workers "
-                              f"{self.workers} + --heavy-queue-size {self.queue_size}); retry later")
+            raise Unavailable(f"busy: {self._admitted} {self.what} admitted ({self.flags[0]} {self.workers} + "
+                              f"{self.flags[1]} {self.queue_size}); retry later")
         job = Job(deadline_mono, on_progress)
         if deadline_mono is not None and time.monotonic() >= deadline_mono:
             raise DeadlineExpired("deadline expired before the computation started")
@@ -83,7 +92,10 @@ class HeavyScheduler:
 
         def call():
             job.check()  # expired or cancelled while waiting: never started
-            return fn(job)
+            try:
+                return fn(job)
+            finally:
+                self._after()
 
         future = self._executor.submit(call)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
