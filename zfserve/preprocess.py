@@ -212,28 +212,38 @@ def decode_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, m
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, field, min_side, max_pixels, pre)
     check = check or (lambda: None)
-    im = _open_checked(_read_source(source, field, max_bytes), field, max_pixels, min_side, max_frames)
-    with im:
-        check()
+    opened = _open_checked(_read_source(source, field, max_bytes), field, max_pixels, min_side, max_frames)
+    fmt = opened.format
+
+    def step(work):
+        """One decode step; a decoder's failure becomes our error (``check``'s own exceptions pass through)."""
         try:
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-            if working_size and im.format == "JPEG":
-                im.draft(im.mode, _at_least(im.size, working_size))
-            im.load()
-            check()
-            im, premultiplied = _shrink(_centre_of_long(im), working_size)
-            check()
-            im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb_array(im, pre, premultiplied)
+            return work()
         except Image.DecompressionBombError:
             raise ImageSizeError(f"{field}: too many pixels; at most {max_pixels} pixels are accepted",
                                  field=field) from None
         except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-            raise CorruptImageError(f"{field}: truncated or corrupt {im.format} data ({exc})",
-                                    field=field) from None
+            raise CorruptImageError(f"{field}: truncated or corrupt {fmt} data ({exc})", field=field) from None
+
+    with opened:
+        check()
+        im = step(lambda: _decoded(opened, working_size))
+        check()
+        im, premultiplied = step(lambda: _shrink(_centre_of_long(im), working_size))
+        check()
+        rgb = step(lambda: _to_rgb_array(ImageOps.exif_transpose(im), pre, premultiplied))
     check()
     return rgb
+
+
+def _decoded(im: Image.Image, working_size: int | None) -> Image.Image:
+    """The first frame's pixels (a JPEG at 1/2 .. 1/8 scale when that still covers ``working_size``)."""
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)
+    if working_size and im.format == "JPEG":
+        im.draft(im.mode, _at_least(im.size, working_size))
+    im.load()
+    return im
 
 
 def _at_least(size: tuple[int, int], short_side: int) -> tuple[int, int]:

@@ -296,3 +296,53 @@ def occlusion_result(r: pb.OcclusionResponse) -> OcclusionResult:
         base_probability=r.base_probability, base_activity=r.base_activity,
         **{name: _optional_array(getattr(r, name)) for name in OUTPUTS},
         timings={"base_s": 0.0, "sweep_s": r.seconds}, backend=r.backend, png=dict(r.png))
+
+
+# ---------------------------------------------------------------------------------------------- OIP
+IMAGE_INPUT = "image"          # FP32 [-1, 3, S, S]: preprocessed images
+BYTES_INPUT = "image_bytes"    # BYTES [-1] (or [-1, 1]): encoded JPEG / PNG / WebP images
+
+
+def infer_input(request, input_size: int, max_images: int, model: str = "model"):
+    """A ModelInferRequest's one input: the checked float32 (N, 3, S, S) array for ``image``, or the list of
+    encoded images for ``image_bytes`` (to be decoded by the caller). Raw and typed contents are exclusive;
+    every size, count and datatype is checked, naming the field."""
+    if len(request.inputs) != 1:
+        raise InvalidArgumentError(
+            f"inputs: exactly one input is accepted ({IMAGE_INPUT!r} FP32 [N,3,{input_size},{input_size}] or "
+            f"{BYTES_INPUT!r} BYTES [N]), got {len(request.inputs)}", field="inputs")
+    tensor = request.inputs[0]
+    raw = request.raw_input_contents
+    if raw and tensor.HasField("contents"):
+        raise InvalidArgumentError("raw_input_contents and inputs[0].contents are exclusive; send the data in one "
+                                   "of them", field="raw_input_contents")
+    if raw and len(raw) != 1:
+        raise InvalidArgumentError(f"raw_input_contents: {len(raw)} entries for 1 input", field="raw_input_contents")
+    shape = [int(s) for s in tensor.shape]
+    if tensor.name not in (IMAGE_INPUT, BYTES_INPUT):
+        raise InvalidArgumentError(f"inputs[0].name: {tensor.name!r} is not an input of model {model!r}; "
+                                   f"accepted: {IMAGE_INPUT!r}, {BYTES_INPUT!r}", field="inputs[0].name")
+    wanted = "FP32" if tensor.name == IMAGE_INPUT else "BYTES"
+    if tensor.datatype != wanted:
+        raise InvalidArgumentError(f"inputs[0].datatype: {tensor.name!r} must be {wanted}, got {tensor.datatype!r}",
+                                   field="inputs[0].datatype")
+    if tensor.name == IMAGE_INPUT:
+        if raw:
+            arr = from_raw(raw[0], OIP_DTYPES["FP32"], shape, "raw_input_contents[0]")
+        else:
+            values = tensor.contents.fp32_contents
+            if element_count(shape, "inputs[0]") != len(values):
+                raise InvalidArgumentError(f"inputs[0].contents.fp32_contents: {len(values)} values for shape "
+                                           f"{shape}", field="inputs[0].contents")
+            arr = np.asarray(values, dtype=np.float32).reshape(shape)
+        return check_images(arr.astype(np.float32, copy=False), "inputs[0]", input_size, max_images)
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or not 1 <= shape[0] <= max_images:
+        raise InvalidArgumentError(f"inputs[0].shape: {BYTES_INPUT!r} must be [N] or [N, 1] with 1 <= N <= "
+                                   f"{max_images}, got {shape}", field="inputs[0].shape")
+    if raw:
+        return decode_bytes_elements(raw[0], shape[0], "raw_input_contents[0]")
+    items = list(tensor.contents.bytes_contents)
+    if len(items) != shape[0]:
+        raise InvalidArgumentError(f"inputs[0].contents.bytes_contents: {len(items)} elements for shape {shape}",
+                                   field="inputs[0].contents")
+    return items

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
 import sys
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ class ZFServer:
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task | None = None
         self._torch_threads: int | None = None
+        self._failed_start = False
 
     # ------------------------------------------------------------------------------------------ start
     async def _set_health(self, status) -> None:
@@ -241,6 +243,7 @@ class ZFServer:
                         api_implementation.Type())
         address = f"{o.host}:{o.port}"
         try:
+            _check_port_free(o.host, o.port)
             credentials = self._credentials() if o.tls_cert else None
             try:
                 self.port = self._server.add_secure_port(address, credentials) if credentials else \
@@ -258,8 +261,8 @@ class ZFServer:
         await self._server.start()
         if o.metrics_port is not None:
             self.metrics_port = self.metrics.start_http(o.host, o.metrics_port, token)
-        log.info("listening on %s:%d (tls=%s, auth=%s)", o.host, self.port, bool(o.tls_cert),
-                 bool(o.auth_token_file))
+        log.debug("listening on %s:%d (tls=%s, auth=%s)", o.host, self.port, bool(o.tls_cert),
+                  bool(o.auth_token_file))
         return self.port
 
     async def load(self) -> None:
@@ -269,20 +272,30 @@ class ZFServer:
             import torch
             self._torch_threads = torch.get_num_threads()   # restored on stop (matters when embedded)
             torch.set_num_threads(self.options.heavy_threads)
+        failed = []
         for model in self.repository:
             try:
-                self._activate(model, await asyncio.to_thread(model.build))
+                self._activate(model, await asyncio.to_thread(model.build), announce=False)
             except ZFServeError as exc:
                 if self.options.strict:
+                    self._failed_start = True
                     raise
-                model.fail(exc)
-        if not any(m.ready for m in self.repository):
-            reasons = "; ".join(f"{m.name}: {m.error}" for m in self.repository)
-            raise ModelLoadError(f"no model could be loaded ({reasons})")
+                failed.append((model, exc))
+        if len(failed) == len(self.repository.models):   # nothing to serve: the start fails, in one line
+            self._failed_start = True
+            if len(failed) == 1:
+                raise failed[0][1]
+            raise ModelLoadError("no model could be loaded: " + "; ".join(f"{m.name}: {exc}" for m, exc in failed))
+        for model in self.repository:   # said once the start has succeeded, so a failed one says one line
+            if model.ready:
+                log.info("model %s (version %s, %d classes) ready", model.name, model.runtime.version,
+                         model.runtime.num_classes)
+        for model, exc in failed:
+            model.fail(exc)
         if not self.state.shutting_down:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
-    def _activate(self, model: ServedModel, runtime: Runtime) -> Runtime | None:
+    def _activate(self, model: ServedModel, runtime: Runtime, announce: bool = True) -> Runtime | None:
         """Start ``runtime``'s batcher and make it the model's; returns the runtime it replaces."""
         runtime.batcher = DynamicBatcher(
             runtime.classifier.probabilities, self.options.batching, name=model.name,
@@ -290,7 +303,8 @@ class ZFServer:
             on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set)
         runtime.batcher.start()
         old, model.runtime, model.error = model.runtime, runtime, None
-        log.info("model %s (version %s, %d classes) ready", model.name, runtime.version, runtime.num_classes)
+        if announce:
+            log.info("model %s (version %s, %d classes) ready", model.name, runtime.version, runtime.num_classes)
         return old
 
     async def reload(self) -> dict[str, str]:
@@ -330,7 +344,9 @@ class ZFServer:
     async def _stop(self, grace: float) -> None:
         self.state.shutting_down = True
         await self.health.enter_graceful_shutdown()   # every service NOT_SERVING; later sets are ignored
-        log.info("shutting down: refusing new work; finishing accepted requests (grace %.0f s)", grace)
+        quiet = self._failed_start or self.port is None   # a start that failed says only why (one line)
+        if not quiet:
+            log.info("shutting down: refusing new work; finishing accepted requests (grace %.0f s)", grace)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + grace
         quiet_since = None
@@ -354,7 +370,8 @@ class ZFServer:
         if self._torch_threads is not None:
             import torch
             torch.set_num_threads(self._torch_threads)
-        log.info("stopped")
+        if not quiet:
+            log.info("stopped")
         self._stopped.set()
 
     async def stop(self, grace: float | None = None) -> None:
@@ -366,6 +383,26 @@ class ZFServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on before gRPC tries it (gRPC would log its own lines first)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InvalidArgumentError(f"--host: cannot resolve {host!r} ({exc.strerror}); give an address of this "
+                                   f"machine, e.g. 127.0.0.1 or 0.0.0.0", field="host") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as gRPC binds
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise InvalidArgumentError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror} "
+                                           f"(another server on that port?); choose another --port",
+                                           field="port") from None
 
 
 async def serve(options: ServerOptions, *, ready_line: bool = True) -> int:
