@@ -118,6 +118,20 @@ def test_our_limit_in_our_words_without_pillows_warning():
     assert not caught, [str(w.message) for w in caught]
 
 
+def test_a_webp_canvas_beyond_pillows_limit_is_our_size_error():
+    """Found by fuzz/decoder.py: Pillow's WebP plugin checks the canvas of an animated WebP itself, while the
+    header is read, and raised its DecompressionBombError (with its own limit) past our error handling."""
+    frames = [Image.fromarray(np.full((40, 40, 3), value, np.uint8)) for value in (0, 50)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:])
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"VP8X"
+    data[24:30] = (40_000 - 1).to_bytes(3, "little") * 2     # canvas width - 1, height - 1: 40000 x 40000
+    with pytest.raises(ImageSizeError) as info:
+        load_image(bytes(data))
+    assert "40000000" in str(info.value) and "178956970" not in str(info.value)
+
+
 def test_check_is_called_between_steps_and_stops_the_decode():
     data = encode(smooth(np.random.default_rng(2), 1200, 1600), "PNG")
     calls = []

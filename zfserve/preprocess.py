@@ -139,7 +139,7 @@ class ImageHeader:
         return self.width * self.height
 
 
-def _open(data: bytes, field: str) -> Image.Image:
+def _open(data: bytes, field: str, max_pixels: int) -> Image.Image:
     """Open ``data`` with the allowlisted plugins only. This is Pillow's ``Image.open`` without its
     decompression-bomb check: that check warns (on stderr) or fails with Pillow's own limit, while ours, lower,
     is applied right after the header is read, in our words."""
@@ -153,6 +153,9 @@ def _open(data: bytes, field: str) -> Image.Image:
             continue
         try:
             return factory(io.BytesIO(data), "")
+        except Image.DecompressionBombError:   # some plugins (WebP) check a header's canvas themselves
+            raise ImageSizeError(f"{field}: the header claims too many pixels; at most {max_pixels} pixels are "
+                                 f"accepted", field=field) from None
         except (SyntaxError, IndexError, TypeError, struct.error, EOFError) as exc:
             raise CorruptImageError(f"{field}: corrupt {fmt} header ({exc})", field=field) from None
         except (OSError, ValueError) as exc:
@@ -166,7 +169,7 @@ def _open(data: bytes, field: str) -> Image.Image:
 
 def _open_checked(data: bytes, field: str, max_pixels: int, min_side: int, max_frames: int) -> Image.Image:
     """:func:`_open`, then the size and frame limits from the header, before any pixel is decoded."""
-    im = _open(data, field)
+    im = _open(data, field, max_pixels)
     width, height = im.size
     if width * height > max_pixels:
         im.close()

@@ -43,6 +43,7 @@ def _malloc_trim():
     except (OSError, AttributeError):
         return lambda: None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
     return lambda: trim(0)
 
 

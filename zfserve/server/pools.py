@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Callable
 
+from ..errors import ZFServeError
 from .batcher import DeadlineExpired
 from .status import Cancelled, Unavailable
 
@@ -94,6 +95,10 @@ class BoundedPool:
             job.check()  # expired or cancelled while waiting: never started
             try:
                 return fn(job)
+            except (Aborted, ZFServeError) as exc:
+                # An expected stop carries no traceback out: the frames of the stopped work (a half-decoded
+                # 40 MP image, say) would stay alive with the exception as long as its future does.
+                raise exc.with_traceback(None)
             finally:
                 self._after()
 

@@ -1,0 +1,60 @@
+"""Coverage-guided fuzzing (atheris) of the request paths: bytes -> a zfserve.v1 or OIP request message (the
+first byte picks the kind) -> the wire codec's parser, and for occlusion requests the engine's argument
+checks. A protobuf DecodeError or one of our typed errors is a refusal; anything else is a crash.
+
+    python fuzz/requests.py fuzz/corpus/requests -runs=100000    # or: bash fuzz/run.sh 100000
+"""
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports(include=["zfserve"]):
+    from google.protobuf.message import DecodeError
+
+    from zfserve import wire
+    from zfserve._proto.inference import grpc_service_pb2 as oip
+    from zfserve._proto.v1 import zfserve_pb2 as pb
+    from zfserve.errors import ZFServeError
+
+KINDS = (pb.ClassifyRequest, pb.DeconvRequest, pb.OcclusionRequest, oip.ModelInferRequest)
+_engine = []
+
+
+def _occlusion_checks(args) -> None:
+    """The engine's own argument checks (no sweep runs); built once, on a tiny model."""
+    if not _engine:
+        from zfserve.engine.occlusion import OcclusionEngine
+        from zfserve.model import ZFNet
+        _engine.append(OcclusionEngine(ZFNet(num_classes=4, fc_width=8, widths=(8, 8, 8, 8, 8)), backend="torch"))
+    engine = _engine[0]
+    engine._check(args["window"], args["stride"], args["layer"], args["channel"], args["target"],
+                  args["attribution_on"], args.get("outputs", ("probability",)))
+    engine._fill(args["fill"], args["fill_units"])
+
+
+def test_one_input(data: bytes) -> None:
+    if not data:
+        return
+    kind = KINDS[data[0] % len(KINDS)]
+    try:
+        request = kind.FromString(data[1:])
+    except DecodeError:
+        return
+    try:
+        if kind is pb.ClassifyRequest:
+            if request.images.HasField("tensor"):
+                wire.check_images(wire.tensor_to_array(request.images.tensor, "t"), "t", 224, 64)
+        elif kind is pb.DeconvRequest:
+            wire.deconv_arguments(request)
+        elif kind is pb.OcclusionRequest:
+            _occlusion_checks(wire.sweep_arguments(request))
+        else:
+            wire.infer_input(request, 8, 4)
+    except ZFServeError:
+        pass
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
