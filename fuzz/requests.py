@@ -15,19 +15,17 @@ with atheris.instrument_imports(include=["zfserve"]):
     from zfserve import wire
     from zfserve._proto.inference import grpc_service_pb2 as oip
     from zfserve._proto.v1 import zfserve_pb2 as pb
+    from zfserve.engine.occlusion import OcclusionEngine
     from zfserve.errors import ZFServeError
+    from zfserve.model import ZFNet
 
 KINDS = (pb.ClassifyRequest, pb.DeconvRequest, pb.OcclusionRequest, oip.ModelInferRequest)
-_engine = []
+# The engine's own argument checks (no sweep runs), on a tiny model.
+ENGINE = OcclusionEngine(ZFNet(num_classes=4, fc_width=8, widths=(8, 8, 8, 8, 8)), backend="torch")
 
 
 def _occlusion_checks(args) -> None:
-    """The engine's own argument checks (no sweep runs); built once, on a tiny model."""
-    if not _engine:
-        from zfserve.engine.occlusion import OcclusionEngine
-        from zfserve.model import ZFNet
-        _engine.append(OcclusionEngine(ZFNet(num_classes=4, fc_width=8, widths=(8, 8, 8, 8, 8)), backend="torch"))
-    engine = _engine[0]
+    engine = ENGINE
     engine._check(args["window"], args["stride"], args["layer"], args["channel"], args["target"],
                   args["attribution_on"], args.get("outputs", ("probability",)))
     engine._fill(args["fill"], args["fill_units"])

@@ -435,3 +435,12 @@ def test_a_full_disk_during_export_is_one_line_and_exit_2(models, tmp_path, monk
         watchdog.cancel()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "ZFSERVE_CACHE_DIR" in err[0], err
+
+
+def test_status_messages_carry_no_server_path():
+    from zfserve.errors import ModelLoadError
+    from zfserve.server.status import to_status
+    code, message = to_status(ModelLoadError("/srv/models/tiny/weights.safetensors: tensor 'fc6.weight' has "
+                                             "shape (1, 2), expected (3, 4)"))
+    assert code == grpc.StatusCode.INTERNAL and "/srv" not in message and "weights.safetensors" in message
+    assert to_status(ImageSizeError("image: 1x1 is too small", field="image"))[1] == "image: 1x1 is too small"

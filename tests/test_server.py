@@ -697,7 +697,8 @@ def test_model_repository_serves_each_sub_directory(model_dir, tmp_path, classif
             np.testing.assert_allclose(probs, classifier.probabilities(x), atol=1e-6)
         triton = tc.InferenceServerClient(running.target)
         assert triton.is_model_ready("alpha") and triton.is_model_ready("beta")
-        assert running.server.repository.get("alpha").runtime.batcher is not running.server.repository.get("beta").runtime.batcher
+        alpha, beta = (running.server.repository.get(name).runtime for name in ("alpha", "beta"))
+        assert alpha.batcher is not beta.batcher
     finally:
         running.stop()
 

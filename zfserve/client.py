@@ -85,8 +85,8 @@ class Client:
         return wire.projections(self._call(self._stub.DeconvProject, request, timeout))
 
     def occlude(self, image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean",
-                target: int | None = None, outputs: Iterable[str] | None = None, layer: str | None = None, channel: int | None = None,
-                attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
+                target: int | None = None, outputs: Iterable[str] | None = None, layer: str | None = None,
+                channel: int | None = None, attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
                 timeout: float | None = None, fill_in_pixels: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> OcclusionResult:
         """One image's occlusion maps (as ``OcclusionEngine.sweep``; ``png`` holds the server's pictures with

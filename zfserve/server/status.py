@@ -5,11 +5,13 @@
 - :class:`ServiceError` subclasses carry their own code (UNAVAILABLE for overload and shutdown,
   DEADLINE_EXCEEDED, CANCELLED);
 - anything else is a bug: INTERNAL with a generic message (the traceback goes to the log, never to a client).
+No message to a client carries a server path: directories are cut from any path in it (the file name stays).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import grpc
 
@@ -37,7 +39,20 @@ class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
 
 
+_DIRECTORIES = re.compile(r"(?:/[^/\s:'\"()]+)+/")   # POSIX absolute paths, up to their last "/"
+
+
+def without_paths(message: str) -> str:
+    """``message`` with the directory part of every absolute path removed (``/srv/m/w.bin`` -> ``w.bin``)."""
+    return _DIRECTORIES.sub("", message)
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    code, message = _status(exc)
+    return code, without_paths(message)
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     if isinstance(exc, NotFoundError):
