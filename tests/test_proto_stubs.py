@@ -98,3 +98,49 @@ def test_inference_messages_are_wire_compatible_with_tritonclient():
         our_method = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name[name]
         their_method = tc.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name[name]
         assert our_method.full_name == their_method.full_name
+
+
+def _fields(message):
+    """name -> (number, type, repeated, message/enum type name) of a message descriptor."""
+    out = {}
+    for f in message.fields:
+        sub = f.message_type or f.enum_type
+        out[f.name] = (f.number, f.type, f.is_repeated, sub.full_name if sub else None)
+    return out
+
+
+def _messages(file_descriptor):
+    found = {}
+
+    def walk(message):
+        found[message.full_name] = message
+        for nested in message.nested_types:
+            walk(nested)
+    for message in file_descriptor.message_types_by_name.values():
+        walk(message)
+    return found
+
+
+def test_every_inference_message_and_method_matches_tritonclient():
+    """Every message, field and method zfserve declares in the inference package exists in tritonclient's copy
+    with the same number, type and cardinality (a subset of ModelConfig's fields is fine; no extra ones)."""
+    from tritonclient.grpc import model_config_pb2 as tc_config
+    from tritonclient.grpc import service_pb2 as tc
+
+    from zfserve._proto.inference import grpc_service_pb2 as ours
+    from zfserve._proto.inference import model_config_pb2 as our_config
+
+    theirs = {**_messages(tc.DESCRIPTOR), **_messages(tc_config.DESCRIPTOR)}
+    checked = 0
+    for name, message in {**_messages(ours.DESCRIPTOR), **_messages(our_config.DESCRIPTOR)}.items():
+        assert name in theirs, f"{name} is not in tritonclient's protocol"
+        their_fields = _fields(theirs[name])
+        for field, spec in _fields(message).items():
+            assert their_fields.get(field) == spec, \
+                f"{name}.{field}: ours {spec}, tritonclient {their_fields.get(field)}"
+            checked += 1
+    assert checked > 100   # every field of ~40 messages
+    their_methods = {m.name: (m.input_type.full_name, m.output_type.full_name)
+                     for m in tc.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+    for method in ours.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        assert their_methods[method.name] == (method.input_type.full_name, method.output_type.full_name)

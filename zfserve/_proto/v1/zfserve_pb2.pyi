@@ -242,18 +242,20 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "num_classes", "ready", "reason")
+    __slots__ = ("name", "version", "num_classes", "ready", "reason", "oip_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    OIP_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     num_classes: int
     ready: bool
     reason: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    oip_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., oip_version: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")
@@ -284,7 +286,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., parameters: _Optional[int] = ..., receptive_field: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "num_classes", "class_names", "input_shape", "layers", "preprocess_json")
+    __slots__ = ("name", "version", "num_classes", "class_names", "input_shape", "layers", "preprocess_json", "oip_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +294,7 @@ class ModelInfo(_message.Message):
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_JSON_FIELD_NUMBER: _ClassVar[int]
+    OIP_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     num_classes: int
@@ -299,4 +302,5 @@ class ModelInfo(_message.Message):
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     preprocess_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocess_json: _Optional[str] = ...) -> None: ...
+    oip_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocess_json: _Optional[str] = ..., oip_version: _Optional[str] = ...) -> None: ...
