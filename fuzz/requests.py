@@ -47,8 +47,12 @@ def test_one_input(data: bytes) -> None:
             wire.deconv_arguments(request)
         elif kind is pb.OcclusionRequest:
             _occlusion_checks(wire.sweep_arguments(request))
-        else:
-            wire.infer_input(request, 8, 4)
+        else:   # as model NAME (tensor input) or NAME-bytes (encoded images) would read it
+            for input_name in (wire.IMAGE_INPUT, wire.BYTES_INPUT):
+                try:
+                    wire.infer_input(request, input_name, 8, 4)
+                except ZFServeError:
+                    pass
     except ZFServeError:
         pass
 

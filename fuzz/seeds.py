@@ -47,7 +47,7 @@ def requests() -> dict[str, bytes]:
     deconv = wire.deconv_request(x, "conv5", top_k=2, units=[(1, 2, 3)])
     infer = oip.ModelInferRequest(model_name="m", raw_input_contents=[x.tobytes()])
     infer.inputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8])
-    infer_bytes = oip.ModelInferRequest(model_name="m", raw_input_contents=[wire.encode_bytes_elements([b"ab"])])
+    infer_bytes = oip.ModelInferRequest(model_name="m-bytes", raw_input_contents=[wire.encode_bytes_elements([b"ab"])])
     infer_bytes.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
     # The first byte picks the message kind in fuzz/requests.py (index into its KINDS).
     return {"classify": b"\x00" + wire.classify_request(x, top_k=3).SerializeToString(),

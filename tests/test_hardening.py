@@ -30,11 +30,11 @@ from zfserve._proto.v1 import zfserve_pb2 as pb
 from zfserve._proto.v1 import zfserve_pb2_grpc as pb_grpc
 from zfserve.errors import ImageSizeError
 from zfserve.preprocess import decode_image, load_image, read_header
-from zfserve.server import ServerOptions, ZFServer
+from zfserve.server import BackgroundServer, ServerOptions
 from zfserve.server.batcher import DeadlineExpired
 from zfserve.server.decode import DecodeStage
 from zfserve.server.status import Unavailable
-from zfserve.wire import array_to_tensor
+from zfserve.wire import array_to_tensor, oip_version
 
 TOKEN = "hardening-token-0123456789"
 
@@ -182,32 +182,18 @@ def test_decode_stage_budget_lanes_and_deadline():
 
 
 # ------------------------------------------------------------------------------------------------ servers
-class Running:
-    """A ZFServer on its own loop in a thread (blocking clients in the test)."""
+class Running(BackgroundServer):
+    """A started server with blocking stubs on one channel."""
 
     def __init__(self, options: ServerOptions):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = self.call(self._make(options))
-        self.call(self.server.start())
-        self.target = f"127.0.0.1:{self.server.port}"
+        super().__init__(options)
         self.channel = grpc.insecure_channel(self.target)
         self.stub = pb_grpc.ZFServeStub(self.channel)
         self.oip = oip_grpc.GRPCInferenceServiceStub(self.channel)
 
-    @staticmethod
-    async def _make(options):
-        return ZFServer(options)
-
-    def call(self, coro, timeout: float = 300):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self):
+    def stop(self, grace: float = 5):
         self.channel.close()
-        self.call(self.server.stop(5))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        super().stop(grace)
 
 
 def tiny_model(seed: int):
@@ -276,14 +262,14 @@ def test_replaced_weights_are_served_only_after_the_reload(models, tmp_path):
         assert running.stub.OcclusionSweep(sweep).base_probability == pytest.approx(new_p3, rel=1e-4)
         infer = oip.ModelInferRequest(model_name="tiny", raw_input_contents=[x.tobytes()])
         infer.inputs.add(name="image", datatype="FP32", shape=[1, 3, 224, 224])
-        assert running.oip.ModelInfer(infer).model_version == version2
+        assert running.oip.ModelInfer(infer).model_version == oip_version(version2) != oip_version(version)
         # A corrupt file now: the reload fails, the served version stays, no path in what clients see.
         (served / "weights.safetensors").write_bytes(b"not safetensors")
         outcome = running.call(running.server.reload())
         assert outcome["tiny"].startswith("failed:") and str(tmp_path) not in outcome["tiny"]
         assert _classify(running.stub, x)[1] == version2
         listed = running.stub.ListModels(pb.ListModelsRequest()).models[0]
-        assert listed.ready and listed.version == version2
+        assert listed.ready and listed.version == version2 and listed.oip_version == oip_version(version2)
     finally:
         running.stop()
 

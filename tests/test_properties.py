@@ -124,8 +124,8 @@ def test_bytes_elements_round_trip_and_garbage(items, garbage, count):
 @given(name=st.sampled_from(["image", "image_bytes", "x", ""]), datatype=st.sampled_from(["FP32", "BYTES", "INT8"]),
        shape=SHAPES, raw=st.lists(st.binary(max_size=256), max_size=2),
        floats=st.lists(st.floats(width=32), max_size=8), items=st.lists(st.binary(max_size=32), max_size=3),
-       inputs=st.integers(0, 2))
-def test_model_infer_requests(name, datatype, shape, raw, floats, items, inputs):
+       inputs=st.integers(0, 2), expected=st.sampled_from([wire.IMAGE_INPUT, wire.BYTES_INPUT]))
+def test_model_infer_requests(name, datatype, shape, raw, floats, items, inputs, expected):
     request = oip.ModelInferRequest(model_name="m", raw_input_contents=raw)
     for _ in range(inputs):
         tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
@@ -134,12 +134,13 @@ def test_model_infer_requests(name, datatype, shape, raw, floats, items, inputs)
         if items:
             tensor.contents.bytes_contents.extend(items)
     try:
-        got = wire.infer_input(request, input_size=8, max_images=4)
+        got = wire.infer_input(request, expected, input_size=8, max_images=4)
     except InvalidArgumentError as exc:
         assert exc.field
         return
+    assert name == expected and isinstance(got, np.ndarray) == (expected == wire.IMAGE_INPUT)
     if isinstance(got, np.ndarray):
-        assert got.dtype == np.float32 and got.shape[1:] == (3, 8, 8) and np.isfinite(got).all()
+        assert got.dtype == np.float32 and got.shape[1:] == (3, 8, 8)   # taken as sent (non-finite too)
     else:
         assert all(isinstance(b, bytes) for b in got) and 1 <= len(got) <= 4
 
@@ -205,15 +206,15 @@ def test_deconv_requests(top_k, units, maps, same):
 
 @BOUNDED
 @given(st.sampled_from([pb.ClassifyRequest, pb.DeconvRequest, pb.OcclusionRequest, oip.ModelInferRequest]),
-       st.binary(max_size=512))
-def test_arbitrary_request_bytes(kind, data):
+       st.binary(max_size=512), st.sampled_from([wire.IMAGE_INPUT, wire.BYTES_INPUT]))
+def test_arbitrary_request_bytes(kind, data, input_name):
     """Any bytes a client sends: protobuf refuses them, or the parser takes what they mean."""
     try:
         request = kind.FromString(data)
     except DecodeError:
         return
     parse = {pb.OcclusionRequest: wire.sweep_arguments, pb.DeconvRequest: wire.deconv_arguments,
-             oip.ModelInferRequest: lambda r: wire.infer_input(r, 8, 4),
+             oip.ModelInferRequest: lambda r: wire.infer_input(r, input_name, 8, 4),
              pb.ClassifyRequest: lambda r: r.images.encoded or wire.tensor_to_array(r.images.tensor, "t")}[kind]
     try:
         parse(request)

@@ -26,36 +26,14 @@ from zfserve._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from zfserve._proto.v1 import zfserve_pb2 as pb
 from zfserve._proto.v1 import zfserve_pb2_grpc as pb_grpc
 from zfserve.client import Client, ServerError
-from zfserve.server import BatcherConfig, ServerOptions, ZFServer
-from zfserve.wire import array_to_tensor, encode_bytes_elements
+from zfserve.server import BackgroundServer, BatcherConfig, ServerOptions
+from zfserve.wire import array_to_tensor, encode_bytes_elements, oip_version
 
 TOKEN = "test-token-0123456789abcdef"
 
 
-class RunningServer:
-    """A ZFServer on its own event loop in a background thread, so tests can use blocking clients."""
-
-    def __init__(self, options: ServerOptions, *, load: bool = True):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = self.call(self._make(options))
-        self.port = self.call(self.server.bind())
-        self.target = f"127.0.0.1:{self.port}"
-        if load:
-            self.call(self.server.load())
-
-    @staticmethod
-    async def _make(options):
-        return ZFServer(options)
-
-    def call(self, coro, timeout: float = 300):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self, grace: float = 10) -> None:
-        self.call(self.server.stop(grace))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+# A ZFServer on its own event loop in a background thread, so tests can use blocking clients.
+RunningServer = BackgroundServer
 
 
 @pytest.fixture(scope="module")
@@ -258,17 +236,22 @@ def test_tritonclient_drives_the_inference_protocol(server, classifier, model_di
     import tritonclient.grpc as tc
     client = tc.InferenceServerClient(server.target)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+    assert client.is_model_ready("tiny-bytes")
     meta = client.get_server_metadata()
-    assert meta.name == "zfserve" and list(meta.extensions) == ["model_configuration"]
-    md = client.get_model_metadata("tiny")
-    version = read_snapshot(model_dir).version   # the config's "0" + the weights hash
-    assert md.platform == "onnxruntime_onnx" and list(md.versions) == [version] and version.startswith("0+")
-    assert [(t.name, t.datatype, list(t.shape)) for t in md.inputs] == [
-        ("image", "FP32", [-1, 3, 224, 224]), ("image_bytes", "BYTES", [-1])]
-    assert [(t.name, t.datatype, list(t.shape)) for t in md.outputs] == [("probabilities", "FP32", [-1, 10])]
-    config = client.get_model_config("tiny").config
-    assert config.max_batch_size == 16 and config.platform == "onnxruntime_onnx"
-    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert meta.name == "zfserve"
+    assert list(meta.extensions) == ["model_configuration", "model_repository", "statistics"]
+    version = oip_version(read_snapshot(model_dir).version)   # of the config's "0" + the weights hash
+    for name, inputs in (("tiny", [("image", "FP32", [-1, 3, 224, 224])]),
+                         ("tiny-bytes", [("image_bytes", "BYTES", [-1, 1])])):
+        md = client.get_model_metadata(name)
+        assert md.platform == "onnxruntime_onnx" and list(md.versions) == [version] and version.isdigit()
+        assert [(t.name, t.datatype, list(t.shape)) for t in md.inputs] == inputs
+        assert [(t.name, t.datatype, list(t.shape)) for t in md.outputs] == [("probabilities", "FP32", [-1, 10])]
+        config = client.get_model_config(name).config
+        # max_batch_size is the per-request limit the server enforces; the batcher's size is the preferred one.
+        assert config.max_batch_size == 64 and config.platform == "onnxruntime_onnx"
+        assert list(config.dynamic_batching.preferred_batch_size) == [16]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 2000
 
     x = _images(3, seed=10)
     inp = tc.InferInput("image", list(x.shape), "FP32")
@@ -282,7 +265,7 @@ def test_tritonclient_drives_the_inference_protocol(server, classifier, model_di
     pngs = [_png(11), _png(12)]
     inp = tc.InferInput("image_bytes", [2], "BYTES")
     inp.set_data_from_numpy(np.array(pngs, dtype=np.object_))
-    result = client.infer("tiny", [inp])
+    result = client.infer("tiny-bytes", [inp])
     np.testing.assert_allclose(result.as_numpy("probabilities"),
                                classifier.probabilities(load_images(pngs, classifier.config)), atol=1e-6)
     client.close()
@@ -300,7 +283,7 @@ def test_model_infer_typed_contents_and_raw_bytes(oip_stub, classifier):
 
     from zfserve.preprocess import load_images
     png = _png(14)
-    request = oip.ModelInferRequest(model_name="tiny", raw_input_contents=[encode_bytes_elements([png])])
+    request = oip.ModelInferRequest(model_name="tiny-bytes", raw_input_contents=[encode_bytes_elements([png])])
     request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1, 1])
     got = np.frombuffer(oip_stub.ModelInfer(request).raw_output_contents[0], "<f4").reshape(1, 10)
     np.testing.assert_allclose(got, classifier.probabilities(load_images([png], classifier.config)), atol=1e-6)
@@ -415,11 +398,18 @@ def test_bad_model_infer_requests(oip_stub):
         (request(inputs=[("pixels", "FP32", [1, 3, 224, 224])]), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].name"),
         (request(inputs=[]), grpc.StatusCode.INVALID_ARGUMENT, "inputs"),
         (request(outputs=["logits"]), grpc.StatusCode.INVALID_ARGUMENT, "outputs"),
-        (request(inputs=[("image_bytes", "BYTES", [1])], raw=[b"\x05\x00"]), grpc.StatusCode.INVALID_ARGUMENT,
-         "raw_input_contents[0]"),
-        (request(inputs=[("image_bytes", "BYTES", [1])], raw=[encode_bytes_elements([b"junk"])]),
-         grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]"),
+        (request(model_name="tiny-bytes", inputs=[("image_bytes", "BYTES", [1])], raw=[b"\x05\x00"]),
+         grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents[0]"),
+        (request(model_name="tiny-bytes", inputs=[("image_bytes", "BYTES", [1])],
+                 raw=[encode_bytes_elements([b"junk"])]), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0]"),
+        # Each OIP model takes its own input only, and the message names the model that takes the other.
+        (request(inputs=[("image_bytes", "BYTES", [1])], raw=[encode_bytes_elements([_png(3)])]),
+         grpc.StatusCode.INVALID_ARGUMENT, "send 'image_bytes' to model 'tiny-bytes'"),
+        (request(model_name="tiny-bytes"), grpc.StatusCode.INVALID_ARGUMENT, "send 'image' to model 'tiny'"),
+        (request(inputs=[("image", "FP32", [1, 3, 224, 224]), ("image_bytes", "BYTES", [1])]),
+         grpc.StatusCode.INVALID_ARGUMENT, "exactly one input"),
         (request(model_name="other"), grpc.StatusCode.NOT_FOUND, "other"),
+        (request(model_name="other-bytes"), grpc.StatusCode.NOT_FOUND, "other-bytes"),
     ]
     for req, code, named in cases:
         err = _status(oip_stub.ModelInfer, req)

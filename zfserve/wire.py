@@ -5,11 +5,15 @@ used by the server and the client alike, so a result read from a server is the e
 
 Raw tensors travel as bytes + dtype + shape, checked before anything is decoded; every check names the field:
 dtype in the accepted set, shape non-negative, byte length = product(shape) x itemsize, and for images the
-(N, 3, S, S) shape, the request's image limit and finite values.
+(N, 3, S, S) shape, the request's image limit and (zfserve.v1) finite values. An OIP tensor is taken as sent,
+as Triton does: a generic client's synthetic data (perf_analyzer's default is random bytes, some of which are
+NaN or infinite float32 patterns) must run; such an image gets whatever the network makes of them, and
+only that image: every layer works per image, so the other images of its batch are unaffected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -76,8 +80,9 @@ def array_to_tensor(arr: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=name, shape=list(arr.shape), data=data)
 
 
-def check_images(arr: np.ndarray, field: str, input_size: int, max_images: int) -> np.ndarray:
-    """A preprocessed batch: float32 (N, 3, S, S), 1 <= N <= max_images, finite. Returns a float32 array."""
+def check_images(arr: np.ndarray, field: str, input_size: int, max_images: int, *, finite: bool = True) -> np.ndarray:
+    """A preprocessed batch: float32 (N, 3, S, S), 1 <= N <= max_images, and finite unless ``finite`` is false.
+    Returns a float32 array."""
     expected = f"(N, 3, {input_size}, {input_size}) with 1 <= N <= {max_images}"
     if arr.dtype != np.float32:
         raise InvalidArgumentError(f"{field}.dtype: must be float32, got {arr.dtype.name}", field=f"{field}.dtype")
@@ -85,7 +90,7 @@ def check_images(arr: np.ndarray, field: str, input_size: int, max_images: int) 
         raise InvalidArgumentError(f"{field}: shape must be {expected}, got {list(arr.shape)}", field=field)
     if not 1 <= arr.shape[0] <= max_images:
         raise InvalidArgumentError(f"{field}: {arr.shape[0]} images; shape must be {expected}", field=field)
-    if not np.isfinite(arr).all():
+    if finite and not np.isfinite(arr).all():
         raise InvalidArgumentError(f"{field}: holds NaN or infinite values; preprocessed images must be finite",
                                    field=field)
     return arr
@@ -299,18 +304,36 @@ def occlusion_result(r: pb.OcclusionResponse) -> OcclusionResult:
 
 
 # ---------------------------------------------------------------------------------------------- OIP
-IMAGE_INPUT = "image"          # FP32 [-1, 3, S, S]: preprocessed images
-BYTES_INPUT = "image_bytes"    # BYTES [-1] (or [-1, 1]): encoded JPEG / PNG / WebP images
+# Each model NAME is two OIP models, one per input kind, so that metadata and config say exactly what a
+# request carries (perf_analyzer and other generic clients send every input a model declares).
+IMAGE_INPUT = "image"          # model NAME:        FP32 [-1, 3, S, S], preprocessed images
+BYTES_INPUT = "image_bytes"    # model NAME-bytes:  BYTES [-1, 1] (or [-1]), encoded JPEG / PNG / WebP images
+BYTES_MODEL_SUFFIX = "-bytes"
 
 
-def infer_input(request, input_size: int, max_images: int, model: str = "model"):
-    """A ModelInferRequest's one input: the checked float32 (N, 3, S, S) array for ``image``, or the list of
-    encoded images for ``image_bytes`` (to be decoded by the caller). Raw and typed contents are exclusive;
-    every size, count and datatype is checked, naming the field."""
+def oip_version(version: str) -> str:
+    """The OIP version of a model version (``"<config version>+<weights hash>"``): a decimal integer, as Triton's
+    versions are (perf_analyzer reads them as integers to find a model's statistics), derived from the whole
+    version string, so every replica serving the same files reports the same number. 13 hex digits = 52 bits:
+    below 2**53, exact in JSON too."""
+    return str(int(hashlib.sha256(version.encode()).hexdigest()[:13], 16))
+
+
+def oip_model_name(model: str, input_name: str) -> str:
+    """The OIP name of ``model``'s ``input_name`` kind."""
+    return model + BYTES_MODEL_SUFFIX if input_name == BYTES_INPUT else model
+
+
+def infer_input(request, input_name: str, input_size: int, max_images: int, model: str = "model"):
+    """A ModelInferRequest's one input, which must be ``input_name``: the checked float32 (N, 3, S, S) array
+    for ``image``, or the list of encoded images for ``image_bytes`` (to be decoded by the caller). Raw and
+    typed contents are exclusive; every size, count and datatype is checked, naming the field."""
+    wanted = "FP32" if input_name == IMAGE_INPUT else "BYTES"
+    expected = (f"[N, 3, {input_size}, {input_size}]" if input_name == IMAGE_INPUT else "[N, 1]") + \
+        f" with 1 <= N <= {max_images}"
     if len(request.inputs) != 1:
-        raise InvalidArgumentError(
-            f"inputs: exactly one input is accepted ({IMAGE_INPUT!r} FP32 [N,3,{input_size},{input_size}] or "
-            f"{BYTES_INPUT!r} BYTES [N]), got {len(request.inputs)}", field="inputs")
+        raise InvalidArgumentError(f"inputs: model {model!r} takes exactly one input, {input_name!r} {wanted} "
+                                   f"{expected}; got {len(request.inputs)}", field="inputs")
     tensor = request.inputs[0]
     raw = request.raw_input_contents
     if raw and tensor.HasField("contents"):
@@ -319,14 +342,18 @@ def infer_input(request, input_size: int, max_images: int, model: str = "model")
     if raw and len(raw) != 1:
         raise InvalidArgumentError(f"raw_input_contents: {len(raw)} entries for 1 input", field="raw_input_contents")
     shape = [int(s) for s in tensor.shape]
-    if tensor.name not in (IMAGE_INPUT, BYTES_INPUT):
+    if tensor.name != input_name:
+        other = IMAGE_INPUT if input_name == BYTES_INPUT else BYTES_INPUT
+        hint = ""
+        if tensor.name == other:   # the right input for the sibling model
+            base = model[:-len(BYTES_MODEL_SUFFIX)] if input_name == BYTES_INPUT else model
+            hint = f"; send {other!r} to model {oip_model_name(base, other)!r}"
         raise InvalidArgumentError(f"inputs[0].name: {tensor.name!r} is not an input of model {model!r}; "
-                                   f"accepted: {IMAGE_INPUT!r}, {BYTES_INPUT!r}", field="inputs[0].name")
-    wanted = "FP32" if tensor.name == IMAGE_INPUT else "BYTES"
+                                   f"accepted: {input_name!r}{hint}", field="inputs[0].name")
     if tensor.datatype != wanted:
         raise InvalidArgumentError(f"inputs[0].datatype: {tensor.name!r} must be {wanted}, got {tensor.datatype!r}",
                                    field="inputs[0].datatype")
-    if tensor.name == IMAGE_INPUT:
+    if input_name == IMAGE_INPUT:
         if raw:
             arr = from_raw(raw[0], OIP_DTYPES["FP32"], shape, "raw_input_contents[0]")
         else:
@@ -335,10 +362,10 @@ def infer_input(request, input_size: int, max_images: int, model: str = "model")
                 raise InvalidArgumentError(f"inputs[0].contents.fp32_contents: {len(values)} values for shape "
                                            f"{shape}", field="inputs[0].contents")
             arr = np.asarray(values, dtype=np.float32).reshape(shape)
-        return check_images(arr.astype(np.float32, copy=False), "inputs[0]", input_size, max_images)
+        return check_images(arr.astype(np.float32, copy=False), "inputs[0]", input_size, max_images, finite=False)
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1) or not 1 <= shape[0] <= max_images:
-        raise InvalidArgumentError(f"inputs[0].shape: {BYTES_INPUT!r} must be [N] or [N, 1] with 1 <= N <= "
-                                   f"{max_images}, got {shape}", field="inputs[0].shape")
+        raise InvalidArgumentError(f"inputs[0].shape: {BYTES_INPUT!r} must be {expected} (or [N]), got {shape}",
+                                   field="inputs[0].shape")
     if raw:
         return decode_bytes_elements(raw[0], shape[0], "raw_input_contents[0]")
     items = list(tensor.contents.bytes_contents)

@@ -12,11 +12,11 @@ import sys
 from .. import __version__
 from ..errors import ZFServeError
 from .common import EXIT_USAGE, Parser
-from .inference import add_classify, add_export, add_info, add_serve
+from .inference import add_classify, add_export, add_health, add_info, add_serve
 from .training import add_data, add_eval, add_evolution, add_filters, add_report, add_train
 from .visualize import add_deconv, add_occlude
 
-COMMANDS = [add_info, add_export, add_classify, add_serve, add_data, add_train, add_evolution, add_eval,
+COMMANDS = [add_info, add_export, add_classify, add_serve, add_health, add_data, add_train, add_evolution, add_eval,
             add_filters, add_report, add_deconv, add_occlude]
 
 

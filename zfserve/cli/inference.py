@@ -1,5 +1,5 @@
-"""``zfserve info``, ``export``, ``classify`` and ``serve``: a model's facts, its ONNX export, classification
-(locally or on a server) and the server itself."""
+"""``zfserve info``, ``export``, ``classify``, ``serve`` and ``health``: a model's facts, its ONNX export,
+classification (locally or on a server), the server itself and its health probe."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def _classify_remote(args, output: _ClassifyOutput) -> int:
 
 # ---------------------------------------------------------------------------------------------------- serve
 def add_serve(sub) -> None:
-    from ..server.app import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, ServerOptions
+    from ..server.app import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, MODEL_CONTROL_MODES, ServerOptions
 
     o = ServerOptions()
     b = o.batching
@@ -252,6 +252,9 @@ def add_serve(sub) -> None:
     g.add_argument("--strict", action="store_true",
                    help="a model that fails to load stops the start (default: it is listed as not ready, with "
                         "its reason, and the others are served)")
+    g.add_argument("--model-control", default=o.model_control, choices=MODEL_CONTROL_MODES,
+                   help="explicit: clients may unload and load models (OIP RepositoryModelUnload/Load; protect "
+                        "the server with --auth-token-file); none (default): only SIGHUP reloads them")
     p.set_defaults(func=cmd_serve)
 
 
@@ -279,3 +282,32 @@ def cmd_serve(args) -> int:
         max_occlusion_positions=args.max_occlusion_positions, strict=args.strict)
     options.validate()
     return asyncio.run(serve(options))
+
+
+# ---------------------------------------------------------------------------------------------------- health
+def add_health(sub) -> None:
+    p = sub.add_parser("health", help="ask a server's gRPC health service; exit 0 when SERVING (for probes)",
+                       description=cmd_health.__doc__)
+    p.add_argument("--server", default="127.0.0.1:8001", metavar="HOST:PORT",
+                   help="the server (default 127.0.0.1:8001; token from $ZFSERVE_TOKEN, TLS CA from "
+                        "$ZFSERVE_TLS_CA when set)")
+    p.add_argument("--service", default="", help="a service name (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    p.set_defaults(func=cmd_health)
+
+
+def cmd_health(args) -> int:
+    """Print the server's health status (SERVING, NOT_SERVING, ...). Exit 0 when SERVING, 1 otherwise or when
+    the server cannot be reached (a container HEALTHCHECK or a probe script can use it as is)."""
+    from ..client import ServerError
+    if not 0 < args.timeout <= 600:
+        raise CommandError(f"--timeout: {args.timeout} s; accepted 0 < timeout <= 600", field="timeout")
+    try:
+        with remote_client(args) as client:
+            client.timeout = args.timeout
+            status = client.health(args.service)
+    except ServerError as exc:
+        print(f"zfserve health: {args.server}: {exc.code.name}: {exc.details}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1

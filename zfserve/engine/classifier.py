@@ -95,9 +95,11 @@ class Classifier:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 3, S, S) preprocessed images -> float32 (N, num_classes) probabilities."""
-        batch = self._validate(batch)
+    def probabilities(self, batch: np.ndarray, *, finite: bool = True) -> np.ndarray:
+        """float32 (N, 3, S, S) preprocessed images -> float32 (N, num_classes) probabilities. Non-finite values
+        are refused unless ``finite`` is false; then such an image gets whatever the network makes of them,
+        and only it: every layer works per image."""
+        batch = self._validate(batch, finite)
         n = batch.shape[0]
         if n <= self.max_batch_size:
             return self._run(batch)
@@ -140,7 +142,7 @@ class Classifier:
     def _check_k(self, k) -> None:
         checks.integer(k, "top_k", 1, self.num_classes, what="the model's classes")
 
-    def _validate(self, batch) -> np.ndarray:
+    def _validate(self, batch, finite: bool = True) -> np.ndarray:
         s = self.input_size
         expected = f"float32 (N, 3, {s}, {s}) with N >= 1"
         if not isinstance(batch, np.ndarray):
@@ -155,9 +157,9 @@ class Classifier:
         if batch.shape[1:] != (3, s, s) or batch.shape[0] < 1:
             raise InvalidArgumentError(f"batch: shape {batch.shape} is not accepted; expected {expected}",
                                        field="batch")
-        finite = np.isfinite(batch).all(axis=(1, 2, 3))
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
+        ok = np.isfinite(batch).all(axis=(1, 2, 3)) if finite else True
+        if not np.all(ok):
+            bad = np.flatnonzero(~ok)
             raise InvalidArgumentError(f"image: {len(bad)} image(s) of the batch hold NaN or infinite values "
                                        f"(first: index {int(bad[0])}); every value must be finite",
                                        field="image")

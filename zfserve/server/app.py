@@ -5,7 +5,9 @@ Life cycle:
 2. ``load()``: every model's snapshot is read, its classifier loaded and warmed, its batcher started; health
    turns SERVING. A model that fails is listed as not ready with its reason (``strict``: the start fails);
 3. ``reload()`` (SIGHUP under :func:`serve`): every model's files are read again; a changed one is rebuilt and
-   swapped in at once (see :mod:`.repository`); a failed reload keeps what was served;
+   swapped in at once (see :mod:`.repository`); a failed reload keeps what was served. With
+   ``model_control="explicit"``, ``load_model``/``unload_model`` do the same for one model on a client's
+   request (OIP RepositoryModelLoad/Unload);
 4. ``stop()`` (SIGTERM / SIGINT under :func:`serve`): health NOT_SERVING, no new RPCs are accepted,
    every accepted one finishes (up to ``shutdown_grace_s``), batchers drain, then the process exits 0.
 Start-up problems (port in use, bad TLS files, a model that cannot load with ``strict``) are one
@@ -15,6 +17,7 @@ Start-up problems (port in use, bad TLS files, a model that cannot load with ``s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
@@ -55,6 +58,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20     # 64 MiB: ~100 preprocessed 224x224 ima
 # accepted RPCs finish; the port closes once no RPC has been active for this long. Closing it earlier would
 # make gRPC cancel calls that are already in transit (clients would see CANCELLED, not a retryable status).
 DRAIN_QUIET_S = 0.2
+# Triton's --model-control-mode values that zfserve has: "none" (the models of the start, reloaded on SIGHUP)
+# and "explicit" (clients may also unload and load them).
+MODEL_CONTROL_MODES = ("none", "explicit")
 
 
 @dataclass
@@ -82,6 +88,7 @@ class ServerOptions:
     decode_queue_size: int = 2           # more such requests that may wait; beyond, UNAVAILABLE
     max_occlusion_positions: int = DEFAULT_MAX_OCCLUSION_POSITIONS
     strict: bool = False                 # a model that fails to load stops the start (else: listed not ready)
+    model_control: str = "none"          # "explicit": clients may load/unload models (OIP repository extension)
 
     def validate(self) -> None:
         def bounded(name, value, lo, hi):
@@ -107,6 +114,9 @@ class ServerOptions:
         bounded("decode_workers", self.decode_workers, 1, 64)
         bounded("decode_queue_size", self.decode_queue_size, 0, 1024)
         bounded("max_occlusion_positions", self.max_occlusion_positions, 1, 224 * 224)
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise InvalidArgumentError(f"--model-control: {self.model_control!r}; accepted: "
+                                       f"{', '.join(MODEL_CONTROL_MODES)}", field="model_control")
         if not self.shutdown_grace_s >= 0:
             raise InvalidArgumentError("--shutdown-grace-s: must be >= 0", field="shutdown_grace_s")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -132,10 +142,13 @@ class AppState:
         self.decode = decode
         self.shutting_down = False
         self.active_rpcs = 0      # RPCs inside a handler now (the drain phase of shutdown waits for them)
+        self.controller = None    # the ZFServer: load_model / unload_model (explicit model control)
 
     @property
     def ready(self) -> bool:
-        return all(self.model_ready(m) for m in self.repository)
+        """Every model is ready, except those a client unloaded (at least one must be)."""
+        kept = [m for m in self.repository if not m.unloaded]
+        return bool(kept) and all(self.model_ready(m) for m in kept)
 
     def model_ready(self, model: ServedModel) -> bool:
         """Whether ``model`` takes work now: loaded and warm, and the server not shutting down."""
@@ -150,6 +163,8 @@ class AppState:
         if runtime is None:
             if model.error:
                 raise Unavailable(f"model {model.name!r} is not ready: it failed to load ({model.error})")
+            if model.unloaded:
+                raise Unavailable(f"model {model.name!r} is not ready: {model.reason}")
             raise Unavailable(f"model {model.name!r} is still loading; retry shortly")
         return runtime
 
@@ -181,6 +196,7 @@ class ZFServer:
         self.decode = DecodeStage(max_request_pixels=self.options.max_request_pixels,
                                   workers=self.options.decode_workers, queue_size=self.options.decode_queue_size)
         self.state = AppState(self.options, self.repository, self.metrics, self.heavy, self.decode)
+        self.state.controller = self
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -297,8 +313,11 @@ class ZFServer:
 
     def _activate(self, model: ServedModel, runtime: Runtime, announce: bool = True) -> Runtime | None:
         """Start ``runtime``'s batcher and make it the model's; returns the runtime it replaces."""
+        # Inputs are checked before they are queued (the OIP tensor input takes non-finite values, as Triton
+        # does), so one request's values can never fail the batch it shares with others.
+        classify = functools.partial(runtime.classifier.probabilities, finite=False)
         runtime.batcher = DynamicBatcher(
-            runtime.classifier.probabilities, self.options.batching, name=model.name,
+            classify, self.options.batching, name=model.name,
             on_batch=self.metrics.batch_size.labels(model=model.name).observe,
             on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set)
         runtime.batcher.start()
@@ -307,33 +326,59 @@ class ZFServer:
             log.info("model %s (version %s, %d classes) ready", model.name, runtime.version, runtime.num_classes)
         return old
 
-    async def reload(self) -> dict[str, str]:
-        """Read every model's files again and swap in the changed ones (one at a time, each atomically).
-        Returns ``{name: what happened}``; a model that fails to reload keeps serving what it served."""
+    async def _refresh(self, model: ServedModel) -> str:
+        """Read ``model``'s files again and swap in a changed (or not yet loaded) runtime; a failure keeps what
+        was served. Returns what happened, in words."""
         from ..weights import read_snapshot
+        try:
+            snapshot = await asyncio.to_thread(read_snapshot, model.source)
+            if not model.changed(snapshot):
+                return "unchanged"
+            runtime = await asyncio.to_thread(model.build, snapshot)
+        except ZFServeError as exc:
+            reason = public_reason(exc, model.source, model.name)
+            log.error("reload of model %s failed, keeping version %s: %s", model.name,
+                      model.runtime.version if model.runtime else None, exc)
+            if model.runtime is None:
+                model.error = reason
+            return f"failed: {reason}"
+        old = self._activate(model, runtime)
+        if old is not None:
+            await old.batcher.close()   # its queued requests finish on the old weights
+        return f"{old.version if old else 'none'} -> {runtime.version}"
+
+    async def reload(self) -> dict[str, str]:
+        """Read every model's files again and swap in the changed ones (one at a time, each atomically); a model a
+        client unloaded stays unloaded. Returns ``{name: what happened}``; a model that fails to reload keeps
+        serving what it served."""
         outcome = {}
         for model in self.repository:
-            try:
-                snapshot = await asyncio.to_thread(read_snapshot, model.source)
-                if not model.changed(snapshot):
-                    outcome[model.name] = "unchanged"
-                    continue
-                runtime = await asyncio.to_thread(model.build, snapshot)
-            except ZFServeError as exc:
-                reason = public_reason(exc, model.source, model.name)
-                log.error("reload of model %s failed, keeping version %s: %s", model.name,
-                          model.runtime.version if model.runtime else None, exc)
-                if model.runtime is None:
-                    model.error = reason
-                outcome[model.name] = f"failed: {reason}"
-                continue
-            old = self._activate(model, runtime)
-            outcome[model.name] = f"{old.version if old else 'none'} -> {runtime.version}"
-            if old is not None:
-                await old.batcher.close()   # its queued requests finish on the old weights
+            outcome[model.name] = "unloaded" if model.unloaded else await self._refresh(model)
+        await self._health_after_change()
+        return outcome
+
+    async def load_model(self, model: ServedModel) -> str:
+        """Load ``model`` (again, from its files); raises ModelLoadError when that fails."""
+        was_unloaded, model.unloaded = model.unloaded, False
+        outcome = await self._refresh(model)
+        if outcome.startswith("failed"):
+            model.unloaded = was_unloaded   # still not served; its reason is now the failure
+            raise ModelLoadError(f"model {model.name!r}: load {outcome}")
+        log.info("model %s loaded on request (%s)", model.name, outcome)
+        await self._health_after_change()
+        return outcome
+
+    async def unload_model(self, model: ServedModel) -> None:
+        """Stop serving ``model``: new requests get UNAVAILABLE at once, queued ones finish."""
+        old, model.runtime, model.error, model.unloaded = model.runtime, None, None, True
+        if old is not None and old.batcher is not None:
+            await old.batcher.close()
+        log.info("model %s unloaded on request", model.name)
+        await self._health_after_change()
+
+    async def _health_after_change(self) -> None:
         if not self.state.shutting_down and any(m.ready for m in self.repository):
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        return outcome
 
     async def start(self) -> int:
         port = await self.bind()

@@ -30,6 +30,7 @@ import numpy as np
 
 import grpc
 
+from .statistics import BatchTiming
 from .status import ServiceError
 
 log = logging.getLogger("zfserve.server")
@@ -81,6 +82,8 @@ class _Pending:
     enqueued: float
     expires: float | None       # queue timeout (loop time)
     deadline: float | None      # the client's gRPC deadline (loop time)
+    timing: BatchTiming | None = None   # filled in for the statistics extension
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     size: int = field(init=False)
 
     def __post_init__(self):
@@ -114,12 +117,13 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, inputs: np.ndarray, *, timeout_us: int | None = None,
-                     deadline: float | None = None) -> np.ndarray:
+    async def submit(self, inputs: np.ndarray, *, timeout_us: int | None = None, deadline: float | None = None,
+                     timing: BatchTiming | None = None) -> np.ndarray:
         """Queue ``inputs`` (N, ...) and wait for its N output rows.
 
         ``timeout_us`` may only lower the configured queue timeout; ``deadline`` is the client's deadline in
-        ``loop.time()`` units. Raises QueueFull, QueueTimeout, DeadlineExpired or ShuttingDown.
+        ``loop.time()`` units; ``timing``, when given, receives the request's queue and compute times and its
+        batch. Raises QueueFull, QueueTimeout, DeadlineExpired or ShuttingDown.
         """
         if self._closing:
             raise ShuttingDown("server is shutting down; retry on another replica")
@@ -139,7 +143,7 @@ class DynamicBatcher:
                             f"(--max-queue-size {limit}); retry later")
         timeouts = [t for t in (self.config.default_timeout_us, timeout_us) if t]
         expires = now + min(timeouts) / 1e6 if timeouts else None
-        item = _Pending(inputs, loop.create_future(), now, expires, deadline)
+        item = _Pending(inputs, loop.create_future(), now, expires, deadline, timing)
         self._queue.append(item)
         self._on_queue_depth(len(self._queue))
         self._arrived.set()
@@ -229,7 +233,7 @@ class DynamicBatcher:
             if not batch:
                 continue
             inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([b.inputs for b in batch])
-            started = time.perf_counter()
+            started = time.perf_counter_ns()
             self.in_flight = len(inputs)
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, inputs)
@@ -242,16 +246,21 @@ class DynamicBatcher:
                 continue
             finally:
                 self.in_flight = 0
+            compute_ns = time.perf_counter_ns() - started
             self.stats.batches += 1
             self.stats.images_computed += len(inputs)
             self._on_batch(len(inputs))
             log.debug("batch model=%s images=%d requests=%d ms=%.1f", self.name, len(inputs), len(batch),
-                      (time.perf_counter() - started) * 1e3)
+                      compute_ns / 1e6)
             start = 0
             for item in batch:
                 rows = outputs[start:start + item.size]
                 start += item.size
                 self.stats.completed += 1
+                if item.timing is not None:
+                    t = item.timing
+                    t.batch_id, t.batch_size, t.compute_ns = self.stats.batches, len(inputs), compute_ns
+                    t.queue_ns = started - item.enqueued_ns
                 if not item.future.done():  # the caller may have gone while the batch ran
                     item.future.set_result(rows)
 

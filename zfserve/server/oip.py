@@ -1,16 +1,27 @@
 """The Open Inference Protocol (KServe v2) service ``inference.GRPCInferenceService``.
 
-Each model has two inputs, of which a request gives exactly one:
-  ``image``        FP32  [-1, 3, S, S]  preprocessed images (the model's input units)
-  ``image_bytes``  BYTES [-1] (or [-1, 1])  encoded JPEG / PNG / WebP images
-and one output, ``probabilities`` FP32 [-1, C], always in ``raw_output_contents`` (tritonclient reads only
-that). Raw and typed contents are exclusive. The request parameter ``timeout`` (int64 microseconds) may lower
-the queue timeout; ``priority`` is accepted and ignored. ModelInfer shares the dynamic batcher with Classify.
+Each served model NAME is two OIP models, one per input kind, so that metadata and config describe exactly what
+a request must carry (perf_analyzer and other generic clients send every input a model declares):
+  ``NAME``        input ``image``        FP32  [-1, 3, S, S]  preprocessed images (the model's input units)
+  ``NAME-bytes``  input ``image_bytes``  BYTES [-1, 1]        encoded JPEG / PNG / WebP images ([N] accepted too)
+Both have one output, ``probabilities`` FP32 [-1, C], always in ``raw_output_contents`` (tritonclient reads only
+that), and share the model's runtime, version and dynamic batcher (with Classify). Raw and typed contents are
+exclusive. The request parameter ``timeout`` (int64 microseconds) may lower the queue timeout; ``priority`` is
+accepted and ignored.
+
+Versions are integers, as in Triton: :func:`~zfserve.wire.oip_version` of the model's version (config
+version + weights hash), the same on every replica serving the same files; a request may also name the
+zfserve version itself. ListModels and GetModelInfo (zfserve.v1) report both.
+
+Extensions: model_configuration (ModelConfig's limits are the ones enforced: ``max_batch_size`` is
+``--max-images-per-request``), statistics (see :mod:`.statistics`) and model_repository (the index always;
+load/unload with ``--model-control explicit``). Not implemented: streaming, shared memory, trace, logging.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,13 +31,24 @@ from .._proto.inference import grpc_service_pb2 as pb
 from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from .._proto.inference import model_config_pb2 as mc
 from ..errors import InvalidArgumentError, NotFoundError
-from ..wire import BYTES_INPUT, IMAGE_INPUT, infer_input
+from ..wire import BYTES_INPUT, BYTES_MODEL_SUFFIX, IMAGE_INPUT, infer_input, oip_model_name
 from .handlers import deadline_of, unary
+from .repository import Runtime, ServedModel
+from .status import FailedPrecondition
 
 PLATFORM = "onnxruntime_onnx"
 OUTPUT = "probabilities"
-# Only what is implemented: ModelConfig. (No shared memory, statistics, trace, classification extension.)
-EXTENSIONS = ["model_configuration"]
+# Exactly what is implemented (Triton's extension names).
+EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
+
+
+@dataclass(frozen=True)
+class OipModel:
+    """One OIP model: a served model seen through one of its two inputs."""
+
+    name: str
+    served: ServedModel
+    input: str      # IMAGE_INPUT or BYTES_INPUT
 
 
 def _param_value(param: pb.InferParameter):
@@ -39,20 +61,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.state = state
         self.metrics = state.metrics
 
-    def _model(self, name: str, version: str):
+    # ------------------------------------------------------------------------------------------- models
+    def _oip_models(self) -> list[OipModel]:
+        return [OipModel(oip_model_name(m.name, kind), m, kind)
+                for m in self.state.repository for kind in (IMAGE_INPUT, BYTES_INPUT)]
+
+    def _model(self, name: str, field: str = "model_name") -> OipModel:
         if not name:
-            raise InvalidArgumentError("model_name: required; served: "
-                                       f"{sorted(self.state.repository.models)}", field="model_name")
-        model = self.state.repository.get(name)
-        served = model.runtime.version if model.runtime else None
-        if version and served and version != served:
-            raise NotFoundError(f"model_version: model {name!r} has version {served!r}, not {version!r}",
-                                field="model_version")
-        return model
+            raise InvalidArgumentError(f"{field}: required; served: {[m.name for m in self._oip_models()]}",
+                                       field=field)
+        models = self.state.repository.models
+        if name in models:
+            return OipModel(name, models[name], IMAGE_INPUT)
+        base = name[:-len(BYTES_MODEL_SUFFIX)] if name.endswith(BYTES_MODEL_SUFFIX) else None
+        if base in models:
+            return OipModel(name, models[base], BYTES_INPUT)
+        raise NotFoundError(f"{field}: unknown model {name!r}; served: {[m.name for m in self._oip_models()]}",
+                            field=field)
 
-    def _ready_model(self, name: str, version: str):
-        return self.state.serving(self._model(name, version))
+    def _serving(self, name: str, version: str) -> tuple[OipModel, Runtime]:
+        """The OIP model and the runtime it serves with now; the version, when given, must be that runtime's."""
+        model = self._model(name)
+        runtime = self.state.serving(model.served)
+        if version and version not in (runtime.oip_version, runtime.version):
+            raise NotFoundError(f"model_version: model {name!r} has version {runtime.oip_version!r} (zfserve "
+                                f"version {runtime.version!r}), not {version!r}", field="model_version")
+        return model, runtime
 
+    # ------------------------------------------------------------------------------------------- health
     @unary("ServerLive")
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -63,35 +99,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary("ModelReady")
     async def ModelReady(self, request, context):
-        model = self._model(request.name, request.version)
-        return pb.ModelReadyResponse(ready=self.state.model_ready(model))
+        model = self._model(request.name, "name")
+        runtime = model.served.runtime
+        if request.version and runtime is not None and request.version not in (runtime.oip_version, runtime.version):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.state.model_ready(model.served))
 
     @unary("ServerMetadata")
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="zfserve", version=__version__, extensions=EXTENSIONS)
 
+    # ------------------------------------------------------------------------------------------- metadata
+    @staticmethod
+    def _input_dims(model: OipModel, runtime: Runtime) -> tuple[str, list[int]]:
+        """The input's datatype and its dims without the batch dimension."""
+        if model.input == IMAGE_INPUT:
+            return "FP32", [3, runtime.input_size, runtime.input_size]
+        return "BYTES", [1]
+
     @unary("ModelMetadata")
     async def ModelMetadata(self, request, context):
-        model = self._ready_model(request.name, request.version)
-        size = model.input_size
+        model, runtime = self._serving(request.name, request.version)
+        datatype, dims = self._input_dims(model, runtime)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=model.name, versions=[model.version], platform=PLATFORM,
-            inputs=[tm(name=IMAGE_INPUT, datatype="FP32", shape=[-1, 3, size, size]),
-                    tm(name=BYTES_INPUT, datatype="BYTES", shape=[-1])],
-            outputs=[tm(name=OUTPUT, datatype="FP32", shape=[-1, model.num_classes])])
+            name=model.name, versions=[runtime.oip_version], platform=PLATFORM,
+            inputs=[tm(name=model.input, datatype=datatype, shape=[-1, *dims])],
+            outputs=[tm(name=OUTPUT, datatype="FP32", shape=[-1, runtime.num_classes])])
 
     @unary("ModelConfig")
     async def ModelConfig(self, request, context):
-        model = self._ready_model(request.name, request.version)
-        size = model.input_size
-        batching = self.state.options.batching
+        model, runtime = self._serving(request.name, request.version)
+        datatype, dims = self._input_dims(model, runtime)
+        o = self.state.options
+        batching = o.batching
         config = mc.ModelConfig(
-            name=model.name, platform=PLATFORM, max_batch_size=batching.max_batch_size,
-            input=[mc.ModelInput(name=IMAGE_INPUT, data_type=mc.TYPE_FP32, dims=[3, size, size], optional=True),
-                   mc.ModelInput(name=BYTES_INPUT, data_type=mc.TYPE_STRING, dims=[1], optional=True)],
-            output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[model.num_classes])],
+            name=model.name, platform=PLATFORM, max_batch_size=o.max_images_per_request,
+            input=[mc.ModelInput(name=model.input, data_type=mc.TYPE_FP32 if datatype == "FP32" else mc.TYPE_STRING,
+                                 dims=dims)],
+            output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[runtime.num_classes])],
             dynamic_batching=mc.ModelDynamicBatching(
+                preferred_batch_size=[min(batching.max_batch_size, o.max_images_per_request)],
                 max_queue_delay_microseconds=batching.max_queue_delay_us, preserve_ordering=False,
                 default_queue_policy=mc.ModelQueuePolicy(
                     timeout_action=mc.ModelQueuePolicy.REJECT,
@@ -99,31 +147,85 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     allow_timeout_override=True, max_queue_size=batching.max_queue_size)))
         return pb.ModelConfigResponse(config=config)
 
-    async def _inputs(self, request, model, context) -> np.ndarray:
+    # ------------------------------------------------------------------------------------------- infer
+    async def _inputs(self, request, model: OipModel, runtime: Runtime, context) -> np.ndarray:
         """The request's one input -> preprocessed float32 (N, 3, S, S): checked and converted off the event
         loop (repeated floats are slow to convert, ~50 ns each); encoded images go through the decode stage."""
-        got = await asyncio.to_thread(infer_input, request, model.input_size,
+        got = await asyncio.to_thread(infer_input, request, model.input, runtime.input_size,
                                       self.state.options.max_images_per_request, model.name)
         if isinstance(got, np.ndarray):
             return got
         _, deadline_mono = deadline_of(context)
-        return await self.state.decode.decode(got, model.config, field="inputs[0]", deadline_mono=deadline_mono)
+        return await self.state.decode.decode(got, runtime.config, field="inputs[0]", deadline_mono=deadline_mono)
 
     @unary("ModelInfer")
     async def ModelInfer(self, request, context):
-        model = self._ready_model(request.model_name, request.model_version)
-        for out in request.outputs:
-            if out.name != OUTPUT:
-                raise InvalidArgumentError(f"outputs: {out.name!r} is not an output of model {model.name!r}; "
-                                           f"accepted: {OUTPUT!r}", field="outputs")
-        timeout_us = None
-        if "timeout" in request.parameters:
-            value = _param_value(request.parameters["timeout"])
-            timeout_us = checks.integer(value, "parameters.timeout", 0, what="microseconds") or None
-        images = await self._inputs(request, model, context)
-        deadline, _ = deadline_of(context)
-        probs = await model.batcher.submit(images, timeout_us=timeout_us, deadline=deadline)
-        probs = np.ascontiguousarray(probs, dtype="<f4")
-        out = pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="FP32", shape=list(probs.shape))
-        return pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id,
-                                     outputs=[out], raw_output_contents=[probs.tobytes()])
+        model, runtime = self._serving(request.model_name, request.model_version)
+        with runtime.statistics[model.input].measure() as measured:
+            for out in request.outputs:
+                if out.name != OUTPUT:
+                    raise InvalidArgumentError(f"outputs: {out.name!r} is not an output of model {model.name!r}; "
+                                               f"accepted: {OUTPUT!r}", field="outputs")
+            timeout_us = None
+            if "timeout" in request.parameters:
+                value = _param_value(request.parameters["timeout"])
+                timeout_us = checks.integer(value, "parameters.timeout", 0, what="microseconds") or None
+            images = await self._inputs(request, model, runtime, context)
+            measured.inputs_done(len(images))
+            deadline, _ = deadline_of(context)
+            probs = await runtime.batcher.submit(images, timeout_us=timeout_us, deadline=deadline,
+                                                 timing=measured.batch)
+            measured.outputs_start()
+            probs = np.ascontiguousarray(probs, dtype="<f4")
+            out = pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="FP32", shape=list(probs.shape))
+            response = pb.ModelInferResponse(model_name=model.name, model_version=runtime.oip_version, id=request.id,
+                                             outputs=[out], raw_output_contents=[probs.tobytes()])
+        return response
+
+    # ------------------------------------------------------------------------------------------- statistics
+    @unary("ModelStatistics")
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            model, runtime = self._serving(request.name, request.version)
+            pairs = [(model, runtime)]
+        else:   # every model that serves now (a version, when given, filters)
+            pairs = [(m, m.served.runtime) for m in self._oip_models() if m.served.runtime is not None
+                     and request.version in ("", m.served.runtime.oip_version, m.served.runtime.version)]
+        return pb.ModelStatisticsResponse(model_stats=[
+            runtime.statistics[model.input].proto(model.name, runtime.oip_version) for model, runtime in pairs])
+
+    # ------------------------------------------------------------------------------------------- repository
+    @unary("RepositoryIndex")
+    async def RepositoryIndex(self, request, context):
+        response = pb.RepositoryIndexResponse()
+        for model in sorted(self._oip_models(), key=lambda m: m.name):
+            served = model.served
+            if request.ready and not self.state.model_ready(served):
+                continue
+            response.models.add(name=model.name, version=served.runtime.oip_version if served.runtime else "",
+                                state=served.state, reason=served.reason)
+        return response
+
+    def _controlled(self, request, accepted: tuple[str, ...] = ()) -> OipModel:
+        if self.state.options.model_control != "explicit":
+            raise FailedPrecondition("model control is disabled: this server loads its models at start-up and "
+                                     "reloads them on SIGHUP; start it with --model-control explicit to allow "
+                                     "RepositoryModelLoad and RepositoryModelUnload")
+        unknown = sorted(set(request.parameters) - set(accepted))
+        if unknown:   # Triton's "config" and "file:" overrides: a model's files are its only source here
+            raise InvalidArgumentError(f"parameters: {unknown} not supported; accepted: {list(accepted)} (a model "
+                                       f"loads from its own files only)", field="parameters")
+        return self._model(request.model_name)
+
+    @unary("RepositoryModelLoad")
+    async def RepositoryModelLoad(self, request, context):
+        model = self._controlled(request)
+        await self.state.controller.load_model(model.served)
+        return pb.RepositoryModelLoadResponse()
+
+    @unary("RepositoryModelUnload")
+    async def RepositoryModelUnload(self, request, context):
+        # tritonclient always sends unload_dependents; zfserve models have no dependents (no ensembles).
+        model = self._controlled(request, accepted=("unload_dependents",))
+        await self.state.controller.unload_model(model.served)
+        return pb.RepositoryModelUnloadResponse()

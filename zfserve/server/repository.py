@@ -9,7 +9,11 @@ explicit reload (SIGHUP, or :meth:`ServedModel.reload`), which reads a new snaps
 runtime off the event loop and swaps it in at once; requests already running finish on the old runtime.
 
 A model that fails to load is listed as not ready, with a reason that carries no server path; the others
-are served (``--strict`` makes any failure stop the server instead).
+are served (``--strict`` makes any failure stop the server instead). With ``--model-control explicit`` a
+client may also unload a model and load it again (the OIP repository extension).
+
+Over the Open Inference Protocol each model NAME is two models, NAME (FP32 tensor input) and NAME-bytes
+(encoded images), which share its runtime; a repository whose names would collide that way is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import threading
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, NotFoundError
+from ..wire import BYTES_INPUT, BYTES_MODEL_SUFFIX, IMAGE_INPUT, oip_version
 from ..weights import CONFIG_FILE, Snapshot, default_model_name, read_config, read_snapshot, resolve_model_dir
+from .statistics import InferenceStatistics
 
 log = logging.getLogger("zfserve.server")
 
@@ -40,12 +46,15 @@ class Runtime:
         self.name = name
         self.snapshot = snapshot
         self.version = snapshot.version
+        self.oip_version = oip_version(snapshot.version)   # the same version as an integer (OIP clients)
         self.config = snapshot.config
         self.classifier = classifier
         self.num_classes = int(classifier.num_classes)
         self.input_size = int(classifier.input_size)
         self.device = device
         self.batcher = None                   # the dynamic batcher over ``classifier``, started by the app
+        # The statistics extension's counters of this version, per OIP model (input kind).
+        self.statistics = {IMAGE_INPUT: InferenceStatistics(), BYTES_INPUT: InferenceStatistics()}
         self._lock = threading.Lock()
         self._torch_model = self._deconv = self._occlusion = None
 
@@ -86,10 +95,27 @@ class ServedModel:
         self.threads = threads
         self.runtime: Runtime | None = None
         self.error: str | None = None
+        self.unloaded = False                 # unloaded on request (RepositoryModelUnload)
 
     @property
     def ready(self) -> bool:
         return self.runtime is not None
+
+    @property
+    def state(self) -> str:
+        """READY, LOADING or UNAVAILABLE (failed or unloaded), as the OIP repository index says it."""
+        if self.runtime is not None:
+            return "READY"
+        return "UNAVAILABLE" if self.error or self.unloaded else "LOADING"
+
+    @property
+    def reason(self) -> str:
+        """Why the model is not ready ("" when it is)."""
+        if self.runtime is not None:
+            return ""
+        if self.error:
+            return self.error
+        return "unloaded on request; load it again with RepositoryModelLoad" if self.unloaded else "loading"
 
     def build(self, snapshot: Snapshot | None = None) -> Runtime:
         """Read the snapshot (unless given) and build its warmed classifier (blocking: run it in a thread)."""
@@ -117,6 +143,12 @@ class ModelRepository:
     def __init__(self, models: list[ServedModel], default: str):
         self.models = {m.name: m for m in models}
         self.default = default
+        for name in self.models:
+            if name + BYTES_MODEL_SUFFIX in self.models:
+                raise InvalidArgumentError(
+                    f"--model-repository: models {name!r} and {name + BYTES_MODEL_SUFFIX!r} collide: the Open "
+                    f"Inference Protocol name of {name!r}'s encoded-image input is {name + BYTES_MODEL_SUFFIX!r}; "
+                    f"rename one of them", field="model_repository")
 
     @classmethod
     def open(cls, repository: str | None = None, model: str | None = None, **engine_options) -> "ModelRepository":

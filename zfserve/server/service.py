@@ -63,11 +63,17 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         classes = model.num_classes
         top_k = checks.integer(request.top_k if request.HasField("top_k") else min(DEFAULT_TOP_K, classes),
                                "top_k", 1, classes, what=f"unset = {min(DEFAULT_TOP_K, classes)}")
-        images = await self._images(request.images, model, context)
-        deadline, _ = deadline_of(context)
-        probs = await model.batcher.submit(images, deadline=deadline)
-        return wire.classify_response(model.name, model.version, model.classifier.top_k(probs, top_k),
-                                      probs if request.return_probabilities else None)
+        # Counted in the statistics of the OIP model of the same input kind (NAME or NAME-bytes).
+        kind = wire.BYTES_INPUT if request.images.encoded else wire.IMAGE_INPUT
+        with model.statistics[kind].measure() as measured:
+            images = await self._images(request.images, model, context)
+            measured.inputs_done(len(images))
+            deadline, _ = deadline_of(context)
+            probs = await model.batcher.submit(images, deadline=deadline, timing=measured.batch)
+            measured.outputs_start()
+            response = wire.classify_response(model.name, model.version, model.classifier.top_k(probs, top_k),
+                                              probs if request.return_probabilities else None)
+        return response
 
     # ------------------------------------------------------------------------------------------- Deconv
     @unary("DeconvProject")
@@ -165,10 +171,10 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         for m in self.state.repository:
             runtime = m.runtime
             if runtime is None:
-                response.models.add(name=m.name, ready=False, reason=m.error or "loading")
+                response.models.add(name=m.name, ready=False, reason=m.reason)
             else:
                 response.models.add(name=m.name, version=runtime.version, num_classes=runtime.num_classes,
-                                    ready=self.state.model_ready(m))
+                                    ready=self.state.model_ready(m), oip_version=runtime.oip_version)
         return response
 
     @unary("GetModelInfo")
@@ -176,12 +182,11 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         model = self._model(request.model)
         torch_model = await asyncio.to_thread(model.torch_model)
         config = model.config
-        info = pb.ModelInfo(name=model.name, version=model.version, num_classes=model.num_classes,
-                            class_names=list(config.class_names),
+        info = pb.ModelInfo(name=model.name, version=model.version, oip_version=model.oip_version,
+                            num_classes=model.num_classes, class_names=list(config.class_names),
                             input_shape=[3, model.input_size, model.input_size],
                             preprocess_json=json.dumps(config.preprocess.to_json()))
         for layer in torch_model.layer_info():
             info.layers.add(name=layer.name, shape=list(layer.shape), parameters=int(layer.params),
                             receptive_field=int(layer.receptive_field or 0), stride=int(layer.jump or 0))
         return info
-

@@ -3,7 +3,7 @@
 - zfserve's typed errors: NotFoundError -> NOT_FOUND, every other input error -> INVALID_ARGUMENT, with the
   error's own message (it names the field and the accepted range);
 - :class:`ServiceError` subclasses carry their own code (UNAVAILABLE for overload and shutdown,
-  DEADLINE_EXCEEDED, CANCELLED);
+  DEADLINE_EXCEEDED, CANCELLED, FAILED_PRECONDITION for a feature the server was started without);
 - anything else is a bug: INTERNAL with a generic message (the traceback goes to the log, never to a client).
 No message to a client carries a server path: directories are cut from any path in it (the file name stays).
 """
@@ -37,6 +37,11 @@ class Unavailable(ServiceError):
 
 class Cancelled(ServiceError):
     code = grpc.StatusCode.CANCELLED
+
+
+class FailedPrecondition(ServiceError):
+    """The server is not set up for this request (not worth retrying as is)."""
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 _DIRECTORIES = re.compile(r"(?:/[^/\s:'\"()]+)+/")   # POSIX absolute paths, up to their last "/"
