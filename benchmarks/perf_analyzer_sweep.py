@@ -88,9 +88,14 @@ def write_jpeg_input_data(path: Path, count: int = 8, seed: int = 0) -> Path:
 
 
 def command(binary: str, model: str, target: str, concurrency: str, input_data: Path | None = None,
-            request_count: int = 200) -> list[str]:
+            request_count: int = 200, stability_percentage: int | None = None) -> list[str]:
+    """The perf_analyzer command line. ``stability_percentage`` widens perf_analyzer's stability test (default
+    10%: three windows within 10% of each other), for runs that check behaviour rather than measure on a busy
+    host."""
     cmd = [binary, "-m", model, "-i", "grpc", "-u", target, "--concurrency-range", concurrency,
            "--measurement-mode", "count_windows", "--measurement-request-count", str(request_count)]
+    if stability_percentage is not None:
+        cmd += ["--stability-percentage", str(stability_percentage)]
     return cmd + (["--input-data", str(input_data)] if input_data else [])
 
 

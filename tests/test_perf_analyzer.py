@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 SWEEP = Path(__file__).resolve().parent.parent / "benchmarks" / "perf_analyzer_sweep.py"
+# These tests check that perf_analyzer runs and reads the server's statistics, not how fast: a wide stability
+# band, so a busy CI host cannot make perf_analyzer give up ("Failed to obtain stable measurement").
+STABILITY = 200
 
 
 def _sweep_module():
@@ -60,12 +63,14 @@ def _run(cmd) -> list[dict]:
 
 
 def test_tensor_model_with_synthetic_data(perf_analyzer, plain_server):
-    _run(sweep.command(perf_analyzer, "zfnet-demo", plain_server, "1:2", request_count=40))
+    _run(sweep.command(perf_analyzer, "zfnet-demo", plain_server, "1:2", request_count=40,
+                       stability_percentage=STABILITY))
 
 
 def test_bytes_model_with_real_jpegs(perf_analyzer, plain_server, tmp_path):
     data = sweep.write_jpeg_input_data(tmp_path / "jpegs.json", count=4)
-    rows = _run(sweep.command(perf_analyzer, "zfnet-demo-bytes", plain_server, "1:2", data, request_count=40))
+    rows = _run(sweep.command(perf_analyzer, "zfnet-demo-bytes", plain_server, "1:2", data, request_count=40,
+                              stability_percentage=STABILITY))
     assert all(r["server"]["compute_input_us"] > 0 for r in rows)   # decoding is the bytes model's input stage
 
 
