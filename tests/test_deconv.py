@@ -282,6 +282,10 @@ def test_cli_writes_pngs_json_and_npz(tmp_path, model, capsys):
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((out / "deconv.json").read_text())
     assert printed == written
+    assert written["interpretation"] == "feature visualisation (class-insensitive)" and "+" in written["model_version"]
+    assert cli.main(["deconv", str(tmp_path / "in.png"), "--layer", "conv2", "--top-k", "1", "--model",
+                     str(model_dir), "--out", str(tmp_path / "plain")]) == 0
+    assert "feature visualisation (class-insensitive)" in capsys.readouterr().out
     units = written["units"]
     assert [(u["channel"], u["y"], u["x"]) for u in units][2] == (5, 1, 2) and len(units) == 3
     assert set(units[0]) >= {"layer", "channel", "y", "x", "activation", "box"}

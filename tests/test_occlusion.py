@@ -7,6 +7,7 @@ probabilities are far from uniform.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -259,6 +260,11 @@ def test_pictures_and_cli(tmp_path, setup, engine):
                      "--stride", "56", "--out", str(out)]) == 0
     arrays = np.load(out / "occlusion.npz", allow_pickle=False)
     assert arrays["probability"].shape == (3, 3) and arrays["attribution"].shape == (224, 224)
+    from zfserve.weights import read_snapshot
+    doc = json.loads((out / "occlusion.json").read_text())     # what reproduces the maps
+    assert (doc["window"], doc["stride"], doc["fill"], doc["fill_units"], doc["attribution_on"]) == \
+        (112, 56, [0.0, 0.0, 0.0], "input", "probability")
+    assert doc["model_version"] == read_snapshot(model_dir).version and isinstance(doc["target"], int)
     assert {p.name for p in out.glob("*.png")} == {"probability.png", "attribution.png", "argmax.png",
                                                     "activity.png"}
     assert cli.main(["occlude", str(tmp_path / "in.png"), "--model", str(model_dir), "--stride", "40",

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .engine.results import DECONV_INTERPRETATION
 from .errors import InvalidArgumentError
 from .preprocess import preprocess_config, to_display
 
@@ -308,12 +309,13 @@ def patch_pictures(units, config=None) -> list[np.ndarray]:
             for u in units]
 
 
-def write_deconv(out, units, *, layer: str, model: str, image: str, config=None) -> dict:
+def write_deconv(out, units, *, layer: str, model: str, image: str, config=None, model_version: str = "") -> dict:
     """The output directory of ``zfserve deconv`` for one image's projected units (``DeconvEngine.project`` or
     ``Client.deconv`` with tensors and patches): one PNG per unit (``unit_NN_<layer>_c<C>_y<Y>_x<X>.png``),
     ``grid.png`` (projection | its receptive field | the input patch), ``projections.npz`` (K, 3, H, W
-    float32) and ``deconv.json`` (model, image, layer, per unit: channel, y, x, activation, box, file), which
-    is also returned."""
+    float32) and ``deconv.json`` (model, its version (``model_version``, else the units'), what a projection is
+    (``interpretation``), image, layer, per unit: channel, y, x, activation, box, file), which is also
+    returned."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records, rows, labels = [], [], []
@@ -329,8 +331,9 @@ def write_deconv(out, units, *, layer: str, model: str, image: str, config=None)
         records.append({**record, "file": name})
     (out / "grid.png").write_bytes(png_bytes(grid(rows, labels)))
     np.savez(out / "projections.npz", projections=np.stack([u.projection for u in units]).astype(np.float32))
-    doc = {"model": model, "image": str(image), "layer": layer, "units": records, "grid": "grid.png",
-           "projections": "projections.npz"}
+    version = model_version or next((u.model_version for u in units if u.model_version), "")
+    doc = {"model": model, "model_version": version, "interpretation": DECONV_INTERPRETATION, "image": str(image),
+           "layer": layer, "units": records, "grid": "grid.png", "projections": "projections.npz"}
     (out / DECONV_JSON).write_text(json.dumps(doc, indent=2))
     return doc
 
@@ -339,8 +342,9 @@ def write_occlusion(out, result, *, model: str, image: str, class_names, picture
     """The output directory of ``zfserve occlude`` for one sweep (``OcclusionEngine.sweep`` or
     ``Client.occlude``): a PNG per map (the result's own ``png`` pictures when it holds them, else drawn over
     ``picture``, the uint8 input, with :func:`occlusion_pictures`), ``occlusion.npz`` (the maps and ``starts``)
-    and ``occlusion.json`` (settings, target, the unoccluded and lowest probability, the activity range, the
-    classes the argmax map shows, files), which is also returned."""
+    and ``occlusion.json`` (the model and its version, the settings — window, stride, fill, fill units, target,
+    probability or logit attribution —, the unoccluded and lowest probability, the activity range, the classes the
+    argmax map shows, files), which is also returned."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pngs = result.png or {name: png_bytes(p) for name, p in occlusion_pictures(result, picture, class_names).items()}
@@ -349,10 +353,10 @@ def write_occlusion(out, result, *, model: str, image: str, class_names, picture
         files[name] = f"{name}.png"
         (out / files[name]).write_bytes(data)
     np.savez(out / "occlusion.npz", **result.arrays(), starts=result.starts)
-    doc = {"model": model, "image": str(image), "window": result.window, "stride": result.stride,
-           "positions": list(result.shape), "fill": np.asarray(result.fill).tolist(), "fill_units": result.fill_units,
-           "target": result.target, "target_name": class_names[result.target],
-           "unoccluded_probability": result.base_probability}
+    doc = {"model": model, "model_version": result.model_version, "image": str(image), "window": result.window,
+           "stride": result.stride, "positions": list(result.shape), "fill": np.asarray(result.fill).tolist(),
+           "fill_units": result.fill_units, "target": result.target, "target_name": class_names[result.target],
+           "attribution_on": result.attribution_on, "unoccluded_probability": result.base_probability}
     if result.probability is not None:
         low = np.unravel_index(int(np.argmin(result.probability)), result.probability.shape)
         doc.update(min_probability=float(result.probability.min()),

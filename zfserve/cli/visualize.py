@@ -56,21 +56,25 @@ def cmd_deconv(args) -> int:
             model_name = args.model or client.list_models().default_model
             results = client.deconv([args.image], args.layer, top_k=args.top_k, units=units,
                                     model=model_name, return_patches=True, return_tensor=True)
-        config = None
+        config, version = None, ""
     else:
         from ..engine.deconv import DeconvEngine
         from ..preprocess import load_image
-        from ..weights import load_model
-        model = load_model(args.model)
-        model_name, config = model.config.name, model.config
+        from ..weights import read_snapshot
+        snapshot = read_snapshot(args.model)
+        model = snapshot.model()
+        model_name, config, version = model.config.name, model.config, snapshot.version
         image = load_image(args.image, config, field="image")
         results = DeconvEngine(model, args.device).project(image, args.layer, top_k=args.top_k, units=units)
     from ..render import write_deconv
-    doc = write_deconv(args.out, results, layer=args.layer, model=model_name, image=args.image, config=config)
+    doc = write_deconv(args.out, results, layer=args.layer, model=model_name, image=args.image, config=config,
+                       model_version=version)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(f"wrote {len(results)} projections of {args.layer} to {args.out}")
+        print(f"wrote {len(results)} projections of {args.layer} ({doc['model']} {doc['model_version']}) to "
+              f"{args.out}: {doc['interpretation']}, not evidence of what the class decision used (see "
+              f"`zfserve faithfulness`)")
     return 0
 
 
@@ -132,12 +136,14 @@ def cmd_occlude(args) -> int:
     else:
         from ..engine.occlusion import OcclusionEngine
         from ..preprocess import load_image, to_display
-        from ..weights import load_model
-        model = load_model(args.model, device="cpu")
+        from ..weights import read_snapshot
+        snapshot = read_snapshot(args.model)
+        model = snapshot.model("cpu")
         image = load_image(args.image, model.config, field="image")
         engine = OcclusionEngine(model, device=args.device, batch_size=args.batch_size)
         result = engine.sweep(image, args.window, args.stride, fill_units=args.fill_units, progress=progress,
                               **common)
+        result.model_version = snapshot.version
         model_name, names, picture = model.config.name, model.config.class_names, to_display(image, model.config)
     from ..render import write_occlusion
     doc = write_occlusion(args.out, result, model=model_name, image=args.image, class_names=names, picture=picture)
@@ -147,4 +153,69 @@ def cmd_occlude(args) -> int:
         print(f"{doc['positions'][0]}x{doc['positions'][1]} windows in {doc['seconds']} s: p({doc['target_name']}) "
               f"{doc['unoccluded_probability']:.4f} unoccluded, {doc['min_probability']:.4f} at worst; wrote "
               f"{args.out}")
+        print(f"settings: model {doc['model']} {doc['model_version']}, window {doc['window']}, stride "
+              f"{doc['stride']}, fill {doc['fill']} ({doc['fill_units']} units), target {doc['target']} "
+              f"({doc['target_name']}), attribution = drop of the {doc['attribution_on']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- faithfulness
+def add_faithfulness(sub) -> None:
+    from ..paper.report import Settings
+    d = Settings()
+    p = sub.add_parser("faithfulness", help="can the heatmaps be trusted? pointing game, deletion/insertion, "
+                       "MPRT and RandomLogit for occlusion, deconvnet, gradient, Grad-CAM and two baselines",
+                       description=cmd_faithfulness.__doc__)
+    p.add_argument("--model", default=None, help=model_help())
+    p.add_argument("--out", required=True, help="output directory (created; its report.html gains the section)")
+    p.add_argument("--data", default=d.data, help="'synthetic' (default, held-out seed) or a directory with "
+                   "annotations.json (object masks), as `zfserve data synth` writes")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"synthetic seed (default {d.seed}, held out)")
+    p.add_argument("--images", type=int, default=FAITHFULNESS_IMAGES,
+                   help=f"images for the pointing game and deletion/insertion (default {FAITHFULNESS_IMAGES}, two "
+                        f"per class: a few minutes on 2 cores; the report uses {d.faithfulness_images})")
+    p.add_argument("--sanity-images", type=int, default=FAITHFULNESS_SANITY_IMAGES,
+                   help=f"the first images, for MPRT and RandomLogit (default {FAITHFULNESS_SANITY_IMAGES})")
+    p.add_argument("--window", type=int, default=d.window, help=f"occluder side in pixels (default {d.window})")
+    p.add_argument("--stride", type=int, default=d.faithfulness_stride,
+                   help=f"occluder stride, 1..window (default {d.faithfulness_stride})")
+    p.add_argument("--steps", type=int, default=d.deletion_steps,
+                   help=f"deletion / insertion steps (default {d.deletion_steps})")
+    p.add_argument("--json", action="store_true", help="print the table as JSON instead of text")
+    p.set_defaults(func=cmd_faithfulness)
+
+
+FAITHFULNESS_IMAGES = 22
+FAITHFULNESS_SANITY_IMAGES = 4
+
+
+def cmd_faithfulness(args) -> int:
+    """Compare occlusion (probability drop), the deconvnet (top-class conv5 units), the vanilla gradient, Grad-CAM
+    (conv5), a random map and the centre baseline on held-out images with object masks: the pointing game (15 px,
+    plain and per class, all and difficult images), deletion / insertion AUC, the model-parameter randomisation
+    test (fc8 down to conv1) and RandomLogit. Writes faithfulness.json/.csv, the figures and report.html into
+    --out and prints the table."""
+    from pathlib import Path
+
+    from ..paper import faithfulness
+    from ..paper.report import Settings, build
+    from ..weights import load_model
+    for name, low, high in (("images", 1, 100_000), ("sanity_images", 1, 1000), ("seed", 0, 2 ** 31 - 1),
+                            ("window", 1, 224), ("stride", 1, args.window), ("steps", 1, 1000)):
+        checks.integer(getattr(args, name), name, low, high, label="--" + name.replace("_", "-"))
+    settings = Settings(n=args.images, seed=args.seed, data=args.data, window=args.window,
+                        faithfulness_images=args.images, sanity_images=args.sanity_images,
+                        faithfulness_stride=args.stride, deletion_steps=args.steps)
+    build(load_model(args.model), args.out, ("faithfulness",), settings)
+    metrics = json.loads((Path(args.out) / "section-faithfulness.json").read_text())["metrics"]
+    if args.json:
+        print(json.dumps({"table": metrics["table"], "verdict": metrics["verdict"]}, indent=2))
+        return 0
+    header = faithfulness.TABLE_HEADER
+    rows = faithfulness.table_rows(metrics["table"])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + str(row[-1]))
+    print(f"Verdict: {metrics['verdict']}")
+    print(f"wrote {Path(args.out) / 'faithfulness.json'} and {Path(args.out) / 'report.html'}")
     return 0

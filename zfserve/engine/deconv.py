@@ -13,6 +13,12 @@ offset); positions of a window that fall outside a map are that map's zero paddi
 conv5 unit the windows are 3/5/7 (13x13 maps), 15 (26), 33 (55), 67 (110) and 139 (224) wide, about a
 fifth of the full-map work. Results equal the full-map walk (and autograd with the deconvnet ReLU rule).
 
+What a projection is: a **feature visualisation (class-insensitive)**
+(:data:`~zfserve.engine.results.DECONV_INTERPRETATION`): the input pattern that drives a unit. It is not
+evidence of what the class decision used: ``zfserve faithfulness`` finds the deconvnet map of the conv5 units
+that contribute most to a class nearly the same when another class is explained (RandomLogit SSIM about 0.9 on
+the embedded model), as Nie, Zhang and Patel (2018) predict. Use occlusion to attribute a decision.
+
 Library use::
 
     engine = DeconvEngine(zfserve.weights.load_model("zfnet-demo"))
@@ -323,7 +329,9 @@ class DeconvEngine:
                 maps=None, seed: str = "activation") -> list[UnitProjection]:
         """Forward ``images`` (float32 ``(N, 3, 224, 224)`` or one ``(3, 224, 224)``, preprocessed), choose
         units (see :meth:`select`) and project them all in one batched pass. Returns one
-        :class:`UnitProjection` per unit, image by image, strongest first for top-k selections."""
+        :class:`UnitProjection` per unit, image by image, strongest first for top-k selections. Each is a
+        feature visualisation (class-insensitive, :data:`~zfserve.engine.results.DECONV_INTERPRETATION`): what
+        drives the unit, not an attribution of the class decision."""
         x, acts, switches = self.forward(images, layer)
         chosen = self.select(acts, top_k=top_k, one_per_map=one_per_map, units=units, maps=maps)
         projections = self.project_units(layer, acts, switches, chosen, seed=seed).cpu().numpy()

@@ -16,6 +16,10 @@ DEFAULT_TOP_K = 5              # classes per image
 DEFAULT_DECONV_TOP_K = 9       # units per image when none are named (the paper's top-9)
 DEFAULT_WINDOW = 32            # occluder side, input pixels
 DEFAULT_STRIDE = 8             # occluder step, input pixels
+# What a deconvnet projection is, wherever one is shown (API, CLI, report): it shows the input pattern that drives
+# a unit, and `zfserve faithfulness` finds the deconvnet map nearly the same when another class is explained
+# (RandomLogit), so it is not evidence of what the class decision used.
+DECONV_INTERPRETATION = "feature visualisation (class-insensitive)"
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,9 @@ class UnitProjection:
     ``box`` is the receptive field ``(x0, y0, x1, y1)`` in input pixels, clipped to the image, exclusive end;
     ``patch`` is the input under the box, ``(3, y1 - y0, x1 - x0)``, in network-input units. From a server
     (``zfserve.client``) ``projection`` is there with ``return_tensor`` (else None), ``patch`` is always None,
-    and ``png`` / ``patch_png`` hold the rendered projection and input patch when those were asked for.
+    and ``png`` / ``patch_png`` hold the rendered projection and input patch when those were asked for;
+    ``model_version`` is the served version that computed it (from a server; empty from a local engine).
+    A projection is a :data:`DECONV_INTERPRETATION`, not an attribution of the class decision.
     """
 
     image_index: int
@@ -49,6 +55,7 @@ class UnitProjection:
     patch: np.ndarray | None
     png: bytes = b""
     patch_png: bytes = b""
+    model_version: str = ""
 
     def to_json(self) -> dict:
         return {"image_index": self.image_index, "layer": self.layer, "channel": self.channel, "y": self.y,
@@ -79,6 +86,9 @@ class OcclusionResult:
     timings: dict = field(default_factory=dict)
     backend: str = ""                   # the stages that computed it: "onnxruntime" or "torch"
     png: dict = field(default_factory=dict)   # map name -> PNG bytes, when a server rendered them
+    # The served version that computed it (config version + weights hash; from a server, or set by the caller):
+    # with window, stride, fill, target and attribution_on, what reproduces the maps.
+    model_version: str = ""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -101,7 +111,6 @@ class OcclusionResult:
 def window_starts(size: int, window: int, stride: int) -> np.ndarray:
     """Captum's positions along one axis: ``ceil((size - window) / stride) + 1`` starts at ``i * stride``."""
     return np.arange(math.ceil((size - window) / stride) + 1, dtype=np.int64) * stride
-
 
 
 def per_pixel(values: np.ndarray, starts: np.ndarray, window: int, size: int) -> np.ndarray:

@@ -11,15 +11,33 @@ import numpy as np
 
 from ..engine.deconv import DeconvEngine
 from ..engine.occlusion import OcclusionEngine
+from ..engine.results import DECONV_INTERPRETATION
 from ..errors import InvalidArgumentError
 from ..model import ZFNet
 from ..preprocess import mask_to_input, to_display, to_input
 from ..render import signed_to_rgb
 from .dataset import AnalysisData, labels_match
 from .figures import log, plt as pyplot, save, write_csv, write_json, write_section
+from .saliency_metrics import centre_hit, is_difficult, per_class_accuracy
 
 TITLE = "Occlusion sensitivity and object localization (Fig. 7)"
 POINTING_TOLERANCE = 15                                  # pixels, the pointing game's usual tolerance
+
+
+def drop_point(result, size: int) -> tuple[float, float]:
+    """Where an occlusion sweep's evidence points: the centre ``(x, y)``, in input pixels, of the window whose
+    occlusion lowers the target's probability most (the first such window in row-major order on ties)."""
+    r, c = np.unravel_index(int(np.argmin(result.probability)), result.probability.shape)
+    y0, x0 = int(result.starts[r]), int(result.starts[c])
+    return (x0 + min(size, x0 + result.window)) / 2, (y0 + min(size, y0 + result.window)) / 2
+
+
+def distance_to_mask(mask: np.ndarray, x: float, y: float, grid: np.ndarray | None = None) -> float:
+    """Distance in pixels from the point ``(x, y)`` to the nearest pixel centre of ``mask`` (inf when empty)."""
+    if not mask.any():
+        return float("inf")
+    grid = np.mgrid[0:mask.shape[0], 0:mask.shape[1]] if grid is None else grid
+    return float(np.sqrt((grid[0][mask] + 0.5 - y) ** 2 + (grid[1][mask] + 0.5 - x) ** 2).min())
 
 
 def pointing_game(model: ZFNet, data: AnalysisData, indices, *, window: int = 48, stride: int = 16,
@@ -45,23 +63,35 @@ def pointing_game(model: ZFNet, data: AnalysisData, indices, *, window: int = 48
         x = to_input(item.image, model.config)
         result = engine.sweep(x, window=window, stride=stride, target=item.label if match else None,
                               outputs=("probability",))
-        r, c = np.unravel_index(int(np.argmin(result.probability)), result.probability.shape)
-        y0, x0 = int(result.starts[r]), int(result.starts[c])
-        cy, cx = (y0 + min(size, y0 + window)) / 2, (x0 + min(size, x0 + window)) / 2
-        if mask.any():
-            dist = np.sqrt((grid[0][mask] + 0.5 - cy) ** 2 + (grid[1][mask] + 0.5 - cx) ** 2).min()
-        else:
-            dist = float("inf")
+        cx, cy = drop_point(result, size)
+        dist = distance_to_mask(mask, cx, cy, grid)
         records.append({"index": int(index), "target": int(result.target), "point": [cx, cy],
                         "distance": float(dist), "hit": bool(dist <= tolerance),
                         "base_probability": result.base_probability,
                         "min_probability": float(result.probability.min()),
-                        "mask_share": float(mask.mean())})
+                        "mask_share": float(mask.mean()), "label": int(item.label), "difficult": is_difficult(mask),
+                        "centre_hit": centre_hit(mask, tolerance)["hit"]})
         if progress is not None:
             progress(done, len(indices))
     hits = [r["hit"] for r in records]
     return {"window": window, "stride": stride, "tolerance": tolerance, "labels_match": match,
-            "hit_rate": float(np.mean(hits)) if hits else float("nan"), "n": len(records), "images": records}
+            "hit_rate": float(np.mean(hits)) if hits else float("nan"), "n": len(records), "images": records,
+            **_beside(records)}
+
+
+def _beside(records: list[dict]) -> dict:
+    """What the plain hit rate needs beside it: TorchRay's per-class average, the centre baseline on the same
+    images (it always points at the image centre) and both on the difficult subset (off-centre or small objects,
+    :func:`~zfserve.paper.saliency_metrics.is_difficult`)."""
+    if not records:
+        return {}
+    hits, centre = (np.array([r[key] for r in records], dtype=float) for key in ("hit", "centre_hit"))
+    labels = np.array([r["label"] for r in records])
+    hard = np.array([r["difficult"] for r in records], dtype=bool)
+    rate = lambda v: float(v.mean()) if v.size else float("nan")  # noqa: E731
+    return {"per_class_hit_rate": per_class_accuracy(hits, labels), "centre_hit_rate": rate(centre),
+            "centre_per_class_hit_rate": per_class_accuracy(centre, labels), "difficult_n": int(hard.sum()),
+            "difficult_hit_rate": rate(hits[hard]), "centre_difficult_hit_rate": rate(centre[hard])}
 
 
 def deconv_mask_energy(model: ZFNet, data: AnalysisData, indices, *, layer: str = "conv5", batch: int = 16,
@@ -120,7 +150,11 @@ def section(model, data, out: Path, s) -> Path:
     metrics = {"pointing_game_hit_rate": pointing["hit_rate"], "pointing_images": pointing["n"],
                "labels_match": labels_match(model, data), "deconv_energy_ratio": energy["ratio"],
                "deconv_mean_energy_share": energy["mean_energy_share"],
-               "deconv_mean_area_share": energy["mean_area_share"]}
+               "deconv_mean_area_share": energy["mean_area_share"],
+               **{f"pointing_{k}": pointing[k] for k in ("per_class_hit_rate", "centre_hit_rate",
+                                                         "centre_per_class_hit_rate", "difficult_n",
+                                                         "difficult_hit_rate", "centre_difficult_hit_rate")
+                  if k in pointing}}
     caption = (
         f"Left: for each of {energy['n']} images, the share of the strongest conv5 unit's deconv energy that lies "
         f"on the object mask against the mask's share of the image (points above the dashed line beat an even "
@@ -184,8 +218,8 @@ def _examples_figure(model, data, out: Path, s, engine: OcclusionEngine) -> dict
     return {"file": save(fig, out / "occlusion.png"), "data": [], "caption": (
         "For each example row: (a) the input; (b) the total activation of the conv5 feature map that is strongest "
         "on the unoccluded image, as a function of where the grey square is centred; (c) that map's strongest "
-        "unit projected to pixels; (d) the probability of the correct class (low = the square hides what the "
-        "model relies on); (e) the most probable class for each square position.")}
+        f"unit projected to pixels (a {DECONV_INTERPRETATION}); (d) the probability of the correct class (low = "
+        "the square hides what the model relies on); (e) the most probable class for each square position.")}
 
 
 def _localization_figure(out: Path, pointing: dict, energy: dict) -> str:
@@ -206,7 +240,8 @@ def _localization_figure(out: Path, pointing: dict, energy: dict) -> str:
     axes[1].axvline(pointing["tolerance"], color="r", ls=":", label=f"tolerance {pointing['tolerance']} px")
     axes[1].set_xlabel("distance of the lowest-probability occluder centre to the object (pixels, capped 100)")
     axes[1].set_ylabel("images")
-    axes[1].set_title(f"pointing game: {pointing['hit_rate']:.1%} of {pointing['n']} images hit")
+    centre = f" (centre baseline {pointing['centre_hit_rate']:.1%})" if "centre_hit_rate" in pointing else ""
+    axes[1].set_title(f"pointing game: {pointing['hit_rate']:.1%} of {pointing['n']} images hit{centre}")
     axes[1].legend(fontsize=8)
     return save(fig, out / "occlusion-localization.png")
 
@@ -214,7 +249,16 @@ def _localization_figure(out: Path, pointing: dict, energy: dict) -> str:
 def summary(metrics: dict) -> list[tuple[str, str, str]]:
     if "pointing_game_hit_rate" not in metrics:
         return []
-    return [("occlusion pointing game (lowest true-class probability on the object)",
-             f"{metrics['pointing_game_hit_rate']:.1%} of {metrics['pointing_images']} images", ">= 90%"),
-            ("deconv energy on the object mask / mask area (strongest conv5 unit)",
-             f"{metrics['deconv_energy_ratio']:.2f}x", ">= 2x")]
+    rows = [("occlusion pointing game (lowest true-class probability on the object)",
+             f"{metrics['pointing_game_hit_rate']:.1%} of {metrics['pointing_images']} images", ">= 90%")]
+    if "pointing_centre_hit_rate" in metrics:
+        rows.append(("the same images: occlusion vs the centre baseline (plain / per class / difficult subset)",
+                     f"{metrics['pointing_game_hit_rate']:.1%} vs {metrics['pointing_centre_hit_rate']:.1%} / "
+                     f"{metrics['pointing_per_class_hit_rate']:.1%} vs "
+                     f"{metrics['pointing_centre_per_class_hit_rate']:.1%} / "
+                     f"{metrics['pointing_difficult_hit_rate']:.1%} vs "
+                     f"{metrics['pointing_centre_difficult_hit_rate']:.1%} "
+                     f"({metrics['pointing_difficult_n']} images)", "occlusion well above the centre baseline"))
+    rows.append(("deconv energy on the object mask / mask area (strongest conv5 unit)",
+                 f"{metrics['deconv_energy_ratio']:.2f}x", ">= 2x"))
+    return rows

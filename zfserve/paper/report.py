@@ -23,7 +23,8 @@ from .figures import jsonable, log, write_json, write_section
 
 # The one registry: section name -> the module of zfserve.paper that computes and draws it, in page order.
 REGISTRY = {"top9": "top9", "evolution": "evolution", "invariance": "invariance", "architecture": "architecture",
-            "occlusion": "localization", "correspondence": "correspondence", "filters": "filters"}
+            "occlusion": "localization", "faithfulness": "faithfulness", "correspondence": "correspondence",
+            "filters": "filters"}
 SECTIONS = tuple(REGISTRY)
 HTML_FILE = "report.html"
 
@@ -59,6 +60,11 @@ class Settings:
     arch_pool: int = 128                       # synthetic training images the architecture runs share
     arch_lr: float = 0.04                      # see architecture.architecture_runs
     map_seed: int = 0                          # which feature maps are shown
+    faithfulness_images: int = 44              # faithfulness: pointing game, deletion / insertion (4 per class)
+    sanity_images: int = 6                     # faithfulness: MPRT and RandomLogit (the first of those)
+    faithfulness_stride: int = 24              # occluder stride of the faithfulness maps (side: window)
+    deletion_steps: int = 16                   # deletion / insertion steps (1/16 of the pixels each)
+    deconv_units: int = 9                      # conv5 units behind the deconvnet map (the paper's top-9)
 
 
 # ------------------------------------------------------------------------------------------------- driver

@@ -17,6 +17,7 @@ import torch
 
 from .. import _checks as checks
 from ..engine.deconv import DeconvEngine
+from ..engine.results import DECONV_INTERPRETATION
 from ..errors import InvalidArgumentError
 from ..model import LAYER_NAMES, SPATIAL_LAYERS, ZFNet
 from ..render import grid, patch_to_rgb, signed_to_rgb
@@ -147,7 +148,8 @@ def section(model, data, out: Path, s) -> Path:
             f"Each row is one {layer} feature map. On the left, the deconvnet projections of its {k} strongest "
             f"activations across the set (one per image, strongest first) show what pixel structure excites the "
             f"map; on the right, the input patches under the same receptive fields. Similar structure across "
-            f"a row means the map responds to one kind of pattern.")})
+            f"a row means the map responds to one kind of pattern. A projection is a {DECONV_INTERPRETATION}: "
+            f"what drives the unit, not what the class decision used (see the faithfulness section).")})
     write_json(out / "top9.json", record)
     return write_section(out, "top9", TITLE, figures,
                          {"seconds": round(time.perf_counter() - t0, 1), "images": len(data)})
