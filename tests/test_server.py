@@ -172,6 +172,7 @@ def test_deconv_matches_local_engine(stub, torch_model):
                                                    return_tensor=True, return_png=True, return_patches=True))
     local = DeconvEngine(torch_model).project(x, "conv3", top_k=3)
     assert len(response.projections) == len(local) == 6
+    assert response.interpretation == "feature visualisation (class-insensitive)" and "+" in response.model_version
     got = np.frombuffer(response.tensor.data, "<f4").reshape(list(response.tensor.shape))
     for i, (p, ref) in enumerate(zip(response.projections, local)):
         assert (p.image_index, p.unit.channel, p.unit.y, p.unit.x) == (ref.image_index, ref.channel, ref.y, ref.x)
@@ -205,8 +206,15 @@ def test_occlusion_unary_and_stream_match_local_engine(stub, torch_model):
     assert progress and all(e.WhichOneof("event") == "progress" for e in events[:-1])
     assert progress[-1].done == progress[-1].total == 36
     assert [p.done for p in progress] == sorted(p.done for p in progress)
+    models = stub.ListModels(pb.ListModelsRequest())
+    version = next(m.version for m in models.models if m.name == models.default_model)
     for response in (unary, events[-1].result):
         assert response.target == local.target and (response.positions_y, response.positions_x) == (6, 6)
+        # What reproduces the maps: the settings used and the served model version.
+        assert (response.window, response.stride, list(response.fill), response.fill_units,
+                response.attribution_on) == (64, 32, np.asarray(local.fill).reshape(-1).tolist(), local.fill_units,
+                                             local.attribution_on)
+        assert response.model_version == version and "+" in version
         for name, ref in local.arrays().items():
             tensor = getattr(response, name)
             dtype = "<i8" if name == "argmax" else "<f4"
@@ -224,9 +232,13 @@ def test_client_occlude_with_progress(server, torch_model):
     with Client(server.target, timeout=120) as client:
         maps = client.occlude(x, window=48, stride=48, target=3, outputs=["probability"],
                               progress=lambda d, t: seen.append((d, t)))
+        models = client.list_models()
+        version = next(m.version for m in models.models if m.name == models.default_model)
     local = OcclusionEngine(torch_model).sweep(x[0], window=48, stride=48, target=3, outputs=["probability"])
     assert seen and seen[-1][0] == seen[-1][1]
     assert maps.target == 3 and maps.argmax is None
+    assert (maps.window, maps.stride, maps.attribution_on) == (48, 48, local.attribution_on)
+    assert maps.model_version == version and "+" in version
     np.testing.assert_allclose(maps.probability, local.probability, rtol=1e-5, atol=1e-6)
 
 
@@ -251,6 +263,7 @@ def test_tritonclient_drives_the_inference_protocol(server, classifier, model_di
         # max_batch_size is the per-request limit the server enforces; the batcher's size is the preferred one.
         assert config.max_batch_size == 64 and config.platform == "onnxruntime_onnx"
         assert list(config.dynamic_batching.preferred_batch_size) == [16]
+        assert config.parameters["deconv_interpretation"].string_value == "feature visualisation (class-insensitive)"
         assert config.dynamic_batching.max_queue_delay_microseconds == 2000
 
     x = _images(3, seed=10)
@@ -371,7 +384,7 @@ def test_bad_deconv_and_occlusion_requests(stub):
         assert named in err.details(), err.details()
     # An explicit 0 is refused (unset means the default), as it is locally.
     stream_err = _status(lambda: list(stub.OcclusionSweepStream(pb.OcclusionRequest(images=images, window=0,
-                                                                                     stride=40))))
+                                                                                    stride=40))))
     assert stream_err.code() == grpc.StatusCode.INVALID_ARGUMENT and "window: 0" in stream_err.details()
 
 
@@ -707,6 +720,8 @@ def test_cli_deconv_with_server_writes_the_same_files(server, model_dir, tmp_pat
     assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in remote.iterdir())
     doc_l, doc_r = (json.loads((d / "deconv.json").read_text()) for d in (local, remote))
     assert doc_l["model"] == "tiny" and doc_r["model"] == "tiny"
+    assert doc_l["model_version"] == doc_r["model_version"] and "+" in doc_l["model_version"]
+    assert doc_l["interpretation"] == doc_r["interpretation"] == "feature visualisation (class-insensitive)"
     assert [(u["channel"], u["y"], u["x"], u["box"]) for u in doc_l["units"]] == \
            [(u["channel"], u["y"], u["x"], u["box"]) for u in doc_r["units"]]
     for ul, ur in zip(doc_l["units"], doc_r["units"]):
@@ -737,6 +752,7 @@ def test_cli_occlude_with_server_writes_the_same_files(server, model_dir, tmp_pa
         doc.pop("files")
     assert doc_r.pop("unoccluded_probability") == pytest.approx(doc_l.pop("unoccluded_probability"), rel=1e-6)
     assert doc_r == doc_l
+    assert "+" in doc_l["model_version"] and doc_l["attribution_on"] == "probability" and doc_l["target"] == 2
     arrays_l, arrays_r = np.load(local / "occlusion.npz"), np.load(remote / "occlusion.npz")
     assert sorted(arrays_l.files) == sorted(arrays_r.files)
     for name in arrays_l.files:

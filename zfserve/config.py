@@ -20,6 +20,13 @@ from .errors import InvalidArgumentError, ModelLoadError
 IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
 # How an alpha channel is removed: composited onto the mean colour (the only mode implemented).
 ALPHA_MODES = ("composite_mean",)
+# What classification may run in and on (``--precision``, ``--engine``, config.json ``precision``/``engine``):
+# int8 is a calibrated static quantization of the ONNX export; bf16 runs on OpenVINO only (ONNX Runtime's CPU
+# provider has no bf16 kernels).
+PRECISIONS = ("fp32", "int8", "bf16")
+ENGINES = ("onnxruntime", "openvino")
+# Keys of config.json that choose how the model is served, not what it computes (not part of the export's hash).
+SERVING_KEYS = ("precision", "engine")
 
 
 def is_integer(value) -> bool:
@@ -102,6 +109,10 @@ class ModelConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     weights_dtype: str = "float32"
     provenance: dict = field(default_factory=dict)
+    # How a server (or `classify`) runs it when no --precision / --engine says otherwise; None: fp32 on ONNX
+    # Runtime. A model repository can so serve one model in int8 and another in fp32.
+    precision: str | None = None
+    engine: str | None = None
 
     def __post_init__(self):
         sizes = {"num_classes": self.num_classes, "fc_width": self.fc_width, "input_size": self.input_size}
@@ -123,11 +134,18 @@ class ModelConfig:
             raise ModelLoadError(f"config: widths must list 5 conv widths, got {list(self.widths)}")
         if not all(isinstance(n, str) for n in self.class_names):
             raise ModelLoadError("config: class_names must be a list of strings")
+        for key, accepted in (("precision", PRECISIONS), ("engine", ENGINES)):
+            if getattr(self, key) is not None and getattr(self, key) not in accepted:
+                raise ModelLoadError(f"config: {key} must be one of {list(accepted)} (or absent), got "
+                                     f"{getattr(self, key)!r}")
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["widths"] = list(self.widths)
         out["preprocess"] = self.preprocess.to_json()
+        for key in SERVING_KEYS:   # written only when set, so configs without them stay as they were
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod

@@ -23,8 +23,13 @@ from .preprocess import to_input
 
 
 def evaluate(model, data: str = "synthetic", *, seed: int = 3, n: int = 1000, batch: int = 64,
-             device: str = "cpu", workers: int = 1) -> dict:
-    """top-1, top-5 and per-class top-1 of ``model`` (a ZFNet with its config) on ``data``."""
+             device: str = "cpu", workers: int = 1, precision: str | None = None, engine: str | None = None,
+             source=None) -> dict:
+    """top-1, top-5 and per-class top-1 of ``model`` (a ZFNet with its config) on ``data``.
+
+    With ``precision`` or ``engine``, the figures are those of the :class:`~zfserve.engine.classifier.Classifier`
+    running that way (built from ``source``, the model's name, directory or Snapshot, when given; int8 is made
+    on first use), and ``reference`` holds eager fp32's top-1/top-5 with the top-1 agreement between the two."""
     from .data import CLASSES, image_folder_arrays, resize_images, synthetic_arrays
     config = model.config
     checks.integer(n, "n", 1)
@@ -49,11 +54,35 @@ def evaluate(model, data: str = "synthetic", *, seed: int = 3, n: int = 1000, ba
     images = resize_images(images, config.preprocess.resize)
     generated = time.time()
     logits = predict_logits(model, images, config, batch=batch, device=device)
-    report = accuracy_report(logits, labels, classes)
+    if precision is None and engine is None:
+        report = accuracy_report(logits, labels, classes)
+    else:
+        report = _precision_report(source if source is not None else model, logits, images, labels, classes,
+                                   config, batch, precision, engine)
     report.update({"model": config.name, "data": data if data != "synthetic" else f"synthetic seed {seed}",
                    "data_seconds": round(generated - started, 1),
                    "eval_seconds": round(time.time() - generated, 1),
                    "hardware": hardware(device)})
+    return report
+
+
+def _precision_report(source, reference_logits: torch.Tensor, images: np.ndarray, labels: np.ndarray,
+                      classes: list[str], config: ModelConfig, batch: int, precision, engine) -> dict:
+    """The accuracy report of a Classifier run at ``precision`` on ``engine``, with eager fp32 as reference."""
+    from .engine.classifier import Classifier
+    from .engine.quantize import agreement_report
+    classifier = Classifier(source, precision=precision, engine=engine, max_batch_size=batch)
+    probabilities = np.concatenate([classifier.probabilities(centre_inputs(images[i:i + batch], config))
+                                    for i in range(0, len(images), batch)])
+    # log-probabilities stand in for logits: top-k, loss and per-class figures are the same functions of them
+    report = accuracy_report(torch.from_numpy(np.log(np.maximum(probabilities, 1e-30))), labels, classes)
+    compared = agreement_report(torch.softmax(reference_logits, dim=1).numpy(), probabilities,
+                                np.asarray(labels))
+    report.update(precision=classifier.precision, engine=classifier.engine, reference={
+        "precision": "fp32", "engine": "eager PyTorch", "top1": compared["reference_top1"],
+        "top5": compared["reference_top5"]}, agreement=compared["agreement"],
+        top1_drop_pt=compared["top1_drop_pt"], max_abs_probability_diff=compared["max_abs_probability_diff"],
+        mean_abs_probability_diff=compared["mean_abs_probability_diff"])
     return report
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from . import _checks as checks
-from .config import ModelConfig
+from .config import SERVING_KEYS, ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .model import LAYER_NAMES, ZFNet
 from .weights import EMBEDDED_DIR, ONNX_FILE, WEIGHTS_FILE, state_dict_hash
@@ -188,8 +188,9 @@ def _export_copy(model: ZFNet) -> ZFNet:
 # ---------------------------------------------------------------------------------------------------- export
 def config_hash(config: ModelConfig) -> str:
     """SHA-256 of the config as stored in config.json (class names and preprocessing included), less the
-    provenance notes, which loading adds to (the source directory) and which do not change the graph."""
-    data = {k: v for k, v in config.to_json().items() if k != "provenance"}
+    provenance notes, which loading adds to (the source directory), and the serving choices (precision,
+    engine), none of which change the graph."""
+    data = {k: v for k, v in config.to_json().items() if k != "provenance" and k not in SERVING_KEYS}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ._proto.v1 import zfserve_pb2 as pb
-from .engine.results import (DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult, Prediction,
-                             UnitProjection)
+from .engine.results import (DECONV_INTERPRETATION, DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult,
+                             Prediction, UnitProjection)
 from .errors import InvalidArgumentError
 
 # zfserve.v1 Tensor dtypes (little-endian on the wire).
@@ -203,10 +203,11 @@ def deconv_arguments(request: pb.DeconvRequest) -> dict:
                 units=[(u.channel, u.y, u.x) for u in request.units] or None, maps=list(request.maps) or None)
 
 
-def deconv_response(model: str, units: list[UnitProjection], *, tensor: bool) -> pb.DeconvResponse:
+def deconv_response(model: str, units: list[UnitProjection], *, tensor: bool,
+                    version: str = "") -> pb.DeconvResponse:
     """The projections (with their ``png`` / ``patch_png`` when rendered) and, with ``tensor``, the stacked
-    float32 (K, 3, S, S) projections."""
-    response = pb.DeconvResponse(model=model)
+    float32 (K, 3, S, S) projections; labelled with the model ``version`` and what a projection is."""
+    response = pb.DeconvResponse(model=model, model_version=version, interpretation=DECONV_INTERPRETATION)
     for unit in units:
         x0, y0, x1, y1 = unit.box
         response.projections.add(image_index=unit.image_index, layer=unit.layer,
@@ -224,7 +225,7 @@ def projections(response: pb.DeconvResponse) -> list[UnitProjection]:
     stack = _optional_array(response.tensor)
     return [UnitProjection(p.image_index, p.layer, p.unit.channel, p.unit.y, p.unit.x, p.activation,
                            (p.box.x0, p.box.y0, p.box.x1, p.box.y1), None if stack is None else stack[i], None,
-                           p.png, p.patch_png) for i, p in enumerate(response.projections)]
+                           p.png, p.patch_png, response.model_version) for i, p in enumerate(response.projections)]
 
 
 # ---------------------------------------------------------------------------------------------- occlusion
@@ -275,8 +276,9 @@ def sweep_arguments(request: pb.OcclusionRequest) -> dict:
     return args
 
 
-def occlusion_response(model: str, result: OcclusionResult) -> pb.OcclusionResponse:
-    """A sweep's result (with its ``png`` pictures when rendered) as an OcclusionResponse."""
+def occlusion_response(model: str, result: OcclusionResult, version: str = "") -> pb.OcclusionResponse:
+    """A sweep's result (with its ``png`` pictures when rendered) as an OcclusionResponse, with the settings used
+    and the model ``version`` (default: the result's own)."""
     ny, nx = result.shape
     response = pb.OcclusionResponse(
         model=model, target=int(result.target), positions_y=ny, positions_x=nx, activity_layer=result.layer,
@@ -284,7 +286,8 @@ def occlusion_response(model: str, result: OcclusionResult) -> pb.OcclusionRespo
         base_activity=float(result.base_activity), starts=[int(s) for s in result.starts],
         window=int(result.window), stride=int(result.stride),
         fill=[float(v) for v in np.asarray(result.fill).reshape(-1)], fill_units=result.fill_units,
-        attribution_on=result.attribution_on, backend=result.backend, seconds=result.seconds, png=result.png)
+        attribution_on=result.attribution_on, backend=result.backend, seconds=result.seconds, png=result.png,
+        model_version=version or result.model_version)
     for name, arr in result.arrays().items():
         arr = np.asarray(arr).astype(np.int64 if name == "argmax" else np.float32, copy=False)
         getattr(response, name).CopyFrom(array_to_tensor(arr))
@@ -300,7 +303,8 @@ def occlusion_result(r: pb.OcclusionResponse) -> OcclusionResult:
         layer=r.activity_layer, channel=r.activity_channel, attribution_on=r.attribution_on, base_logits=None,
         base_probability=r.base_probability, base_activity=r.base_activity,
         **{name: _optional_array(getattr(r, name)) for name in OUTPUTS},
-        timings={"base_s": 0.0, "sweep_s": r.seconds}, backend=r.backend, png=dict(r.png))
+        timings={"base_s": 0.0, "sweep_s": r.seconds}, backend=r.backend, png=dict(r.png),
+        model_version=r.model_version)
 
 
 # ---------------------------------------------------------------------------------------------- OIP

@@ -8,6 +8,7 @@ import re
 import sys
 
 from .. import _checks as checks
+from ..config import ENGINES, PRECISIONS
 from ..engine.results import DEFAULT_TOP_K
 from ..errors import ZFServeError
 from .common import CommandError, EXIT_USAGE, add_server_option, model_help, remote_client
@@ -57,7 +58,42 @@ def add_export(sub) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (with --out)")
     p.add_argument("--extra-outputs", default="", metavar="LAYERS",
                    help="comma-separated layer names to add as outputs, e.g. conv5,pool5 (with --out)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (default); int8: a calibrated static quantization, model.int8.onnx beside model.onnx "
+                        "(re-made only when the weights or the calibration settings change); bf16: runs model.onnx "
+                        "on OpenVINO, nothing more to write")
+    add_int8_options(p)
     p.set_defaults(func=cmd_export)
+
+
+def add_int8_options(p) -> None:
+    from ..engine.quantize import (CALIBRATION_METHODS, DEFAULT_ACCURACY_IMAGES, DEFAULT_CALIBRATION_IMAGES,
+                                   DEFAULT_CALIBRATION_METHOD, DEFAULT_MAX_ACCURACY_DROP)
+    g = p.add_argument_group("int8 (with --precision int8)")
+    g.add_argument("--calibration", default=None, metavar="SOURCE",
+                   help="held-out calibration images: synthetic (seed 5; the embedded model trained on 1), "
+                        "synthetic:SEED, or an ImageFolder directory (an evenly spaced subset; the rest is the "
+                        "accuracy gate's). Default: synthetic")
+    g.add_argument("--calibration-images", type=int, default=None, metavar="N",
+                   help=f"calibration images (default {DEFAULT_CALIBRATION_IMAGES})")
+    g.add_argument("--calibration-method", default=None, choices=CALIBRATION_METHODS,
+                   help=f"activation ranges from min-max, entropy or percentile (default {DEFAULT_CALIBRATION_METHOD})")
+    g.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP, metavar="PT",
+                   help=f"refuse an int8 model whose top-1 on held-out images is more than PT percentage points "
+                        f"below fp32's (default {DEFAULT_MAX_ACCURACY_DROP})")
+    g.add_argument("--accuracy-images", type=int, default=DEFAULT_ACCURACY_IMAGES, metavar="N",
+                   help=f"held-out images of the accuracy gate (default {DEFAULT_ACCURACY_IMAGES}; synthetic seed 3, "
+                        f"or the ImageFolder's images not used for calibration)")
+
+
+def int8_settings(args):
+    """The Int8Settings the flags ask for, and whether any calibration flag was given."""
+    from ..engine.quantize import Int8Settings
+    given = {key: value for key, value in (("calibration", args.calibration),
+                                           ("calibration_images", args.calibration_images),
+                                           ("method", args.calibration_method)) if value is not None}
+    settings = Int8Settings(**given, max_accuracy_drop=args.max_accuracy_drop, accuracy_images=args.accuracy_images)
+    return settings.validate(), bool(given)
 
 
 def cmd_export(args) -> int:
@@ -67,6 +103,8 @@ def cmd_export(args) -> int:
     from ..weights import WEIGHTS_FILE, read_snapshot
 
     extra = tuple(name.strip() for name in args.extra_outputs.split(",") if name.strip())
+    if args.precision != "fp32":
+        return _export_precision(args, extra)
     if args.out is None:
         if extra or args.opset != 17:
             raise CommandError("--opset and --extra-outputs need --out FILE (the cached model.onnx is opset 17 "
@@ -86,6 +124,42 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _export_precision(args, extra) -> int:
+    """``export --precision int8|bf16``: the int8 file (made from the fp32 export), or the bf16 check."""
+    from pathlib import Path
+
+    from ..engine.quantize import META_ACCURACY, META_CALIBRATION, META_FP32_SHA256, ensure_int8, quantize_int8
+    from ..export import ensure_onnx, read_metadata
+    from ..weights import read_snapshot
+    if extra or args.opset != 17:
+        raise CommandError(f"--opset and --extra-outputs: fp32 only (the {args.precision} graph is made from the "
+                           f"cached opset 17 model.onnx)", field="precision")
+    snapshot = read_snapshot(args.model)
+    fp32 = ensure_onnx(snapshot)
+    if args.precision == "bf16":
+        from ..engine.backends import OpenVinoBackend
+        OpenVinoBackend(fp32.read_bytes(), threads=1, precision="bf16")   # refuses without openvino or bf16
+        print(f"{fp32}: bf16 runs this fp32 export on OpenVINO (inference precision bf16, converted when loaded: "
+              f"--precision bf16 --engine openvino); nothing more to write")
+        return 0
+    settings, explicit = int8_settings(args)
+    if args.out is not None:
+        path = Path(args.out)
+        if path.is_dir():
+            raise CommandError(f"--out: {path} is a directory; give a file name such as {path / 'model.int8.onnx'}",
+                               field="out")
+        quantize_int8(fp32, path, snapshot.config, settings)
+    else:   # no calibration flag: any current int8 file will do; with one, it must have been made that way
+        path = ensure_int8(fp32, snapshot.config, settings if explicit else None)
+    meta = read_metadata(path)
+    calibration, accuracy = json.loads(meta[META_CALIBRATION]), json.loads(meta[META_ACCURACY])
+    gate = (f"top-1 {100 * accuracy['reference_top1']:.2f}% -> {100 * accuracy['top1']:.2f}%, " if "top1" in accuracy
+            else "") + f"agreement with fp32 {100 * accuracy['agreement']:.2f}% on {accuracy['data']}"
+    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, int8 ({calibration['method']} calibration on "
+          f"{calibration['data']}; {gate}), made from {fp32.name} sha256 {meta[META_FP32_SHA256][:16]}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- classify
 MAX_CLI_BATCH = 1024
 
@@ -99,9 +173,20 @@ def add_classify(sub) -> None:
                    help=f"classes per image (1..number of classes; default {DEFAULT_TOP_K})")
     p.add_argument("--batch-size", type=int, default=32, help=f"images per run (1..{MAX_CLI_BATCH}; default 32)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    add_precision_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON array instead of one line per image")
     add_server_option(p)
     p.set_defaults(func=cmd_classify)
+
+
+def add_precision_options(p, serving: bool = False) -> None:
+    where = "for models whose config.json names none" if serving else "default: the model's config.json, else"
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help=f"classification precision ({where} fp32): int8 is made on first use from held-out "
+                        f"calibration images (see `zfserve export --precision int8`); bf16 needs --engine openvino")
+    p.add_argument("--engine", default=None, choices=ENGINES,
+                   help=f"classification engine ({where} onnxruntime); openvino needs pip install "
+                        f"'zfserve[openvino]'")
 
 
 def cmd_classify(args) -> int:
@@ -118,8 +203,12 @@ def cmd_classify(args) -> int:
         checks.integer(args.threads, "threads", 1, label="--threads")
     output = _ClassifyOutput(args)
     if args.server:
+        if args.precision or args.engine:
+            raise CommandError("--precision/--engine choose the local engine; a server classifies with what it "
+                               "serves (see ListModels)", field="precision")
         return _classify_remote(args, output)
-    classifier = Classifier(args.model, max_batch_size=args.batch_size, threads=args.threads)
+    classifier = Classifier(args.model, max_batch_size=args.batch_size, threads=args.threads,
+                            precision=args.precision, engine=args.engine)
     checks.integer(args.top_k, "top_k", 1, classifier.num_classes, label="--top-k", what="the model's classes")
     for start in range(0, len(args.images), args.batch_size):
         arrays, good = [], []
@@ -204,6 +293,7 @@ def add_serve(sub) -> None:
     p.add_argument("--model", default=None, help=model_help() + "; ignored with --model-repository")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="engine device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    add_precision_options(p, serving=True)
     g = p.add_argument_group("dynamic batching (Triton's knobs; shared by Classify and ModelInfer)")
     g.add_argument("--max-batch-size", type=int, default=b.max_batch_size,
                    help=f"most images per engine call; 1 turns batching off (default {b.max_batch_size})")
@@ -243,6 +333,9 @@ def add_serve(sub) -> None:
     s.add_argument("--auth-token-file", default=None,
                    help="require 'authorization: Bearer <token>' (token read from this file; health exempt)")
     g = p.add_argument_group("operations (SIGHUP reloads the models' files; SIGTERM shuts down)")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="also serve HTTP on this port (0 = a free one): the Open Inference Protocol's REST API (/v2), "
+                        "the explorer page (/) and its API; same auth and TLS; default off")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (with --auth-token-file it needs the token too)")
     g.add_argument("--shutdown-grace-s", type=float, default=30.0,
@@ -270,13 +363,13 @@ def cmd_serve(args) -> int:
     configure_logging(args.log_level)
     options = ServerOptions(
         host=args.host, port=args.port, model_repository=args.model_repository, model=args.model,
-        device=args.device, threads=args.threads,
+        device=args.device, threads=args.threads, precision=args.precision, engine=args.engine,
         batching=BatcherConfig(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                                max_queue_size=args.max_queue_size, default_timeout_us=args.default_timeout_us),
         max_images_per_request=args.max_images_per_request, max_message_bytes=args.max_message_bytes,
         heavy_workers=args.heavy_workers, heavy_queue_size=args.heavy_queue_size, heavy_threads=args.heavy_threads,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        auth_token_file=args.auth_token_file, metrics_port=args.metrics_port,
+        auth_token_file=args.auth_token_file, metrics_port=args.metrics_port, http_port=args.http_port,
         shutdown_grace_s=args.shutdown_grace_s, max_request_pixels=args.max_request_pixels,
         decode_workers=args.decode_workers, decode_queue_size=args.decode_queue_size,
         max_occlusion_positions=args.max_occlusion_positions, strict=args.strict)

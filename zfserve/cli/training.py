@@ -7,6 +7,7 @@ import json
 import sys
 
 from .. import _checks as checks
+from ..config import ENGINES, PRECISIONS
 from .common import CommandError, EXIT_USAGE, Parser, model_help
 
 
@@ -129,24 +130,35 @@ def add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--workers", type=int, default=1, help="processes rendering synthetic images")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="evaluate the classifier in this precision (int8: made on first use, see `zfserve export "
+                        "--precision int8`) against eager fp32: top-1/top-5 of both and their top-1 agreement")
+    p.add_argument("--engine", default=None, choices=ENGINES, help="... on this engine (default onnxruntime)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     from ..evaluate import evaluate
-    from ..weights import load_model
+    from ..weights import read_snapshot
     checks.integer(args.n, "n", 1, label="--n")
     checks.integer(args.batch, "batch", 1, label="--batch")
     checks.integer(args.seed, "seed", 0, label="--seed")
-    report = evaluate(load_model(args.model), args.data, seed=args.seed, n=args.n, batch=args.batch,
-                      workers=args.workers)
+    snapshot = read_snapshot(args.model)
+    report = evaluate(snapshot.model(), args.data, seed=args.seed, n=args.n, batch=args.batch,
+                      workers=args.workers, precision=args.precision, engine=args.engine, source=snapshot)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model {report['model']} on {report['data']}: {report['n']} images, top-1 {report['top1']:.4f}, "
+    how = f" ({report['precision']} on {report['engine']})" if "precision" in report else ""
+    print(f"model {report['model']}{how} on {report['data']}: {report['n']} images, top-1 {report['top1']:.4f}, "
           f"top-{report['top5_k']} {report['top5']:.4f}, loss {report['loss']:.4f} "
           f"({report['eval_seconds']}s, {report['hardware']})")
+    if "precision" in report:
+        ref = report["reference"]
+        print(f"  fp32 (eager): top-1 {ref['top1']:.4f}, top-5 {ref['top5']:.4f}; top-1 agreement "
+              f"{report['agreement']:.4f}, top-1 drop {report['top1_drop_pt']:.2f} pt, largest probability "
+              f"difference {report['max_abs_probability_diff']:.4f}")
     for name, acc in report["per_class"].items():
         print(f"  {name:<10} {acc:.4f}")
     return 0

@@ -1,9 +1,10 @@
-"""Classification on ONNX Runtime: preprocessed float32 batches in, probabilities and top-k out.
+"""Classification on ONNX Runtime (or OpenVINO): preprocessed float32 batches in, probabilities and top-k out.
 
-One ``InferenceSession`` per Classifier; ``run`` is thread-safe, so concurrent callers share it (each call
+One session per Classifier (:mod:`.backends`); ``run`` is thread-safe, so concurrent callers share it (each call
 builds its own IO binding on CUDA). Batches above ``max_batch_size`` are split into several runs. CPU
 threads: intra-op = all cores this process may use, inter-op 1 (the graph is a chain; a second pool only
-competes for the same cores).
+competes for the same cores). ``precision`` picks the graph: the fp32 export, or its calibrated int8
+quantization (``model.int8.onnx``, :mod:`.quantize`); bf16 runs the fp32 export on OpenVINO in bf16.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import _checks as checks
-from ..config import ModelConfig
-from ..errors import InvalidArgumentError, ModelLoadError
-from ..export import INPUT_NAME, META_WEIGHTS_HASH, PROBABILITIES, ensure_onnx, ort_session, read_metadata
+from ..config import ENGINES, PRECISIONS, ModelConfig
+from ..errors import InvalidArgumentError, ModelLoadError, ZFServeError
+from ..export import META_WEIGHTS_HASH, PROBABILITIES, ensure_onnx, read_metadata
 from ..model import ZFNet
 from ..weights import Snapshot, read_snapshot
+from .backends import OnnxRuntimeBackend, OpenVinoBackend, check_combination
 from .results import DEFAULT_TOP_K, Prediction
 
 MAX_BATCH_SIZE_LIMIT = 4096
@@ -42,21 +44,31 @@ class Classifier:
     ``"cuda"`` (the CUDA execution provider with IO binding; falls back to CPU with a warning when this
     onnxruntime has no CUDA provider). ``threads``: intra-op threads (default: all usable cores).
     ``profile_prefix``: turn on ONNX Runtime's profiler, writing ``<prefix>_<date>.json`` on
-    :meth:`end_profiling`.
+    :meth:`end_profiling`. ``precision``: ``"fp32"``, ``"int8"`` (made on first use from held-out calibration
+    images, see :func:`zfserve.engine.quantize.ensure_int8`; ``int8`` settings choose the calibration) or
+    ``"bf16"`` (OpenVINO only); ``engine``: ``"onnxruntime"`` or ``"openvino"``. Both default to the model's
+    config.json (``precision``, ``engine``), else fp32 on ONNX Runtime.
 
     Input errors raise :class:`~zfserve.errors.InvalidArgumentError` with ``field`` ``"batch"`` (type, dtype,
     rank, shape, size), ``"image"`` (non-finite values in one image) or ``"top_k"``.
     """
 
     def __init__(self, model=None, *, device: str = "cpu", max_batch_size: int = 64, threads: int | None = None,
-                 warmup: bool = True, profile_prefix: str | None = None):
+                 warmup: bool = True, profile_prefix: str | None = None, precision: str | None = None,
+                 engine: str | None = None, int8=None):
         import onnxruntime as ort
 
         checks.choice(device, "device", checks.DEVICE_TYPES)
         checks.integer(max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE_LIMIT)
         if threads is not None:
             checks.integer(threads, "threads", 1, what="or None: all cores")
+        if precision is not None:
+            checks.choice(precision, "precision", PRECISIONS)
+        if engine is not None:
+            checks.choice(engine, "engine", ENGINES)
         self.config, self.onnx_path, weights_sha256 = _resolve(model)
+        self.precision = precision or self.config.precision or "fp32"
+        self.engine = engine or self.config.engine or "onnxruntime"
         self.name = self.config.name
         self.class_names = list(self.config.class_names)
         self.num_classes = self.config.num_classes
@@ -69,20 +81,26 @@ class Classifier:
                           "running on CPU", RuntimeWarning, stacklevel=2)
             device = "cpu"
         self.device = device
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        check_combination(self.engine, self.precision, device)
+        if self.precision == "int8":
+            from .quantize import ensure_int8
+            self.onnx_path = ensure_int8(self.onnx_path, self.config, int8)
         # The session is built from bytes read once and checked against the weights they were exported from,
         # so a file replaced on disk meanwhile can never be what is served.
         onnx_bytes = self.onnx_path.read_bytes()
         if weights_sha256 is not None and read_metadata(onnx_bytes).get(META_WEIGHTS_HASH) != weights_sha256:
             raise ModelLoadError(f"{self.onnx_path}: changed on disk while the model was loading; load it again")
         try:
-            self.session = ort_session(onnx_bytes, threads=self.threads, providers=providers,
-                                       profile_prefix=profile_prefix)
+            if self.engine == "openvino":
+                self.backend = OpenVinoBackend(onnx_bytes, threads=self.threads, precision=self.precision)
+            else:
+                self.backend = OnnxRuntimeBackend(onnx_bytes, threads=self.threads, device=device,
+                                                  profile_prefix=profile_prefix)
+        except ZFServeError:
+            raise
         except Exception as exc:  # onnxruntime raises its own exception types  # noqa: BLE001
             raise ModelLoadError(f"{self.onnx_path}: ONNX Runtime cannot load it ({exc})") from None
-        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        outputs = self.backend.outputs
         if PROBABILITIES not in outputs or outputs[PROBABILITIES][-1] != self.num_classes:
             raise ModelLoadError(f"{self.onnx_path}: expected output {PROBABILITIES!r} with {self.num_classes} "
                                  f"classes, found {outputs}")
@@ -93,7 +111,7 @@ class Classifier:
     # ------------------------------------------------------------------------------------------ inference
     @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        return self.backend.providers
 
     def probabilities(self, batch: np.ndarray, *, finite: bool = True) -> np.ndarray:
         """float32 (N, 3, S, S) preprocessed images -> float32 (N, num_classes) probabilities. Non-finite values
@@ -127,17 +145,11 @@ class Classifier:
 
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (``profile_prefix``) and return the trace file's path."""
-        return self.session.end_profiling()
+        return self.backend.end_profiling()
 
     # ------------------------------------------------------------------------------------------ internals
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        if self.device == "cuda":
-            binding = self.session.io_binding()
-            binding.bind_cpu_input(INPUT_NAME, batch)
-            binding.bind_output(PROBABILITIES, "cpu")
-            self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0]
-        return self.session.run([PROBABILITIES], {INPUT_NAME: batch})[0]
+        return self.backend.run(batch)
 
     def _check_k(self, k) -> None:
         checks.integer(k, "top_k", 1, self.num_classes, what="the model's classes")

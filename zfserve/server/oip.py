@@ -30,13 +30,16 @@ from .. import _checks as checks
 from .._proto.inference import grpc_service_pb2 as pb
 from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from .._proto.inference import model_config_pb2 as mc
+from ..engine.results import DECONV_INTERPRETATION
 from ..errors import InvalidArgumentError, NotFoundError
 from ..wire import BYTES_INPUT, BYTES_MODEL_SUFFIX, IMAGE_INPUT, infer_input, oip_model_name
 from .handlers import deadline_of, unary
 from .repository import Runtime, ServedModel
 from .status import FailedPrecondition
 
-PLATFORM = "onnxruntime_onnx"
+# Triton's platform names of the two engines; a precision other than fp32 follows as "_int8" / "_bf16", so that
+# ModelMetadata (which has no parameters) says what is served; ModelConfig also has it as parameters.
+PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
 OUTPUT = "probabilities"
 # Exactly what is implemented (Triton's extension names).
 EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
@@ -49,6 +52,12 @@ class OipModel:
     name: str
     served: ServedModel
     input: str      # IMAGE_INPUT or BYTES_INPUT
+
+
+def platform(runtime: Runtime) -> str:
+    """The OIP platform string of what ``runtime`` classifies with, e.g. "onnxruntime_onnx_int8"."""
+    base = PLATFORMS[runtime.engine]
+    return base if runtime.precision == "fp32" else f"{base}_{runtime.precision}"
 
 
 def _param_value(param: pb.InferParameter):
@@ -123,7 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         datatype, dims = self._input_dims(model, runtime)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=model.name, versions=[runtime.oip_version], platform=PLATFORM,
+            name=model.name, versions=[runtime.oip_version], platform=platform(runtime),
             inputs=[tm(name=model.input, datatype=datatype, shape=[-1, *dims])],
             outputs=[tm(name=OUTPUT, datatype="FP32", shape=[-1, runtime.num_classes])])
 
@@ -134,7 +143,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         o = self.state.options
         batching = o.batching
         config = mc.ModelConfig(
-            name=model.name, platform=PLATFORM, max_batch_size=o.max_images_per_request,
+            name=model.name, platform=platform(runtime), max_batch_size=o.max_images_per_request,
             input=[mc.ModelInput(name=model.input, data_type=mc.TYPE_FP32 if datatype == "FP32" else mc.TYPE_STRING,
                                  dims=dims)],
             output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[runtime.num_classes])],
@@ -145,6 +154,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     timeout_action=mc.ModelQueuePolicy.REJECT,
                     default_timeout_microseconds=batching.default_timeout_us,
                     allow_timeout_override=True, max_queue_size=batching.max_queue_size)))
+        config.parameters["precision"].string_value = runtime.precision
+        config.parameters["engine"].string_value = runtime.engine
+        # What zfserve.v1 DeconvProject returns for this model (DeconvResponse.interpretation): not an attribution.
+        config.parameters["deconv_interpretation"].string_value = DECONV_INTERPRETATION
         return pb.ModelConfigResponse(config=config)
 
     # ------------------------------------------------------------------------------------------- infer

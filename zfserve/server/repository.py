@@ -49,6 +49,8 @@ class Runtime:
         self.oip_version = oip_version(snapshot.version)   # the same version as an integer (OIP clients)
         self.config = snapshot.config
         self.classifier = classifier
+        self.precision = classifier.precision     # what classification runs in and on (ListModels says it)
+        self.engine = classifier.engine
         self.num_classes = int(classifier.num_classes)
         self.input_size = int(classifier.input_size)
         self.device = device
@@ -87,12 +89,15 @@ class ServedModel:
     loaded) and, when loading failed, why."""
 
     def __init__(self, name: str, source: str, *, device: str = "cpu", max_batch_size: int = 32,
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str | None = None, engine: str | None = None):
         self.name = name
         self.source = source
         self.device = device
         self.max_batch_size = max_batch_size
         self.threads = threads
+        # The server's --precision / --engine: for models whose config.json names none (config.json wins).
+        self.precision = precision
+        self.engine = engine
         self.runtime: Runtime | None = None
         self.error: str | None = None
         self.unloaded = False                 # unloaded on request (RepositoryModelUnload)
@@ -118,11 +123,14 @@ class ServedModel:
         return "unloaded on request; load it again with RepositoryModelLoad" if self.unloaded else "loading"
 
     def build(self, snapshot: Snapshot | None = None) -> Runtime:
-        """Read the snapshot (unless given) and build its warmed classifier (blocking: run it in a thread)."""
+        """Read the snapshot (unless given) and build its warmed classifier (blocking: run it in a thread); an
+        int8 model is quantized here on first use (see zfserve.engine.quantize.ensure_int8)."""
         from ..engine.classifier import Classifier
         snapshot = snapshot or read_snapshot(self.source)
         classifier = Classifier(snapshot, device=self.device, max_batch_size=self.max_batch_size,
-                                threads=self.threads, warmup=True)
+                                threads=self.threads, warmup=True,
+                                precision=snapshot.config.precision or self.precision,
+                                engine=snapshot.config.engine or self.engine)
         return Runtime(self.name, snapshot, classifier, self.device)
 
     def fail(self, exc: BaseException) -> str:
@@ -132,11 +140,13 @@ class ServedModel:
         return self.error
 
     def changed(self, snapshot: Snapshot) -> bool:
-        """Whether ``snapshot`` differs from what is served (weights or config)."""
+        """Whether ``snapshot`` differs from what is served (weights, config, or its precision and engine)."""
+        from ..config import SERVING_KEYS
         from ..export import config_hash
         current = self.runtime.snapshot if self.runtime else None
         return current is None or current.sha256 != snapshot.sha256 or \
-            config_hash(current.config) != config_hash(snapshot.config)
+            config_hash(current.config) != config_hash(snapshot.config) or \
+            any(getattr(current.config, key) != getattr(snapshot.config, key) for key in SERVING_KEYS)
 
 
 class ModelRepository:

@@ -102,7 +102,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                     unit.png = render.png_bytes(render.signed_to_rgb(unit.projection))
                 if request.return_patches:
                     unit.patch_png = render.png_bytes(render.patch_to_rgb(unit.patch, model.config, unit.box))
-            return wire.deconv_response(model.name, projected, tensor=request.return_tensor)
+            return wire.deconv_response(model.name, projected, tensor=request.return_tensor, version=model.version)
 
         return await self.state.heavy.run(work, deadline_mono=deadline_mono)
 
@@ -122,7 +122,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                 pictures = render.occlusion_pictures(result, to_display(images[0], model.config),
                                                      model.config.class_names)
                 result.png = {name: render.png_bytes(picture) for name, picture in pictures.items()}
-            return wire.occlusion_response(model.name, result)
+            return wire.occlusion_response(model.name, result, version=model.version)
 
         return self.state.heavy.run(work, deadline_mono=deadline_mono, on_progress=on_progress)
 
@@ -174,7 +174,8 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                 response.models.add(name=m.name, ready=False, reason=m.reason)
             else:
                 response.models.add(name=m.name, version=runtime.version, num_classes=runtime.num_classes,
-                                    ready=self.state.model_ready(m), oip_version=runtime.oip_version)
+                                    ready=self.state.model_ready(m), oip_version=runtime.oip_version,
+                                    precision=runtime.precision, engine=runtime.engine)
         return response
 
     @unary("GetModelInfo")
@@ -185,7 +186,8 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         info = pb.ModelInfo(name=model.name, version=model.version, oip_version=model.oip_version,
                             num_classes=model.num_classes, class_names=list(config.class_names),
                             input_shape=[3, model.input_size, model.input_size],
-                            preprocess_json=json.dumps(config.preprocess.to_json()))
+                            preprocess_json=json.dumps(config.preprocess.to_json()),
+                            precision=model.precision, engine=model.engine)
         for layer in torch_model.layer_info():
             info.layers.add(name=layer.name, shape=list(layer.shape), parameters=int(layer.params),
                             receptive_field=int(layer.receptive_field or 0), stride=int(layer.jump or 0))

@@ -129,14 +129,18 @@ class Projection(_message.Message):
     def __init__(self, image_index: _Optional[int] = ..., layer: _Optional[str] = ..., unit: _Optional[_Union[Unit, _Mapping]] = ..., activation: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., png: _Optional[bytes] = ..., patch_png: _Optional[bytes] = ...) -> None: ...
 
 class DeconvResponse(_message.Message):
-    __slots__ = ("model", "projections", "tensor")
+    __slots__ = ("model", "projections", "tensor", "model_version", "interpretation")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INTERPRETATION_FIELD_NUMBER: _ClassVar[int]
     model: str
     projections: _containers.RepeatedCompositeFieldContainer[Projection]
     tensor: Tensor
-    def __init__(self, model: _Optional[str] = ..., projections: _Optional[_Iterable[_Union[Projection, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    model_version: str
+    interpretation: str
+    def __init__(self, model: _Optional[str] = ..., projections: _Optional[_Iterable[_Union[Projection, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., interpretation: _Optional[str] = ...) -> None: ...
 
 class OcclusionRequest(_message.Message):
     __slots__ = ("model", "images", "window", "stride", "fill_value", "fill_per_channel", "fill_in_pixels", "target", "outputs", "activity_layer", "activity_channel", "attribution_on_logits", "return_png")
@@ -169,7 +173,7 @@ class OcclusionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill_value: _Optional[float] = ..., fill_per_channel: _Optional[_Union[Tensor, _Mapping]] = ..., fill_in_pixels: _Optional[bool] = ..., target: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., attribution_on_logits: _Optional[bool] = ..., return_png: _Optional[bool] = ...) -> None: ...
 
 class OcclusionResponse(_message.Message):
-    __slots__ = ("model", "target", "positions_y", "positions_x", "probability", "argmax", "activity", "attribution", "activity_layer", "activity_channel", "png", "base_probability", "base_activity", "starts", "window", "stride", "fill", "fill_units", "attribution_on", "backend", "seconds")
+    __slots__ = ("model", "target", "positions_y", "positions_x", "probability", "argmax", "activity", "attribution", "activity_layer", "activity_channel", "png", "base_probability", "base_activity", "starts", "window", "stride", "fill", "fill_units", "attribution_on", "backend", "seconds", "model_version")
     class PngEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +202,7 @@ class OcclusionResponse(_message.Message):
     ATTRIBUTION_ON_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     target: int
     positions_y: int
@@ -219,7 +224,8 @@ class OcclusionResponse(_message.Message):
     attribution_on: str
     backend: str
     seconds: float
-    def __init__(self, model: _Optional[str] = ..., target: _Optional[int] = ..., positions_y: _Optional[int] = ..., positions_x: _Optional[int] = ..., probability: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., activity: _Optional[_Union[Tensor, _Mapping]] = ..., attribution: _Optional[_Union[Tensor, _Mapping]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., png: _Optional[_Mapping[str, bytes]] = ..., base_probability: _Optional[float] = ..., base_activity: _Optional[float] = ..., starts: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill: _Optional[_Iterable[float]] = ..., fill_units: _Optional[str] = ..., attribution_on: _Optional[str] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., target: _Optional[int] = ..., positions_y: _Optional[int] = ..., positions_x: _Optional[int] = ..., probability: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., activity: _Optional[_Union[Tensor, _Mapping]] = ..., attribution: _Optional[_Union[Tensor, _Mapping]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., png: _Optional[_Mapping[str, bytes]] = ..., base_probability: _Optional[float] = ..., base_activity: _Optional[float] = ..., starts: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill: _Optional[_Iterable[float]] = ..., fill_units: _Optional[str] = ..., attribution_on: _Optional[str] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("done", "total")
@@ -242,20 +248,24 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "version", "num_classes", "ready", "reason", "oip_version")
+    __slots__ = ("name", "version", "num_classes", "ready", "reason", "oip_version", "precision", "engine")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     OIP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     num_classes: int
     ready: bool
     reason: str
     oip_version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., oip_version: _Optional[str] = ...) -> None: ...
+    precision: str
+    engine: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., ready: _Optional[bool] = ..., reason: _Optional[str] = ..., oip_version: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "default_model")
@@ -286,7 +296,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., parameters: _Optional[int] = ..., receptive_field: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "num_classes", "class_names", "input_shape", "layers", "preprocess_json", "oip_version")
+    __slots__ = ("name", "version", "num_classes", "class_names", "input_shape", "layers", "preprocess_json", "oip_version", "precision", "engine")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +305,8 @@ class ModelInfo(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_JSON_FIELD_NUMBER: _ClassVar[int]
     OIP_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     num_classes: int
@@ -303,4 +315,6 @@ class ModelInfo(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerInfo]
     preprocess_json: str
     oip_version: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocess_json: _Optional[str] = ..., oip_version: _Optional[str] = ...) -> None: ...
+    precision: str
+    engine: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocess_json: _Optional[str] = ..., oip_version: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
