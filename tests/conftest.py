@@ -76,3 +76,43 @@ def spread_model():
 @pytest.fixture
 def tiny_model(make_model):
     return make_model()
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Injected into a copy of a page: after load, list every image with whether it loaded and its decoded width.
+IMAGE_PROBE = ("<script>window.addEventListener('load',()=>{const r=[...document.images].map(i=>[i.getAttribute("
+               "'src'),i.complete,i.naturalWidth]);const p=document.createElement('pre');p.id='zf-result';"
+               "p.textContent=JSON.stringify(r);document.body.appendChild(p);});</script>")
+
+
+@pytest.fixture
+def page_images(tmp_path):
+    """``page_images(path)``: open an offline HTML page in headless Chromium (Debian's package) and return its
+    images as [src, complete, naturalWidth] after load, plus the rendered DOM. Skips without Chromium (fails with
+    ZFSERVE_REQUIRE_BROWSER=1, as in CI)."""
+    import html
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        reason = "chromium is not installed (Debian package 'chromium'); CI installs it"
+        if os.environ.get("ZFSERVE_REQUIRE_BROWSER"):   # CI: the page tests must run
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+    def load(path):
+        check = path.with_name(f".check-{path.name}")
+        check.write_text(path.read_text().replace("</body>", IMAGE_PROBE + "</body>"))
+        run = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                              "--virtual-time-budget=10000", "--dump-dom", check.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        check.unlink()
+        found = re.search(r'<pre id="zf-result">(.*?)</pre>', run.stdout, re.S)
+        assert found, f"no result from chromium (rc {run.returncode}): {run.stderr[-2000:]}"
+        return json.loads(html.unescape(found.group(1))), run.stdout
+
+    return load

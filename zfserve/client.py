@@ -78,7 +78,9 @@ class Client:
                return_png: bool = False, return_patches: bool = False, return_tensor: bool = True,
                model: str = "", timeout: float | None = None) -> list[UnitProjection]:
         """Deconv projections of ``layer`` (as ``DeconvEngine.project``); ``png`` / ``patch_png`` hold the
-        server's renderings when asked for, ``projection`` the array with ``return_tensor``."""
+        server's renderings when asked for, ``projection`` the array with ``return_tensor``, ``model_version`` the
+        served version. A projection is a feature visualisation (class-insensitive), not evidence of what the class
+        decision used (``zfserve faithfulness``)."""
         request = wire.deconv_request(images, layer, top_k=top_k, one_per_map=one_per_map, units=units, maps=maps,
                                       return_png=return_png, return_patches=return_patches,
                                       return_tensor=return_tensor, model=model)
@@ -90,7 +92,9 @@ class Client:
                 timeout: float | None = None, fill_in_pixels: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> OcclusionResult:
         """One image's occlusion maps (as ``OcclusionEngine.sweep``; ``png`` holds the server's pictures with
-        ``return_png``). With ``progress(done, total)`` the streaming RPC is used."""
+        ``return_png``). The result carries what reproduces it: ``window``, ``stride``, ``fill`` / ``fill_units``,
+        ``target``, ``attribution_on`` ("probability" or "logit") and ``model_version`` (the served version). With
+        ``progress(done, total)`` the streaming RPC is used."""
         request = wire.occlusion_request(image, window=window, stride=stride, fill=fill, target=target,
                                          outputs=outputs, layer=layer, channel=channel,
                                          attribution_on_logits=attribution_on_logits, return_png=return_png,
@@ -132,3 +136,50 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class RemoteAuditBackend:
+    """A running server as the backend of ``zfserve audit --server`` (see :mod:`zfserve.audit.backends`): the
+    server decodes the images with the same decoder and runs the same engines, so the rows equal a local audit's.
+    A refused image becomes that image's error, worded as the local decoder words it."""
+
+    def __init__(self, client: Client, model: str = ""):
+        import json
+
+        from .config import PreprocessConfig
+        info = client.model_info(model)
+        self.client = client
+        self.name, self.version = info.name, info.version
+        self.class_names = list(info.class_names)
+        self.preprocess = PreprocessConfig(**json.loads(info.preprocess_json))
+        self._seconds = {"classify": 0.0}
+
+    def classify(self, images: list[bytes]) -> list:
+        import re
+        import time
+        t0 = time.perf_counter()
+        out, pending = [None] * len(images), list(range(len(images)))
+        while pending:
+            try:
+                _, probs = self.client.classify([images[i] for i in pending], top_k=1, model=self.name,
+                                                return_probabilities=True)
+            except ServerError as exc:
+                bad = re.match(r"images\.encoded\[(\d+)\]", exc.details or "")
+                if exc.code != grpc.StatusCode.INVALID_ARGUMENT or bad is None or int(bad.group(1)) >= len(pending):
+                    raise
+                index = pending.pop(int(bad.group(1)))   # that image alone fails; the others are sent again
+                out[index] = ZFServeError(exc.details.replace(bad.group(0), "image", 1), field="image")
+                continue
+            for i, p in zip(pending, probs):
+                out[i] = p
+            break
+        self._seconds["classify"] += time.perf_counter() - t0
+        return out
+
+    def occlude(self, image: bytes, *, window: int, stride: int, target: int) -> OcclusionResult:
+        return self.client.occlude(image, window=window, stride=stride, target=target,
+                                   outputs=("probability", "attribution"), model=self.name)
+
+    def take_seconds(self) -> dict:
+        seconds, self._seconds = self._seconds, {"classify": 0.0}
+        return seconds
