@@ -39,7 +39,8 @@ def find_perf_analyzer() -> str | None:
 
 
 def start_server(*extra: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
-    """``zfserve serve --port 0 EXTRA...`` in a child process; returns it and its target once it is ready."""
+    """``zfserve serve --port 0 EXTRA...`` in a child process; returns it and its gRPC target once it is ready
+    (with ``--http-port``, ``proc.http_target`` is the HTTP side's)."""
     proc = subprocess.Popen([sys.executable, "-m", "zfserve.cli", "serve", "--port", "0", "--log-level", "warning",
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, port, seen = time.monotonic() + timeout_s, None, []
@@ -51,6 +52,9 @@ def start_server(*extra: str, timeout_s: float = 180) -> tuple[subprocess.Popen,
         match = re.match(r"zfserve: listening on [\d.]+:(\d+)", line)
         if match:
             port = int(match.group(1))
+        match = re.match(r"zfserve: http on [\d.]+:(\d+)", line)
+        if match:   # with --http-port: the HTTP side's address
+            proc.http_target = f"127.0.0.1:{match.group(1)}"
         if line.startswith("zfserve: ready") and port:
             return proc, f"127.0.0.1:{port}"
     proc.kill()
@@ -88,11 +92,11 @@ def write_jpeg_input_data(path: Path, count: int = 8, seed: int = 0) -> Path:
 
 
 def command(binary: str, model: str, target: str, concurrency: str, input_data: Path | None = None,
-            request_count: int = 200, stability_percentage: int | None = None) -> list[str]:
+            request_count: int = 200, stability_percentage: int | None = None, protocol: str = "grpc") -> list[str]:
     """The perf_analyzer command line. ``stability_percentage`` widens perf_analyzer's stability test (default
     10%: three windows within 10% of each other), for runs that check behaviour rather than measure on a busy
     host."""
-    cmd = [binary, "-m", model, "-i", "grpc", "-u", target, "--concurrency-range", concurrency,
+    cmd = [binary, "-m", model, "-i", protocol, "-u", target, "--concurrency-range", concurrency,
            "--measurement-mode", "count_windows", "--measurement-request-count", str(request_count)]
     if stability_percentage is not None:
         cmd += ["--stability-percentage", str(stability_percentage)]

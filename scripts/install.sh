@@ -6,8 +6,9 @@
 #
 # Steps: python3 -m venv PREFIX; pip install torch; pip install <this checkout>[cpu] (not editable, so PREFIX
 # holds everything and can be copied as is); then the check: `zfserve --version`, and a real start of
-# `zfserve serve` on a free loopback port, polled with `zfserve health` until SERVING, then SIGTERM, which
-# must exit 0. --no-check skips the start (for a build host that cannot open a loopback port).
+# `zfserve serve --http-port 0` on free loopback ports, polled with `zfserve health` until SERVING, the explorer
+# page and its files fetched over HTTP, then SIGTERM, which must exit 0. --no-check skips the start (for a
+# build host that cannot open a loopback port).
 #
 # Environment:
 #   PYTHON           the interpreter for the venv (default python3)
@@ -94,7 +95,7 @@ fi
 # The start check. Its ONNX export goes to a scratch cache, so nothing is left in ~/.cache (or in the image).
 log=$scratch/serve.log
 say "start check: zfserve serve on a free loopback port"
-ZFSERVE_CACHE_DIR=$scratch/cache "$prefix/bin/zfserve" serve --host 127.0.0.1 --port 0 >"$log" 2>&1 &
+ZFSERVE_CACHE_DIR=$scratch/cache "$prefix/bin/zfserve" serve --host 127.0.0.1 --port 0 --http-port 0 >"$log" 2>&1 &
 server=$!
 deadline=$(( $(date +%s) + timeout_s ))
 alive_or_die() {
@@ -120,6 +121,23 @@ until status=$("$prefix/bin/zfserve" health --server "127.0.0.1:$port" 2>&1); do
   sleep 1
 done
 say "health on port $port: $status"
+
+# The HTTP side from the installed files: the explorer page, its scripts and bundled examples (package data).
+http_port=$(sed -n 's/^zfserve: http on 127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$log")
+[ -n "$http_port" ] || die "zfserve serve --http-port 0 printed no HTTP address"
+"$prefix/bin/python" - "$http_port" <<'PY' || die "the installed package does not serve the explorer page"
+import json, sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+for path in ("/", "/explorer/app.js", "/explorer/style.css", "/v2/health/ready"):
+    with urllib.request.urlopen(base + path, timeout=30) as response:
+        assert response.status == 200 and response.read(), path
+with urllib.request.urlopen(base + "/api/v1/examples", timeout=30) as response:
+    examples = json.load(response)
+assert examples, "no bundled examples"
+with urllib.request.urlopen(f"{base}/explorer/examples/{examples[0]['name']}.jpg", timeout=30) as response:
+    assert response.read(3) == b"\xff\xd8\xff", "an example is not a JPEG"
+PY
+say "HTTP on port $http_port: the explorer page, its files and examples served"
 
 # SIGTERM must drain and exit 0 (what Kubernetes sends on a pod's deletion).
 kill -TERM "$server"

@@ -43,10 +43,16 @@ def perf_analyzer():
 
 
 @pytest.fixture(scope="module")
-def plain_server():
-    proc, target = sweep.start_server()   # `zfserve serve`: the embedded model, default settings
-    yield target
+def served():
+    """`zfserve serve --http-port 0`: the embedded model, default settings, gRPC and HTTP."""
+    proc, target = sweep.start_server("--http-port", "0")
+    yield target, proc.http_target
     assert sweep.stop_server(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def plain_server(served):
+    return served[0]
 
 
 def _run(cmd) -> list[dict]:
@@ -65,6 +71,12 @@ def _run(cmd) -> list[dict]:
 def test_tensor_model_with_synthetic_data(perf_analyzer, plain_server):
     _run(sweep.command(perf_analyzer, "zfnet-demo", plain_server, "1:2", request_count=40,
                        stability_percentage=STABILITY))
+
+
+def test_tensor_model_over_http(perf_analyzer, served):
+    """`perf_analyzer -m MODEL -i http -u HOST:PORT`: the REST API with the binary tensor extension."""
+    _run(sweep.command(perf_analyzer, "zfnet-demo", served[1], "1:2", request_count=40,
+                       stability_percentage=STABILITY, protocol="http"))
 
 
 def test_bytes_model_with_real_jpegs(perf_analyzer, plain_server, tmp_path):

@@ -1,6 +1,6 @@
-"""The README's examples for the gRPC server run as written against a plain ``zfserve serve`` (the embedded
-model, default settings): every Python block of that section, each in a process of its own, and every
-``--server`` command line. Only the address is replaced (the test server's port is a free one), and
+"""The README's examples for the gRPC server run as written against a plain ``zfserve serve --http-port``
+(the embedded model, default settings): every Python block of that section, each in a process of its own, and
+every ``--server`` command line. Only the addresses are replaced (the test server's ports are free ones), and
 ``photo.jpg`` is a real JPEG in the working directory.
 """
 
@@ -19,6 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 ADDRESS = "127.0.0.1:8001"
+HTTP_ADDRESS = "127.0.0.1:8000"   # the examples' `zfserve serve --http-port 8000`
 
 
 def _section(title: str) -> str:
@@ -43,8 +44,8 @@ def _sweep():
 @pytest.fixture(scope="module")
 def plain_server():
     sweep = _sweep()
-    proc, target = sweep.start_server()
-    yield target
+    proc, target = sweep.start_server("--http-port", "0")
+    yield target, proc.http_target
     assert sweep.stop_server(proc) == 0
 
 
@@ -66,15 +67,16 @@ def test_the_section_has_examples():
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_python_example_runs(index, plain_server, workdir):
     code = PYTHON_BLOCKS[index]
-    assert ADDRESS in code
-    (workdir / "example.py").write_text(code.replace(ADDRESS, plain_server))
+    assert ADDRESS in code or HTTP_ADDRESS in code
+    target, http_target = plain_server
+    (workdir / "example.py").write_text(code.replace(ADDRESS, target).replace(HTTP_ADDRESS, http_target))
     done = subprocess.run([sys.executable, "example.py"], cwd=workdir, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"README example {index}:\n{code}\n{done.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_server_command_runs(command, plain_server, workdir):
-    args = shlex.split(command.replace(ADDRESS, plain_server))
+    args = shlex.split(command.replace(ADDRESS, plain_server[0]))
     assert args[0] == "zfserve"
     done = subprocess.run([sys.executable, "-m", "zfserve.cli", *args[1:]], cwd=workdir, capture_output=True,
                           text=True, timeout=600)

@@ -36,6 +36,7 @@ from .._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from .._proto.v1 import zfserve_pb2 as v1_pb
 from .._proto.v1 import zfserve_pb2_grpc as v1_grpc
 from .. import _checks as checks
+from ..config import ENGINES, PRECISIONS
 from ..errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .auth import BearerTokenInterceptor, read_token
 from .batcher import BatcherConfig, DynamicBatcher
@@ -71,6 +72,8 @@ class ServerOptions:
     model: str | None = None
     device: str = "cpu"
     threads: int | None = None           # ONNX Runtime intra-op threads (None: its default)
+    precision: str | None = None         # classification precision of models whose config.json names none
+    engine: str | None = None            # ... and engine (None: fp32 on onnxruntime)
     batching: BatcherConfig = field(default_factory=BatcherConfig)
     max_images_per_request: int = 64
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -82,6 +85,7 @@ class ServerOptions:
     tls_client_ca: str | None = None
     auth_token_file: str | None = None
     metrics_port: int | None = None
+    http_port: int | None = None         # the HTTP side: OIP REST, the explorer page and its API (None: off)
     shutdown_grace_s: float = 30.0
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS   # decoded pixels of one request's images, summed
     decode_workers: int = 1              # threads decoding requests with large images
@@ -110,10 +114,16 @@ class ServerOptions:
             bounded("threads", self.threads, 1, 1024)
         if self.metrics_port is not None:
             bounded("metrics_port", self.metrics_port, 0, 65535)
+        if self.http_port is not None:
+            bounded("http_port", self.http_port, 0, 65535)
         bounded("max_request_pixels", self.max_request_pixels, 1, 10**12)
         bounded("decode_workers", self.decode_workers, 1, 64)
         bounded("decode_queue_size", self.decode_queue_size, 0, 1024)
         bounded("max_occlusion_positions", self.max_occlusion_positions, 1, 224 * 224)
+        if self.precision is not None:
+            checks.choice(self.precision, "precision", PRECISIONS, label="--precision")
+        if self.engine is not None:
+            checks.choice(self.engine, "engine", ENGINES, label="--engine")
         if self.model_control not in MODEL_CONTROL_MODES:
             raise InvalidArgumentError(f"--model-control: {self.model_control!r}; accepted: "
                                        f"{', '.join(MODEL_CONTROL_MODES)}", field="model_control")
@@ -188,7 +198,8 @@ class ZFServer:
         self.options.validate()
         self.metrics = Metrics()
         engine_options = dict(device=self.options.device, max_batch_size=self.options.batching.max_batch_size,
-                              threads=self.options.threads)
+                              threads=self.options.threads, precision=self.options.precision,
+                              engine=self.options.engine)
         self.repository = ModelRepository.open(self.options.model_repository, self.options.model,
                                                **engine_options)
         self.heavy = BoundedPool(self.options.heavy_workers, self.options.heavy_queue_size,
@@ -200,6 +211,7 @@ class ZFServer:
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http, self.http_port = None, None   # the HTTP side (zfserve.server.http_server), when --http-port
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task | None = None
@@ -244,8 +256,10 @@ class ZFServer:
             ("grpc.max_send_message_length", o.max_message_bytes),
             ("grpc.so_reuseport", 0),   # a second server on the same port is an error, not a silent split
         ])
-        v1_grpc.add_ZFServeServicer_to_server(ZFServeServicer(self.state), self._server)
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.state), self._server)
+        # The HTTP side calls the same servicers (zfserve.server.http).
+        self.zfserve_servicer, self.oip_servicer = ZFServeServicer(self.state), InferenceServicer(self.state)
+        v1_grpc.add_ZFServeServicer_to_server(self.zfserve_servicer, self._server)
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self.oip_servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         from grpc_reflection.v1alpha import reflection_pb2
         for module in (health_pb2, reflection_pb2):
@@ -277,6 +291,9 @@ class ZFServer:
         await self._server.start()
         if o.metrics_port is not None:
             self.metrics_port = self.metrics.start_http(o.host, o.metrics_port, token)
+        if o.http_port is not None:
+            from .http_server import start_http
+            self.http, self.http_port = start_http(self, token)
         log.debug("listening on %s:%d (tls=%s, auth=%s)", o.host, self.port, bool(o.tls_cert),
                   bool(o.auth_token_file))
         return self.port
@@ -304,8 +321,8 @@ class ZFServer:
             raise ModelLoadError("no model could be loaded: " + "; ".join(f"{m.name}: {exc}" for m, exc in failed))
         for model in self.repository:   # said once the start has succeeded, so a failed one says one line
             if model.ready:
-                log.info("model %s (version %s, %d classes) ready", model.name, model.runtime.version,
-                         model.runtime.num_classes)
+                log.info("model %s (version %s, %d classes, %s on %s) ready", model.name, model.runtime.version,
+                         model.runtime.num_classes, model.runtime.precision, model.runtime.engine)
         for model, exc in failed:
             model.fail(exc)
         if not self.state.shutting_down:
@@ -403,6 +420,8 @@ class ZFServer:
             elif loop.time() - quiet_since >= DRAIN_QUIET_S:
                 break
             await asyncio.sleep(0.01)
+        if self.http is not None:   # drained with the rest: new HTTP calls got 503 meanwhile
+            await self.http.stop()
         # Only streams that never end on their own (health Watch) can remain: a short grace closes them.
         if self._server is not None:
             await self._server.stop(min(1.0, max(0.0, give_up - loop.time())))
@@ -462,6 +481,8 @@ async def serve(options: ServerOptions, *, ready_line: bool = True) -> int:
         port = await server.bind()
         if ready_line:  # scripts and tests read the bound port from here (use --port 0 for a free one)
             print(f"zfserve: listening on {options.host}:{port}", flush=True)
+            if server.http_port is not None:
+                print(f"zfserve: http on {options.host}:{server.http_port}", flush=True)
         await server.load()
     except BaseException:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

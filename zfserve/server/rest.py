@@ -1,0 +1,152 @@
+"""The Open Inference Protocol's REST routes (``/v2``), each a thin call of the gRPC handler of the same name
+(see :mod:`.http`): the same models, names, versions, checks, errors and limits as over gRPC."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .._proto.inference import grpc_service_pb2 as pb
+from .http import HEADER_LENGTH, HttpContext, HttpError, infer_response, parse_infer, read_body, to_json
+
+
+def _endpoint(fn):
+    """A route handler whose HttpError becomes KServe's error body ``{"error": message}``."""
+    async def endpoint(request):
+        try:
+            return await fn(request)
+        except HttpError as exc:
+            return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+    return endpoint
+
+
+def _truth(value: bool) -> Response:
+    """KServe's health and readiness answers: the status says it (200 true, 400 false)."""
+    return Response(status_code=200 if value else 400)
+
+
+async def _json_body(request, limit: int) -> dict:
+    body = await read_body(request, limit)
+    if not body.strip():
+        return {}
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HttpError(400, f"request body: not JSON ({exc})", "body") from None
+    if not isinstance(doc, dict):
+        raise HttpError(400, "request body: must be a JSON object", "body")
+    return doc
+
+
+def _parameters(message, params) -> None:
+    """Copy a REST ``parameters`` object into a repository request's parameter map."""
+    if not isinstance(params, dict):
+        raise HttpError(400, "parameters: must be a JSON object", "parameters")
+    for key, value in params.items():
+        slot = message.parameters[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.int64_param = value
+        elif isinstance(value, str):
+            slot.string_param = value
+        else:
+            raise HttpError(400, f"parameters.{key}: must be a boolean, an integer or a string", f"parameters.{key}")
+
+
+def _model(request) -> tuple[str, str]:
+    return request.path_params.get("name", ""), request.path_params.get("version", "")
+
+
+class OipRest:
+    """The /v2 handlers over ``oip``, the gRPC InferenceServicer: each builds the RPC's request, awaits the
+    handler with an :class:`HttpContext` and writes KServe's REST answer."""
+
+    def __init__(self, oip, max_body_bytes: int):
+        self.oip, self.max_body_bytes = oip, max_body_bytes
+
+    async def server_metadata(self, request):
+        return JSONResponse(to_json(await self.oip.ServerMetadata(pb.ServerMetadataRequest(), HttpContext())))
+
+    async def live(self, request):
+        return _truth((await self.oip.ServerLive(pb.ServerLiveRequest(), HttpContext())).live)
+
+    async def ready(self, request):
+        return _truth((await self.oip.ServerReady(pb.ServerReadyRequest(), HttpContext())).ready)
+
+    async def model_metadata(self, request):
+        name, version = _model(request)
+        message = pb.ModelMetadataRequest(name=name, version=version)
+        return JSONResponse(to_json(await self.oip.ModelMetadata(message, HttpContext())))
+
+    async def model_ready(self, request):
+        name, version = _model(request)
+        message = pb.ModelReadyRequest(name=name, version=version)
+        return _truth((await self.oip.ModelReady(message, HttpContext())).ready)
+
+    async def model_config(self, request):
+        name, version = _model(request)
+        response = await self.oip.ModelConfig(pb.ModelConfigRequest(name=name, version=version), HttpContext())
+        return JSONResponse(to_json(response.config))
+
+    async def model_stats(self, request):
+        name, version = _model(request)
+        message = pb.ModelStatisticsRequest(name=name, version=version)
+        return JSONResponse(to_json(await self.oip.ModelStatistics(message, HttpContext())))
+
+    async def infer(self, request):
+        name, version = _model(request)
+        body = await read_body(request, self.max_body_bytes)
+        infer_request, binary = parse_infer(body, request.headers.get(HEADER_LENGTH), name, version)
+        response = await self.oip.ModelInfer(infer_request, HttpContext())
+        data, headers = infer_response(response, binary)
+        return Response(data, 200, headers=headers)
+
+    async def repository_index(self, request):
+        doc = await _json_body(request, 1 << 16)
+        message = pb.RepositoryIndexRequest(ready=bool(doc.get("ready")))
+        response = await self.oip.RepositoryIndex(message, HttpContext())
+        return JSONResponse([to_json(m) for m in response.models])
+
+    async def load(self, request):
+        return await self._control(request, self.oip.RepositoryModelLoad, pb.RepositoryModelLoadRequest)
+
+    async def unload(self, request):
+        return await self._control(request, self.oip.RepositoryModelUnload, pb.RepositoryModelUnloadRequest)
+
+    async def _control(self, request, method, message_type):
+        doc = await _json_body(request, 1 << 16)
+        message = message_type(model_name=request.path_params["name"])
+        _parameters(message, doc.get("parameters") or {})
+        await method(message, HttpContext())
+        return JSONResponse({})
+
+
+def oip_routes(oip, max_body_bytes: int) -> list[Route]:
+    """The /v2 routes over ``oip``, the gRPC InferenceServicer."""
+    rest = OipRest(oip, max_body_bytes)
+
+    def route(path, handler, method="GET"):
+        return Route(path, _endpoint(handler), methods=[method])
+
+    model_handlers = (("", rest.model_metadata, "GET"), ("/ready", rest.model_ready, "GET"),
+                      ("/config", rest.model_config, "GET"), ("/stats", rest.model_stats, "GET"),
+                      ("/infer", rest.infer, "POST"))
+    model_routes = [route(f"{prefix}{suffix}", handler, method)
+                    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+                    for suffix, handler, method in model_handlers]
+    return [
+        route("/v2", rest.server_metadata),
+        route("/v2/health/live", rest.live),
+        route("/v2/health/ready", rest.ready),
+        route("/v2/models/stats", rest.model_stats),
+        route("/v2/repository/index", rest.repository_index, "POST"),
+        route("/v2/repository/models/{name}/load", rest.load, "POST"),
+        route("/v2/repository/models/{name}/unload", rest.unload, "POST"),
+        *model_routes,
+    ]
+
+
+__all__ = ["oip_routes"]
