@@ -253,28 +253,40 @@ def export_onnx(model: ZFNet, path: str | Path, *, extra_outputs=(), opset: int 
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = f"ZFNet {config.name} (version {config.version}) exported by zfserve"
 
+    data = proto.SerializeToString()
+    del proto
+    return write_checked(data, path, "export",
+                         verify=(lambda tmp: check_parity(tmp, model, extra_outputs=extra)) if check else None,
+                         check=check)
+
+
+def write_checked(data: bytes, path: Path, what: str, *, verify=None, check: bool = True) -> Path:
+    """Write a serialized ONNX model to ``path`` in one step: a temporary file beside it, then (with ``check``)
+    the full ONNX checker and ``verify(temporary path)``, then a rename, so ``path`` only ever holds a file that
+    passed and a failure leaves nothing behind. ``what`` starts every error message (the command's name)."""
+    import onnx
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise ExportError(f"export: cannot write {path}: {exc.strerror or exc}; use another --out, or set "
+        raise ExportError(f"{what}: cannot write {path}: {exc.strerror or exc}; use another --out, or set "
                           f"ZFSERVE_CACHE_DIR to a writable disk") from None
     tmp = Path(tmp_name)
     try:
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(proto.SerializeToString())
+                fh.write(data)
         except OSError as exc:   # a full disk (ENOSPC) shows here, or at the close inside the with
-            raise ExportError(f"export: cannot write {path}: {exc.strerror or exc}; free space, or set "
+            raise ExportError(f"{what}: cannot write {path}: {exc.strerror or exc}; free space, or set "
                               f"ZFSERVE_CACHE_DIR to another disk") from None
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the export is as readable as the weights beside it
-        del proto
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file is as readable as the weights beside it
         if check:
             try:
                 onnx.checker.check_model(str(tmp), full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-                raise ExportError(f"export: {path.name} fails the ONNX checker: {exc}") from None
-            check_parity(tmp, model, extra_outputs=extra)
+                raise ExportError(f"{what}: {path.name} fails the ONNX checker: {exc}") from None
+            if verify is not None:
+                verify(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

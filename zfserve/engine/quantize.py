@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,7 +336,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, config: ModelConf
     import onnx
     import onnxruntime
 
-    from ..export import ExportError, ort_session, read_metadata
+    from ..export import ExportError, ort_session, read_metadata, write_checked
     settings = (settings or Int8Settings()).validate()
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     fp32_bytes = fp32_path.read_bytes()
@@ -368,37 +367,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, config: ModelConf
     del quantized.metadata_props[:]
     for key, value in metadata.items():
         quantized.metadata_props.add(key=key, value=value)
-    _write(quantized, out_path)
+    write_checked(quantized.SerializeToString(), out_path, "int8")
     return {key: json.loads(value) if key in (META_CALIBRATION, META_LRN_FIT, META_ACCURACY) else value
             for key, value in record.items()}
-
-
-def _write(proto, path: Path) -> None:
-    import onnx
-
-    from ..export import ExportError
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise ExportError(f"int8: cannot write {path}: {exc.strerror or exc}; use another --out, or set "
-                          f"ZFSERVE_CACHE_DIR to a writable disk") from None
-    tmp = Path(tmp_name)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(proto.SerializeToString())
-        except OSError as exc:
-            raise ExportError(f"int8: cannot write {path}: {exc.strerror or exc}; free space, or set "
-                              f"ZFSERVE_CACHE_DIR to another disk") from None
-        os.chmod(tmp, 0o644)
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise ExportError(f"int8: {path.name} fails the ONNX checker: {exc}") from None
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------- cache
