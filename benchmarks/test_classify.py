@@ -24,7 +24,6 @@ import torch
 
 from zfserve.engine.classifier import Classifier
 from zfserve.export import ort_session
-from zfserve.model import CONV_LAYERS, FC_LAYERS
 from zfserve.weights import paper_model
 
 BATCHES = (1, 8, 32)
@@ -36,8 +35,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 def model_flops(model) -> float:
     """Multiply-adds x 2 of the conv and fc layers for one image (bias, ReLU, pool, LRN, softmax not counted)."""
     sizes = model.spatial_sizes()
-    convs = sum(getattr(model, name).weight.numel() * sizes[name] ** 2 for name in CONV_LAYERS)
-    fcs = sum(getattr(model, name).weight.numel() for name in FC_LAYERS)
+    convs = sum(getattr(model, name).weight.numel() * sizes[name] ** 2 for name in model.conv_layers)
+    fcs = sum(getattr(model, name).weight.numel() for name in model.fc_layers)
     return 2.0 * (convs + fcs)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from zfserve.engine.deconv import DeconvEngine, captum_model
-from zfserve.model import CONV_LAYERS, ZFNet
+from zfserve.model import ZFNet
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -30,7 +30,7 @@ def _model(device):
     torch.manual_seed(0)
     model = ZFNet(num_classes=10, fc_width=64).eval()
     with torch.no_grad():
-        for name in CONV_LAYERS:
+        for name in model.conv_layers:
             conv = getattr(model, name)
             conv.weight.normal_(0.0, (2.0 / conv.weight[0].numel()) ** 0.5)
             conv.bias.normal_(0.0, 0.1)

@@ -114,35 +114,49 @@ def conv1_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *
 
 
 def unpool_sum(pooled: torch.Tensor, switches: torch.Tensor, output_size, *, relu: bool = False,
-               backend: str = "auto") -> torch.Tensor:
-    """Max-unpool of a 3x3/2 pool from int8 switches, **summing** where windows share a position.
+               kernel: int = 3, stride: int = 2, backend: str = "auto") -> torch.Tensor:
+    """Max-unpool of a ``kernel`` x ``kernel`` / ``stride`` pool from int8 switches, **summing** where windows
+    share a position.
 
-    ``pooled``: (..., PH, PW) float; ``switches``: int8 window offsets (0..8) of the same shape;
+    ``pooled``: (..., PH, PW) float; ``switches``: int8 window offsets (0..kernel^2-1) of the same shape;
     ``output_size``: (H, W) of the map that was pooled (pass it: 2*PH and 2*PH+1 both pool to PH).
     ``relu`` fuses the deconvnet's rectification. Switches that point outside the output are dropped.
+    The Triton kernel serves the 3x3/2 pool (ZFNet's, AlexNet's); other geometries (VGG's 2x2/2) run the
+    eager reference under ``backend="auto"`` on every device, and ``backend="triton"`` refuses them.
     """
     if not isinstance(pooled, torch.Tensor) or not pooled.is_floating_point() or pooled.dim() < 2:
         raise InvalidArgumentError("pooled must be a floating-point tensor (..., PH, PW)", field="pooled")
     if not isinstance(switches, torch.Tensor) or switches.dtype != torch.int8:
-        raise InvalidArgumentError("switches must be an int8 tensor of window offsets 0..8", field="switches")
+        raise InvalidArgumentError(f"switches must be an int8 tensor of window offsets 0..{kernel * kernel - 1}",
+                                   field="switches")
     if switches.shape != pooled.shape or switches.device != pooled.device:
         raise InvalidArgumentError(f"switches must match pooled's shape {tuple(pooled.shape)} and device, got "
                                    f"{tuple(switches.shape)} on {switches.device}", field="switches")
+    if not (isinstance(kernel, int) and isinstance(stride, int) and 1 <= stride <= kernel <= 11):
+        raise InvalidArgumentError(f"kernel and stride must be integers with 1 <= stride <= kernel <= 11, got "
+                                   f"kernel={kernel!r}, stride={stride!r}", field="kernel")
     try:
         oh, ow = (int(s) for s in output_size)
     except (TypeError, ValueError):
         raise InvalidArgumentError(f"output_size must be (height, width), got {output_size!r}",
                                    field="output_size") from None
     ph, pw = pooled.shape[-2:]
-    # A 3x3/2 pool (ceil or floor mode) of an n-long axis has P windows for n in [2P-1, 2P+2].
+    # A k/s pool (ceil or floor mode) of an n-long axis has P windows for n in [(P-1)s + 1, (P-1)s + k + s - 1].
     for name, out_len, p in (("height", oh, ph), ("width", ow, pw)):
-        if not 2 * p - 1 <= out_len <= 2 * p + 2:
-            raise InvalidArgumentError(f"output_size {name} must be in [{2 * p - 1}, {2 * p + 2}] for {p} pooled "
-                                       f"positions, got {out_len}", field="output_size")
-    if _resolve(backend, pooled) == "torch":
+        low, high = (p - 1) * stride + 1, (p - 1) * stride + kernel + stride - 1
+        if not low <= out_len <= high:
+            raise InvalidArgumentError(f"output_size {name} must be in [{low}, {high}] for {p} pooled positions of "
+                                       f"a {kernel}x{kernel}/{stride} pool, got {out_len}", field="output_size")
+    triton_geometry = (kernel, stride) == (3, 2)
+    if backend == "triton" and not triton_geometry:
+        raise InvalidArgumentError(f"backend='triton' unpools 3x3/2 pools only, got {kernel}x{kernel}/{stride}; "
+                                   f"accepted otherwise: 'auto', 'torch'", field="backend")
+    if not triton_geometry and backend not in BACKENDS:
+        _resolve(backend, pooled)   # the one message for an unknown backend
+    if not triton_geometry or _resolve(backend, pooled) == "torch":
         flat = (-1, ph, pw)  # aten's backward takes 3-D or 4-D maps
-        dense = unpool_sum_reference(pooled.reshape(flat), switches.reshape(flat), (oh, ow), relu=relu)
+        dense = unpool_sum_reference(pooled.reshape(flat), switches.reshape(flat), (oh, ow), relu=relu,
+                                     kernel=kernel, stride=stride)
         return dense.reshape(*pooled.shape[:-2], oh, ow)
-    kernel = _kernel_module("triton_unpool")
-    return kernel.unpool_sum_triton(pooled.contiguous(), switches.contiguous(), (oh, ow), relu=relu)
-
+    kernel_module = _kernel_module("triton_unpool")
+    return kernel_module.unpool_sum_triton(pooled.contiguous(), switches.contiguous(), (oh, ow), relu=relu)

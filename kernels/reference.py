@@ -1,8 +1,9 @@
 """Eager PyTorch definitions of the two hot spots: the oracles the Triton kernels are tested against.
 
-Switches are int8 offsets inside a 3x3 pooling window, row-major: ``offset = 3 * dy + dx``. They carry the
-same information as ``max_pool2d(return_indices=True)``'s int64 flat indices at one eighth of the bytes, and
-they are independent of the input width, so a switch map can be checked against the pooled map alone.
+Switches are int8 offsets inside a k x k pooling window, row-major: ``offset = k * dy + dx`` (0..8 for ZFNet's
+and AlexNet's 3x3 pools, 0..3 for VGG's 2x2). They carry the same information as
+``max_pool2d(return_indices=True)``'s int64 flat indices at one eighth of the bytes, and they are independent of
+the input width, so a switch map can be checked against the pooled map alone.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ POOL_KERNEL = 3
 POOL_STRIDE = 2
 
 
-def pooled_size(size: int, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE) -> int:
-    """Output length of a ceil-mode, unpadded max-pool (PyTorch's rule: the last window must start inside)."""
+def pooled_size(size: int, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE, ceil_mode: bool = True) -> int:
+    """Output length of an unpadded max-pool (PyTorch's rule in ceil mode: the last window must start inside)."""
+    if not ceil_mode:
+        return (size - kernel) // stride + 1
     out = -(-(size - kernel) // stride) + 1
     if (out - 1) * stride >= size:
         out -= 1
@@ -48,9 +51,11 @@ def indices_from_switches(switches: torch.Tensor, in_width: int, stride: int = P
     return _window_starts(oh, ow, in_width, stride, switches.device) + table[switches.long()]
 
 
-def max_pool_with_switches(x: torch.Tensor, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE):
-    """Ceil-mode max-pool returning ``(pooled, int8 switches)``; ties go to the first position (row-major)."""
-    pooled, indices = F.max_pool2d(x, kernel, stride, ceil_mode=True, return_indices=True)
+def max_pool_with_switches(x: torch.Tensor, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE,
+                           ceil_mode: bool = True):
+    """Max-pool (ceil mode by default, ZFNet's) returning ``(pooled, int8 switches)``; ties go to the first
+    position (row-major)."""
+    pooled, indices = F.max_pool2d(x, kernel, stride, ceil_mode=ceil_mode, return_indices=True)
     return pooled, switches_from_indices(indices, x.shape[-1], stride, kernel)
 
 
@@ -70,22 +75,22 @@ def conv1_relu_pool_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
 
 
 def unpool_sum_reference(pooled: torch.Tensor, switches: torch.Tensor, output_size, *,
-                         relu: bool = False) -> torch.Tensor:
+                         relu: bool = False, kernel: int = POOL_KERNEL, stride: int = POOL_STRIDE) -> torch.Tensor:
     """Max-unpool that **sums** where windows share a position: the adjoint of max-pool.
 
     Defined through ``aten.max_pool2d_with_indices_backward``, i.e. autograd's own max-pool backward, which is
     exactly the deconvnet's unpooling when several overlapping windows picked the same input position.
     aten does not bounds-check its indices (an index past the output corrupts memory), so the backward runs
-    on a (2*PH+1, 2*PW+1) map that holds every window and is then cropped (or zero-padded) to
+    on a ((PH-1)*stride + kernel, ...) map that holds every window and is then cropped (or zero-padded) to
     ``output_size``: switches that point outside the output are dropped.
     """
     out_h, out_w = output_size
     ph, pw = pooled.shape[-2:]
-    full_h, full_w = 2 * ph + 1, 2 * pw + 1  # pooled_size(2P + 1) == P, and window P-1 ends at 2P
-    indices = indices_from_switches(switches, full_w)
+    # The map that holds every window whole (2P + 1 for 3x3/2: pooled_size(2P + 1) == P in either mode).
+    full_h, full_w = (ph - 1) * stride + kernel, (pw - 1) * stride + kernel
+    indices = indices_from_switches(switches, full_w, stride, kernel)
     template = pooled.new_empty(pooled.shape[:-2] + (full_h, full_w))
     dense = torch.ops.aten.max_pool2d_with_indices_backward(
-        pooled, template, [POOL_KERNEL, POOL_KERNEL], [POOL_STRIDE, POOL_STRIDE], [0, 0], [1, 1], True,
-        indices)
+        pooled, template, [kernel, kernel], [stride, stride], [0, 0], [1, 1], False, indices)
     dense = F.pad(dense, (0, out_w - full_w, 0, out_h - full_h))  # negative pads crop
     return F.relu(dense) if relu else dense

@@ -10,8 +10,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# The tests' own helper modules (torchvision_reference: AlexNet / VGG written from the published tables) import by
+# name; under --import-mode=importlib the tests folder is not on sys.path by itself.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 HAS_CUDA = torch.cuda.is_available()
 

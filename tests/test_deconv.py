@@ -17,7 +17,12 @@ import torch.nn.functional as F
 
 from zfserve.engine.deconv import DeconvEngine, captum_model
 from zfserve.errors import InvalidArgumentError
-from zfserve.model import CONV_LAYERS, LRN_PARAMS, POOL_AFTER, ZFNet
+from zfserve.model import ZFNet
+
+# ZFNet's table (the paper's), written out here rather than read from the product.
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+POOL_AFTER = {"conv1": "pool1", "conv2": "pool2", "conv5": "pool5"}
+LRN_PARAMS = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 
 RTOL = 1e-5
 

@@ -13,7 +13,10 @@ import torch
 
 from zfserve.paper import saliency_metrics as sm
 from zfserve.paper.faithfulness import score_image
-from zfserve.paper.saliency import MPRT_ORDER, SaliencyMaps, bilinear_matrix, cascading_randomisation
+from zfserve.paper.saliency import SaliencyMaps, bilinear_matrix, cascading_randomisation
+
+# ZFNet's cascade, top down (Adebayo et al. 2018), written out rather than read from the product.
+MPRT_ORDER = ("fc8", "fc7", "fc6", "conv5", "conv4", "conv3", "conv2", "conv1")
 
 SIZE = 224
 

@@ -3,8 +3,8 @@
 Every module of ``zfserve`` (and ``kernels/``, installed as ``zfserve.kernels``) is parsed, and every import
 in it, lazy ones inside functions included, is checked against the layer order
 
-    errors/config < kernels < model < weights/preprocess/data/_checks < engine/export/render
-    < train/evaluate < paper < audit < wire < server/client < cli
+    errors/config/architecture < kernels < model < weights/preprocess/data/_checks/import_torchvision
+    < engine/export/render < train/evaluate < paper < audit < wire < server/client < cli
 
 A module may import its own layer or those before it; the import graph has no cycles. Functions outside
 ``kernels/`` stay within 80 lines and modules within 600 (generated protobuf stubs excepted).
@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The layers, lowest first. A key is the first component below ``zfserve`` (the package root and the
 # generated stubs in ``_proto`` import nothing of ours above them, so they sit with the lowest layer).
 LAYERS = (
-    {"", "errors", "config", "_proto"},
+    {"", "errors", "config", "architecture", "_proto"},
     {"kernels"},
     {"model"},
-    {"weights", "preprocess", "data", "_checks"},
+    {"weights", "preprocess", "data", "_checks", "import_torchvision"},
     {"engine", "export", "render"},
     {"train", "evaluate"},
     {"paper"},

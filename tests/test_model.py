@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 from zfserve.errors import InvalidArgumentError
 from zfserve.kernels import indices_from_switches, max_pool_with_switches, switches_from_indices
-from zfserve.model import CONV_LAYERS, LAYER_NAMES, ZFNet
+from zfserve.model import ZFNet
+
+# ZFNet's layer names (the paper's), written out here rather than read from the product.
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+LAYER_NAMES = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8")
 
 # The paper's Fig. 3 network, 1000 classes (Zeiler & Fergus 2014, arXiv 1311.2901 v3).
 PAPER_PARAMS = {"conv1": 14_208, "pool1": 0, "conv2": 614_656, "pool2": 0, "conv3": 885_120,

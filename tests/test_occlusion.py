@@ -16,7 +16,9 @@ import torch
 
 from zfserve.engine.occlusion import OUTPUTS, OcclusionEngine, window_starts
 from zfserve.errors import InvalidArgumentError
-from zfserve.model import LAYER_NAMES
+
+# ZFNet's layer names (the paper's), written out here rather than read from the product.
+LAYER_NAMES = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8")
 
 WINDOW, STRIDE = 56, 48          # 5 positions per axis; the last window starts at 192 and is cut at 224
 FILL = (0.0, 0.0, 0.0)
@@ -218,18 +220,18 @@ def test_bad_image_and_engine_arguments(setup):
 def test_tensor_glue_matches_numpy_glue():
     """The gather/paste used on GPUs (torch tensors, advanced indexing) against the CPU one (numpy slices),
     including tiles that hang over the edge of their crop."""
-    from zfserve.engine import occlusion as occ
+    from zfserve.engine import occlusion_tiles as occ
 
     rng = np.random.default_rng(3)
     padded = rng.standard_normal((5, 13 + 2 * occ.MARGIN, 13 + 2 * occ.MARGIN)).astype(np.float32)
     row0, col0 = np.array([-1, 0, 4, 8]), np.array([3, -1, 8, 0])
-    crops = occ._crop(padded, row0, col0, 6, 7)
-    np.testing.assert_array_equal(occ._crop(torch.from_numpy(padded), row0, col0, 6, 7).numpy(), crops)
+    crops = occ.crop(padded, row0, col0, 6, 7)
+    np.testing.assert_array_equal(occ.crop(torch.from_numpy(padded), row0, col0, 6, 7).numpy(), crops)
     assert crops[0, 2, 0, 0] == padded[2, occ.MARGIN - 1, occ.MARGIN + 3]
     tile = rng.standard_normal((4, 5, 4, 4)).astype(np.float32)
     tile_row0, tile_col0 = row0 + np.array([0, 3, -2, 4]), col0 + np.array([1, 5, 0, -1])
-    expected = occ._paste(crops.copy(), row0, col0, tile, tile_row0, tile_col0)
-    got = occ._paste(torch.from_numpy(crops.copy()), row0, col0, torch.from_numpy(tile), tile_row0, tile_col0)
+    expected = occ.paste(crops.copy(), row0, col0, tile, tile_row0, tile_col0)
+    got = occ.paste(torch.from_numpy(crops.copy()), row0, col0, torch.from_numpy(tile), tile_row0, tile_col0)
     np.testing.assert_array_equal(got.numpy(), expected)
     np.testing.assert_array_equal(expected[0, :, 0:4, 1:5], tile[0])
 

@@ -91,7 +91,7 @@ def test_linear_fit_is_the_minimax_line(s0, s1, beta):
 
 
 def _lrn_graph(channels: int = 12):
-    from zfserve.model import LRN_PARAMS
+    LRN_PARAMS = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)   # ZFNet's
     g = OnnxGraph()
     lrn_to_onnx(g, "x", channels, **LRN_PARAMS, out="y")
     return g.model([tensor_info("x", ["n", channels, "h", "w"])], [tensor_info("y", None)])

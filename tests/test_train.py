@@ -19,13 +19,14 @@ import torch
 from safetensors.torch import load_file
 
 from zfserve.errors import InvalidArgumentError
-from zfserve.model import CONV_LAYERS
 from zfserve.weights import load_model
 from zfserve.evaluate import accuracy_report, predict_logits
 from zfserve.train import TrainConfig, train
 from zfserve.train.recipe import (conv1_lr_factor, crop_batch, init_weights, input_rms, load_data,
                                   scaled_evolution_epochs)
 from zfserve.train.trainee import TrainingNet
+
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")   # ZFNet's, written out
 
 TINY = dict(fc_width=32, resize=72, crop=64, train_n=44, val_n=22, batch_size=22, train_seed=5, val_seed=6)
 

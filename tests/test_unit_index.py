@@ -15,11 +15,12 @@ from PIL import Image
 
 from zfserve.data import CLASSES, render
 from zfserve.errors import InvalidArgumentError, NotFoundError
-from zfserve.model import CONV_LAYERS
 from zfserve.paper import unit_index
 from zfserve.paper.unit_index import build_index, find_index, index_locations
 from zfserve.preprocess import resize_and_crop, to_input
 from zfserve.weights import read_snapshot, save_model
+
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")   # ZFNet's, written out
 
 WIDTHS = (6, 8, 10, 8, 6)
 SEED, N = 5, 13        # a synthetic seed no other test of the index uses; fewer images than a batch multiple

@@ -225,7 +225,7 @@ def test_config_from_a_different_architecture(model_dir):
 
 @pytest.mark.parametrize("edit, named", [
     (lambda d: d.update(dropout=0.5), "dropout"),
-    (lambda d: d["preprocess"].update(scale=1 / 255), "scale"),
+    (lambda d: d["preprocess"].update(gamma=2.2), "gamma"),
 ])
 def test_unknown_config_keys(model_dir, edit, named):
     message = load_error_after_editing(model_dir, edit)

@@ -45,11 +45,9 @@ def choice(value, field: str, accepted: Sequence, *, label: str | None = None):
                                f"{', '.join(str(a) for a in accepted)}", field=field)
 
 
-def layer(name, accepted: Sequence[str] | None = None, field: str = "layer") -> str:
-    """A layer name from ``accepted`` (default: every named layer, conv1 .. fc8)."""
-    if accepted is None:
-        from .model import LAYER_NAMES   # here, not above: the CLI checks its arguments without loading torch
-        accepted = LAYER_NAMES
+def layer(name, accepted: Sequence[str], field: str = "layer") -> str:
+    """A layer name from ``accepted`` (a model's own names: ``model.layer_names``, ``config.spatial_layers``,
+    ...)."""
     return choice(name, field, accepted)
 
 

@@ -14,10 +14,16 @@ from typing import Any
 
 import numpy as np
 
+from . import architecture as arch
 from .errors import InvalidArgumentError, ModelLoadError
 
 # The ImageNet per-channel mean in raw pixel units (0..255), the paper's input units.
 IMAGENET_MEAN_RGB = (123.68, 116.78, 103.94)
+# torchvision's preprocessing for its ImageNet models: pixels / 255, then this mean and std per channel.
+TORCHVISION_SCALE = 1.0 / 255.0
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+UNIT_STD = (1.0, 1.0, 1.0)
 # How an alpha channel is removed: composited onto the mean colour (the only mode implemented).
 ALPHA_MODES = ("composite_mean",)
 # What classification may run in and on (``--precision``, ``--engine``, config.json ``precision``/``engine``):
@@ -38,20 +44,30 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _three_numbers(value) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray)) and len(value) == 3 and all(_is_number(v) for v in value)
+
+
 @dataclass
 class PreprocessConfig:
-    """How an image becomes the network's input: resize the short side, centre-crop, subtract the mean.
+    """How an image becomes the network's input: resize the short side (bilinear, antialiased), centre-crop,
+    then per channel ``(pixel * scale - mean) / std``.
 
-    ``mean`` is either three per-channel values in 0..255 units or the string ``"image"``, in which case the
-    per-pixel mean image (3 x resize x resize, float32) is stored as the tensor ``mean_image`` in
-    ``weights.safetensors`` and is available here as ``mean_image`` once loaded.
+    ``scale`` maps 0..255 pixels to the units of ``mean`` and ``std``: 1 for ZFNet (raw pixels minus a mean, std
+    1, the paper's units), 1/255 for torchvision's models (0..1 pixels, ImageNet mean and std). ``mean`` is three
+    per-channel values or the string ``"image"``, in which case the per-pixel mean image (3 x resize x resize,
+    float32, in the same units) is stored as the tensor ``mean_image`` in ``weights.safetensors`` and is available
+    here as ``mean_image`` once loaded. ``scale`` and ``std`` are written to config.json only when they are not
+    1, so ZFNet configs stay as they were.
     """
 
     resize: int = 256
     crop: int = 224
     mean: Any = IMAGENET_MEAN_RGB
-    # Alpha channels are composited onto the mean colour, so transparent pixels become 0 after subtraction.
+    # Alpha channels are composited onto the mean colour, so transparent pixels become 0 after normalization.
     alpha: str = "composite_mean"
+    scale: float = 1.0
+    std: Any = UNIT_STD
     mean_image: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -61,26 +77,32 @@ class PreprocessConfig:
         if isinstance(self.mean, str):
             if self.mean != "image":
                 raise ModelLoadError(f"config: preprocess.mean must be 3 numbers or 'image', got {self.mean!r}")
-        elif isinstance(self.mean, (list, tuple, np.ndarray)) and len(self.mean) == 3 \
-                and all(_is_number(v) for v in self.mean):
+        elif _three_numbers(self.mean):
             self.mean = tuple(float(v) for v in self.mean)
         else:
             raise ModelLoadError(f"config: preprocess.mean must be 3 numbers or 'image', got {self.mean!r}")
+        if not (_three_numbers(self.std) and all(v > 0 for v in self.std)):
+            raise ModelLoadError(f"config: preprocess.std must be 3 positive numbers, got {self.std!r}")
+        self.std = tuple(float(v) for v in self.std)
+        if not (_is_number(self.scale) and self.scale > 0):
+            raise ModelLoadError(f"config: preprocess.scale must be a positive number, got {self.scale!r}")
+        self.scale = float(self.scale)
         self.resize, self.crop = int(self.resize), int(self.crop)
         if self.alpha not in ALPHA_MODES:
             raise ModelLoadError(f"config: preprocess.alpha must be one of {list(ALPHA_MODES)}, "
                                  f"got {self.alpha!r}")
 
     def mean_rgb(self) -> tuple[float, float, float]:
-        """The per-channel mean (of the mean image, when one is used)."""
+        """The per-channel mean colour in 0..255 pixel units (of the mean image, when one is used): the colour
+        that becomes 0 after normalization."""
         if isinstance(self.mean, str):
             if self.mean_image is None:
                 raise ModelLoadError("preprocess.mean is 'image' but no mean_image tensor was loaded")
-            return tuple(float(v) for v in self.mean_image.reshape(3, -1).mean(axis=1))
-        return tuple(float(v) for v in self.mean)
+            return tuple(float(v) / self.scale for v in self.mean_image.reshape(3, -1).mean(axis=1))
+        return tuple(float(v) / self.scale for v in self.mean)
 
     def mean_crop(self) -> np.ndarray:
-        """The mean to subtract from a centre-cropped image, shaped (3, crop, crop) or (3, 1, 1)."""
+        """The mean to subtract from a centre-cropped, scaled image, shaped (3, crop, crop) or (3, 1, 1)."""
         if isinstance(self.mean, str):
             if self.mean_image is None:
                 raise ModelLoadError("preprocess.mean is 'image' but no mean_image tensor was loaded")
@@ -89,21 +111,65 @@ class PreprocessConfig:
             return self.mean_image[:, top:top + self.crop, left:left + self.crop].astype(np.float32)
         return np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
 
+    def normalize(self, pixels: np.ndarray, *, channel_mean: bool = False) -> np.ndarray:
+        """float32 (3, crop, crop) pixels in 0..255 (or (3, 1, 1) colours) -> network input units.
+        ``channel_mean``: subtract the per-channel mean even when a mean image is stored (for pictures that are
+        not a centre crop, such as re-aligned faces)."""
+        x = np.asarray(pixels, dtype=np.float32)
+        if self.scale != 1.0:
+            x = x * np.float32(self.scale)
+        mean = self.mean_crop()
+        if channel_mean:
+            mean = np.asarray(self.mean_rgb(), dtype=np.float32).reshape(3, 1, 1) * np.float32(self.scale)
+        x = x - mean
+        if self.std != UNIT_STD:
+            x = x / np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return x
+
+    def denormalize(self, x: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`normalize`: network input -> float32 pixels in 0..255 (not clipped)."""
+        x = np.asarray(x, dtype=np.float32)
+        mean = self.mean_crop()
+        if mean.shape[1:] != (1, 1) and mean.shape[1:] != x.shape[1:]:
+            mean = mean.reshape(3, -1).mean(axis=1).reshape(3, 1, 1)
+        if self.std != UNIT_STD:
+            x = x * np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        x = x + mean
+        return x / np.float32(self.scale) if self.scale != 1.0 else x
+
+    def input_limit(self) -> float:
+        """A bound on the magnitude of a normalized 0..255 pixel (255 x scale / the smallest std; 255 for raw
+        pixels minus a mean): the range an occluder's fill in input units is checked against."""
+        return 255.0 * self.scale / min(self.std)
+
     def to_json(self) -> dict:
-        return {"resize": self.resize, "crop": self.crop,
-                "mean": self.mean if isinstance(self.mean, str) else [float(v) for v in self.mean],
-                "alpha": self.alpha}
+        out = {"resize": self.resize, "crop": self.crop,
+               "mean": self.mean if isinstance(self.mean, str) else [float(v) for v in self.mean],
+               "alpha": self.alpha}
+        if self.scale != 1.0 or self.std != UNIT_STD:
+            out.update(scale=self.scale, std=list(self.std))
+        return out
+
+    def describe(self) -> str:
+        """One line for people (the OIP input's description, ``zfserve info``)."""
+        mean = "the mean image" if isinstance(self.mean, str) else \
+            "(" + ", ".join(f"{v:g}" for v in self.mean) + ")"
+        pixels = "pixels" if self.scale == 1.0 else f"pixels x {self.scale:.6g}"
+        std = "" if self.std == UNIT_STD else " / (" + ", ".join(f"{v:g}" for v in self.std) + ")"
+        return f"({pixels} - {mean}){std}, resize {self.resize}, centre crop {self.crop}"
 
 
 @dataclass
 class ModelConfig:
-    """Everything in ``config.json``. ``widths`` are the conv1..conv5 channel counts."""
+    """Everything in ``config.json``. ``architecture`` names the member of ZFNet's family
+    (:mod:`zfserve.architecture`; absent: ``"zfnet"``) and ``widths`` its conv widths, one per conv layer (absent:
+    the member's published widths)."""
 
     name: str = "zfnet-paper"
     version: str = "0"
     num_classes: int = 1000
     fc_width: int = 4096
-    widths: tuple[int, ...] = (96, 256, 384, 384, 256)
+    widths: tuple[int, ...] | None = None
     input_size: int = 224
     class_names: list[str] = field(default_factory=list)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -113,14 +179,18 @@ class ModelConfig:
     # Runtime. A model repository can so serve one model in int8 and another in fp32.
     precision: str | None = None
     engine: str | None = None
+    architecture: str = arch.DEFAULT_ARCHITECTURE
 
     def __post_init__(self):
         sizes = {"num_classes": self.num_classes, "fc_width": self.fc_width, "input_size": self.input_size}
         for key, value in sizes.items():
             if not is_integer(value) or value < 1:
                 raise ModelLoadError(f"config: {key} must be a positive integer, got {value!r}")
+        arch.check_architecture(self.architecture)
+        if self.widths is None:
+            self.widths = arch.DEFAULT_WIDTHS[self.architecture]
         if not isinstance(self.widths, (list, tuple)) or not all(is_integer(w) and w >= 1 for w in self.widths):
-            raise ModelLoadError(f"config: widths must list 5 positive integers, got {self.widths!r}")
+            raise ModelLoadError(f"config: widths must list positive integers, got {self.widths!r}")
         self.widths = tuple(int(w) for w in self.widths)
         self.num_classes, self.fc_width, self.input_size = (int(v) for v in sizes.values())
         if not isinstance(self.class_names, (list, tuple)):
@@ -130,14 +200,35 @@ class ModelConfig:
         if len(self.class_names) != self.num_classes:
             raise ModelLoadError(f"config: class_names has {len(self.class_names)} entries, "
                                  f"num_classes is {self.num_classes}")
-        if len(self.widths) != 5:
-            raise ModelLoadError(f"config: widths must list 5 conv widths, got {list(self.widths)}")
+        arch.check_input_size(self.architecture, self.layer_table(), self.input_size)
         if not all(isinstance(n, str) for n in self.class_names):
             raise ModelLoadError("config: class_names must be a list of strings")
         for key, accepted in (("precision", PRECISIONS), ("engine", ENGINES)):
             if getattr(self, key) is not None and getattr(self, key) not in accepted:
                 raise ModelLoadError(f"config: {key} must be one of {list(accepted)} (or absent), got "
                                      f"{getattr(self, key)!r}")
+
+    # The layer table and the names derived from it (see zfserve.architecture), without loading torch.
+    def layer_table(self) -> tuple[arch.Layer, ...]:
+        return arch.layer_table(self.architecture, self.widths, self.fc_width, self.num_classes)
+
+    def layer_names(self, kinds=("conv", "pool", "fc")) -> tuple[str, ...]:
+        """Named layers of ``kinds`` in forward order (default: every layer a trace can record)."""
+        return arch.names(self.layer_table(), kinds)
+
+    @property
+    def conv_layers(self) -> tuple[str, ...]:
+        return self.layer_names(("conv",))
+
+    @property
+    def spatial_layers(self) -> tuple[str, ...]:
+        """The layers with a spatial map (what deconv projects, what an occluder changes), in forward order."""
+        return self.layer_names(("conv", "pool"))
+
+    @property
+    def last_conv(self) -> str:
+        """The deepest conv layer (conv5, conv5_3, ...): the default for deconv, activity maps and Grad-CAM."""
+        return self.conv_layers[-1]
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -146,6 +237,8 @@ class ModelConfig:
         for key in SERVING_KEYS:   # written only when set, so configs without them stay as they were
             if out[key] is None:
                 del out[key]
+        if self.architecture == arch.DEFAULT_ARCHITECTURE:   # likewise: ZFNet configs stay as they were
+            del out["architecture"]
         return out
 
     @classmethod
@@ -158,7 +251,7 @@ class ModelConfig:
             raise ModelLoadError(f"{source}: unknown config keys {unknown}; accepted: {sorted(known)}")
         data = dict(data)
         pre = data.pop("preprocess", {}) or {}
-        pre_known = {"resize", "crop", "mean", "alpha"}
+        pre_known = {"resize", "crop", "mean", "alpha", "scale", "std"}
         unknown = sorted(set(pre) - pre_known)
         if unknown:
             raise ModelLoadError(f"{source}: unknown preprocess keys {unknown}; accepted: {sorted(pre_known)}")

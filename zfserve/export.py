@@ -1,8 +1,9 @@
-"""ONNX export of a ZFNet, with a parity check against PyTorch, and the cached ``model.onnx`` of a model.
+"""ONNX export of a model of ZFNet's family (ZFNet, AlexNet, VGG), with a parity check against PyTorch, and the
+cached ``model.onnx`` of a model.
 
 The graph has one input, ``image`` (float32 N x 3 x S x S, preprocessed, dynamic N), and the outputs
 ``logits``, ``probabilities`` (softmax inside the graph) and, when asked, named intermediate activations
-(``conv5``, ``pool5``, ... as :data:`zfserve.model.LAYER_NAMES` defines them, taken by ``ZFNet.trace``).
+(``conv5``, ``pool5``, ``conv5_3``, ... the model's own layer names, taken by ``LayeredCNN.trace``).
 
 Local response normalization is written as ONNX ops chosen for ONNX Runtime's CPU speed (see
 :func:`lrn_to_onnx`, which the occlusion engine's stage graphs use too); every ONNX Runtime session is made by
@@ -32,7 +33,7 @@ from . import __version__
 from . import _checks as checks
 from .config import SERVING_KEYS, ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError, ZFServeError
-from .model import LAYER_NAMES, ZFNet
+from .model import LayeredCNN
 from .weights import EMBEDDED_DIR, ONNX_FILE, WEIGHTS_FILE, state_dict_hash
 
 INPUT_NAME = "image"
@@ -161,7 +162,7 @@ class _ExportLRN(nn.Module):
 class _ExportGraph(nn.Module):
     """The exported function: image -> logits, probabilities, requested activations."""
 
-    def __init__(self, model: ZFNet, extra_outputs: tuple[str, ...]):
+    def __init__(self, model: LayeredCNN, extra_outputs: tuple[str, ...]):
         super().__init__()
         self.model = model
         self.extra_outputs = extra_outputs
@@ -175,7 +176,7 @@ class _ExportGraph(nn.Module):
         return (logits, torch.softmax(logits, dim=1), *extras)
 
 
-def _export_copy(model: ZFNet) -> ZFNet:
+def _export_copy(model: LayeredCNN) -> LayeredCNN:
     """A CPU eval copy with every LocalResponseNorm swapped for the ONNX-friendly form (the caller's model,
     which may be serving other requests, is never mutated)."""
     clone = copy.deepcopy(model).to("cpu").eval()
@@ -194,11 +195,11 @@ def config_hash(config: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _check_extra_outputs(extra_outputs) -> tuple[str, ...]:
+def _check_extra_outputs(model: LayeredCNN, extra_outputs) -> tuple[str, ...]:
     if isinstance(extra_outputs, str):
         extra_outputs = (extra_outputs,)
     extra = tuple(extra_outputs)
-    allowed = [n for n in LAYER_NAMES if n != "fc8"]  # fc8 is the logits output already
+    allowed = list(model.layer_names[:-1])  # the last fc layer is the logits output already
     bad = [n for n in extra if n not in allowed]
     if bad or len(set(extra)) != len(extra):
         raise InvalidArgumentError(f"extra_outputs: {list(extra)} must be distinct layer names from {allowed}",
@@ -206,7 +207,7 @@ def _check_extra_outputs(extra_outputs) -> tuple[str, ...]:
     return extra
 
 
-def export_onnx(model: ZFNet, path: str | Path, *, extra_outputs=(), opset: int = 17, check: bool = True,
+def export_onnx(model: LayeredCNN, path: str | Path, *, extra_outputs=(), opset: int = 17, check: bool = True,
                 weights_sha256: str | None = None, weights_source: str = "state_dict") -> Path:
     """Export ``model`` to ``path`` (written atomically) and return the path.
 
@@ -216,16 +217,17 @@ def export_onnx(model: ZFNet, path: str | Path, *, extra_outputs=(), opset: int 
     """
     import onnx
 
-    if not isinstance(model, ZFNet):
-        raise InvalidArgumentError(f"model: expected a zfserve ZFNet, got {type(model).__name__}", field="model")
+    if not isinstance(model, LayeredCNN):
+        raise InvalidArgumentError(f"model: expected a zfserve LayeredCNN (ZFNet, AlexNet, VGG), got "
+                                   f"{type(model).__name__}", field="model")
     checks.integer(opset, "opset", MIN_OPSET, MAX_OPSET)
-    extra = _check_extra_outputs(extra_outputs)
+    extra = _check_extra_outputs(model, extra_outputs)
     path = Path(path)
     config = model.config
     size = model.input_size
     output_names = [LOGITS, PROBABILITIES, *extra]
     graph = _ExportGraph(_export_copy(model), extra)
-    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 50.0
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * _input_spread(config)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         # The TorchScript exporter (dynamo=False) is the one that honours the LRN symbolic above; its
@@ -251,13 +253,19 @@ def export_onnx(model: ZFNet, path: str | Path, *, extra_outputs=(), opset: int 
     del proto.metadata_props[:]
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
-    proto.doc_string = f"ZFNet {config.name} (version {config.version}) exported by zfserve"
+    proto.doc_string = f"{config.architecture} {config.name} (version {config.version}) exported by zfserve"
 
     data = proto.SerializeToString()
     del proto
     return write_checked(data, path, "export",
                          verify=(lambda tmp: check_parity(tmp, model, extra_outputs=extra)) if check else None,
                          check=check)
+
+
+def _input_spread(config: ModelConfig) -> float:
+    """The standard deviation of the random inputs the export traces and checks with: a spread like real
+    images' in the model's input units (50 for raw pixels minus a mean; about 1 for torchvision's units)."""
+    return 50.0 * config.preprocess.input_limit() / 255.0
 
 
 def write_checked(data: bytes, path: Path, what: str, *, verify=None, check: bool = True) -> Path:
@@ -293,14 +301,14 @@ def write_checked(data: bytes, path: Path, what: str, *, verify=None, check: boo
     return path
 
 
-def check_parity(onnx_path: str | Path, model: ZFNet, *, extra_outputs=(), batch: int = PARITY_BATCH,
+def check_parity(onnx_path: str | Path, model: LayeredCNN, *, extra_outputs=(), batch: int = PARITY_BATCH,
                  seed: int = 1) -> float:
     """Run the ONNX file under ONNX Runtime and eager PyTorch on one random batch; raise ExportError unless
     probabilities agree within 1e-5 absolute and every other output within 1e-4 of its largest magnitude.
     Returns the largest probability difference."""
     extra = tuple(extra_outputs)
     size = model.input_size
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 50.0
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * _input_spread(model.config)
     session = ort_session(onnx_path)
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: x.numpy()})))
     if next(model.parameters()).device.type != "cpu":
@@ -398,14 +406,14 @@ def ensure_onnx(model=None) -> Path:
     """The path of an up-to-date ONNX export of a model, exporting it only when needed.
 
     ``model``: a name or directory (read once as a :class:`~zfserve.weights.Snapshot`), a Snapshot, or an
-    in-memory ZFNet. A model directory keeps ``model.onnx`` beside its weights; it is re-exported when the
+    in-memory model. A model directory keeps ``model.onnx`` beside its weights; it is re-exported when the
     hash of the weights (or of config.json) no longer matches the file's metadata. Read-only directories (an
-    installed package), embedded models (package data), the built-in ``zfnet-paper`` and in-memory ZFNets use
+    installed package), embedded models (package data), the built-in ``zfnet-paper`` and in-memory models use
     ``cache_root()/<name>-<hash>/model.onnx``, keyed by the weights hash.
     """
     from .weights import Snapshot, read_snapshot
 
-    if isinstance(model, ZFNet):
+    if isinstance(model, LayeredCNN):
         source, source_kind, config, candidates, build = (state_dict_hash(model), "state_dict", model.config, [],
                                                           lambda: model)
     else:

@@ -1,11 +1,14 @@
-"""ZFNet (Zeiler & Fergus 2014, arXiv 1311.2901 v3, Fig. 3): a short, plain module.
+"""The layered CNN of ZFNet's family: one short, plain module built from the layer table of
+:mod:`zfserve.architecture` (ZFNet, AlexNet, VGG-11/13/16/19), ZFNet being the default configuration.
 
-Layer order in blocks 1 and 2 is the paper's: conv -> ReLU -> max-pool -> local response norm (AlexNet
-normalizes before pooling; ZFNet pools first). Pools are 3x3/2 in ceil mode; conv1 pads 1, conv2 pads 0,
-conv3-5 pad 1, which gives the paper's sizes 110/55/26/13/13/13/6 for a 224 input.
+ZFNet is Zeiler & Fergus 2014 (arXiv 1311.2901 v3, Fig. 3). Layer order in its blocks 1 and 2 is the paper's:
+conv -> ReLU -> max-pool -> local response norm (AlexNet normalizes before pooling; ZFNet pools first). Pools
+are 3x3/2 in ceil mode; conv1 pads 1, conv2 pads 0, conv3-5 pad 1, which gives the paper's sizes
+110/55/26/13/13/13/6 for a 224 input. Module names are the layer names (``conv1``, ``conv5_3``, ``fc6``, ...),
+so state-dict keys are ``conv1.weight``, ``fc8.bias``, ...
 
-Besides ``forward`` (logits), :meth:`ZFNet.trace` returns the activations of named layers and the switches
-of pool1, pool2 and pool5 as int8 window offsets (see ``zfserve.kernels.reference``).
+Besides ``forward`` (logits), :meth:`LayeredCNN.trace` returns the activations of named layers and the switches
+of every pool as int8 window offsets (see ``zfserve.kernels.reference``).
 """
 
 from __future__ import annotations
@@ -17,28 +20,11 @@ import torch
 import torch.nn as nn
 
 from zfserve.kernels import conv1_relu_pool
-from zfserve.kernels.reference import max_pool_with_switches, pooled_size
+from zfserve.kernels.reference import max_pool_with_switches
 
+from . import architecture as arch
 from .config import ModelConfig
 from .errors import InvalidArgumentError
-
-# The named layers, in forward order. Activations are taken after the ReLU for conv and fc6/fc7, after
-# the max-pool (before LRN) for pools, and are the logits for fc8.
-LAYER_NAMES = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8")
-CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
-POOL_LAYERS = ("pool1", "pool2", "pool5")
-FC_LAYERS = ("fc6", "fc7", "fc8")
-# The layers with a spatial map (what deconv can project, what an occluder changes), in forward order.
-SPATIAL_LAYERS = tuple(name for name in LAYER_NAMES if name in CONV_LAYERS or name in POOL_LAYERS)
-
-# Geometry of the conv and pool layers: kernel, stride, padding.
-CONV_GEOMETRY = {"conv1": (7, 2, 1), "conv2": (5, 2, 0), "conv3": (3, 1, 1), "conv4": (3, 1, 1),
-                 "conv5": (3, 1, 1)}
-POOL_GEOMETRY = (3, 2, 0)
-LRN_PARAMS = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
-# Which pool follows which conv, and the conv whose output each pool reads.
-POOL_AFTER = {"conv1": "pool1", "conv2": "pool2", "conv5": "pool5"}
-
 
 @dataclass(frozen=True)
 class Geometry:
@@ -52,6 +38,9 @@ class Geometry:
     out_size: int                    # side of the map it writes
     in_channels: int
     out_channels: int
+    kind: str = "conv"               # "conv" or "pool"
+    ceil_mode: bool = False          # pools: PyTorch's ceil mode (ZFNet's pools)
+    norm: str | None = None          # pools: the local response norm module that follows it (ZFNet's)
 
 
 @dataclass
@@ -64,23 +53,16 @@ class LayerInfo:
     receptive_field: int | None      # pixels, for conv/pool
     jump: int | None                 # input pixels between adjacent units
     start: float | None              # centre of unit (0, 0) in input pixel coordinates
+    kind: str = "conv"               # "conv", "pool" or "fc"
 
 
 @dataclass
 class Trace:
-    """What :meth:`ZFNet.trace` returns."""
+    """What :meth:`LayeredCNN.trace` returns."""
 
     logits: torch.Tensor
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     switches: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def _out_size(name: str, size: int) -> int:
-    if name in CONV_GEOMETRY:
-        kernel, stride, pad = CONV_GEOMETRY[name]
-        return (size + 2 * pad - kernel) // stride + 1
-    kernel, stride, _ = POOL_GEOMETRY
-    return pooled_size(size, kernel, stride)   # ceil mode
 
 
 @torch.no_grad()
@@ -106,42 +88,85 @@ def clip_filter_rms_(convs: Iterable[nn.Conv2d], radius: float = 0.1) -> None:
         w.mul_(torch.where(rms > radius, radius / rms, torch.ones_like(rms)))
 
 
-class ZFNet(nn.Module):
-    """The paper's network. ``widths`` are conv1..conv5 channels; ``fc_width`` the width of fc6 and fc7."""
 
-    def __init__(self, num_classes: int = 1000, fc_width: int = 4096,
-                 widths: tuple[int, ...] = (96, 256, 384, 384, 256), input_size: int = 224,
-                 config: ModelConfig | None = None):
+@torch.no_grad()
+def fold_batchnorm_(conv: nn.Conv2d, running_mean, running_var, weight, bias, eps: float) -> None:
+    """Fold an eval-mode BatchNorm that follows ``conv`` into it (in place, float32 on the conv's device):
+    s = weight / sqrt(running_var + eps), w' = w * s per output channel, b' = (b - running_mean) * s + bias."""
+    dev = conv.weight.device
+    as32 = lambda t: t.detach().to(dev, torch.float32)   # noqa: E731
+    scale = as32(weight) / torch.sqrt(as32(running_var) + eps)
+    conv.bias.copy_((conv.bias - as32(running_mean)) * scale + as32(bias))
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+
+
+class LayeredCNN(nn.Module):
+    """A member of ZFNet's family, built from its layer table (:func:`zfserve.architecture.layer_table`).
+
+    ``LayeredCNN(config=ModelConfig(architecture="vgg16", ...))`` builds any member; without a config the
+    arguments describe a ZFNet (``widths``: conv1..conv5 channels, ``fc_width``: fc6 and fc7), so
+    ``ZFNet(num_classes=11, fc_width=512)`` is the paper's network with a small classifier. ``ZFNet`` is this
+    class under the name the library has always exported."""
+
+    def __init__(self, num_classes: int = 1000, fc_width: int = 4096, widths: tuple[int, ...] | None = None,
+                 input_size: int = 224, config: ModelConfig | None = None):
         super().__init__()
-        c1, c2, c3, c4, c5 = widths
-        self.widths = tuple(widths)
-        self.input_size = input_size
-        self.conv1 = nn.Conv2d(3, c1, *CONV_GEOMETRY["conv1"])
-        self.relu1 = nn.ReLU()
-        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.norm1 = nn.LocalResponseNorm(**LRN_PARAMS)
-        self.conv2 = nn.Conv2d(c1, c2, *CONV_GEOMETRY["conv2"])
-        self.relu2 = nn.ReLU()
-        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        self.norm2 = nn.LocalResponseNorm(**LRN_PARAMS)
-        self.conv3 = nn.Conv2d(c2, c3, *CONV_GEOMETRY["conv3"])
-        self.relu3 = nn.ReLU()
-        self.conv4 = nn.Conv2d(c3, c4, *CONV_GEOMETRY["conv4"])
-        self.relu4 = nn.ReLU()
-        self.conv5 = nn.Conv2d(c4, c5, *CONV_GEOMETRY["conv5"])
-        self.relu5 = nn.ReLU()
-        self.pool5 = nn.MaxPool2d(3, 2, ceil_mode=True)
-        pooled = self.layer_chain()[-1].out_size
-        self.fc6 = nn.Linear(c5 * pooled * pooled, fc_width)
-        self.relu6 = nn.ReLU()
-        self.drop6 = nn.Dropout(0.5)
-        self.fc7 = nn.Linear(fc_width, fc_width)
-        self.relu7 = nn.ReLU()
-        self.drop7 = nn.Dropout(0.5)
-        self.fc8 = nn.Linear(fc_width, num_classes)
-        self.config = config or ModelConfig(num_classes=num_classes, fc_width=fc_width, widths=tuple(widths),
-                                            input_size=input_size)
+        if config is None:
+            config = ModelConfig(num_classes=num_classes, fc_width=fc_width,
+                                 widths=None if widths is None else tuple(widths), input_size=input_size)
+        self.config = config
+        self.architecture = config.architecture
+        self.widths = config.widths
+        self.input_size = config.input_size
+        self.table = config.layer_table()
+        channels, flat = 3, None
+        for layer in self.table:   # registration order = forward order (paper_init_ draws in this order)
+            if layer.kind == "conv":
+                self.add_module(layer.name, nn.Conv2d(channels, layer.width, layer.kernel, layer.stride,
+                                                      layer.padding))
+                self.add_module(layer.relu, nn.ReLU())
+                channels = layer.width
+            elif layer.kind == "pool":
+                self.add_module(layer.name, nn.MaxPool2d(layer.kernel, layer.stride, ceil_mode=layer.ceil_mode))
+            elif layer.kind == "norm":
+                size, alpha, beta, k = layer.lrn
+                self.add_module(layer.name, nn.LocalResponseNorm(size, alpha, beta, k))
+            else:
+                if flat is None:
+                    side = self.layer_chain()[-1].out_size
+                    flat = channels * side * side
+                self.add_module(layer.name, nn.Linear(flat, layer.width))
+                flat = layer.width
+                if layer.relu:
+                    self.add_module(layer.relu, nn.ReLU())
+                    self.add_module(layer.dropout, nn.Dropout(arch.DROPOUT))
         self.reset_parameters()
+
+    # ------------------------------------------------------------------ names (from the config's table)
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Every named layer a trace records (conv, pool, fc), in forward order."""
+        return self.config.layer_names()
+
+    @property
+    def conv_layers(self) -> tuple[str, ...]:
+        return self.config.conv_layers
+
+    @property
+    def pool_layers(self) -> tuple[str, ...]:
+        return self.config.layer_names(("pool",))
+
+    @property
+    def fc_layers(self) -> tuple[str, ...]:
+        return self.config.layer_names(("fc",))
+
+    @property
+    def spatial_layers(self) -> tuple[str, ...]:
+        return self.config.spatial_layers
+
+    @property
+    def last_conv(self) -> str:
+        return self.config.last_conv
 
     # ------------------------------------------------------------------ init and the paper's clipping rule
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -149,18 +174,23 @@ class ZFNet(nn.Module):
         paper_init_(self, generator)
 
     def clip_filter_rms_(self, radius: float = 0.1) -> None:
-        """:func:`clip_filter_rms_` on conv1 .. conv5."""
-        clip_filter_rms_((getattr(self, name) for name in CONV_LAYERS), radius)
+        """:func:`clip_filter_rms_` on every conv layer."""
+        clip_filter_rms_((getattr(self, name) for name in self.conv_layers), radius)
 
     # ------------------------------------------------------------------ geometry
     def layer_chain(self, input_size: int | None = None) -> list[Geometry]:
-        """Kernel, stride, padding, map sides and channels of every spatial layer (conv1 .. pool5), in order."""
+        """Kernel, stride, padding, map sides and channels of every spatial layer (conv and pool), in order."""
         size, channels, chain = input_size or self.input_size, 3, []
-        for name in SPATIAL_LAYERS:
-            kernel, stride, padding = CONV_GEOMETRY.get(name, POOL_GEOMETRY)
-            out_channels = self.widths[CONV_LAYERS.index(name)] if name in CONV_GEOMETRY else channels
-            out_size = _out_size(name, size)
-            chain.append(Geometry(name, kernel, stride, padding, size, out_size, channels, out_channels))
+        for layer in self.table:
+            if layer.kind == "norm":
+                chain[-1] = Geometry(**{**chain[-1].__dict__, "norm": layer.name})
+                continue
+            if layer.kind == "fc":
+                break
+            out_channels = layer.width if layer.kind == "conv" else channels
+            out_size = arch.conv_out(size, layer)
+            chain.append(Geometry(layer.name, layer.kernel, layer.stride, layer.padding, size, out_size, channels,
+                                  out_channels, layer.kind, layer.ceil_mode))
             size, channels = out_size, out_channels
         return chain
 
@@ -171,24 +201,24 @@ class ZFNet(nn.Module):
     def channels(self) -> dict[str, int]:
         """The width of every named layer: feature maps of conv/pool layers, units of fc layers."""
         return {**{g.name: g.out_channels for g in self.layer_chain()},
-                **{name: getattr(self, name).out_features for name in FC_LAYERS}}
+                **{name: getattr(self, name).out_features for name in self.fc_layers}}
 
     def layer_info(self) -> list[LayerInfo]:
         """Output shape, parameter count and receptive field of every named layer, in forward order."""
         chain = {g.name: g for g in self.layer_chain()}
         infos = []
         rf, jump, start = 1, 1, 0.5  # pixel centres sit at i + 0.5
-        for name in LAYER_NAMES:
+        for name in self.layer_names:
             g = chain.get(name)
             if g is None:
                 infos.append(LayerInfo(name, (getattr(self, name).out_features,), self._params(name),
-                                       None, None, None))
+                                       None, None, None, "fc"))
                 continue
             rf = rf + (g.kernel - 1) * jump
             start = start + ((g.kernel - 1) / 2 - g.padding) * jump
             jump = jump * g.stride
             infos.append(LayerInfo(name, (g.out_channels, g.out_size, g.out_size), self._params(name), rf, jump,
-                                   start))
+                                   start, g.kind))
         return infos
 
     def _params(self, name: str) -> int:
@@ -197,86 +227,93 @@ class ZFNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(self.pool1(self.relu1(self.conv1(x))))
-        x = self.norm2(self.pool2(self.relu2(self.conv2(x))))
-        x = self.relu3(self.conv3(x))
-        x = self.relu4(self.conv4(x))
-        x = self.pool5(self.relu5(self.conv5(x)))
-        x = self.drop6(self.relu6(self.fc6(torch.flatten(x, 1))))
-        x = self.drop7(self.relu7(self.fc7(x)))
-        return self.fc8(x)
+        for layer in self.table:
+            if layer.kind == "conv":
+                x = getattr(self, layer.relu)(getattr(self, layer.name)(x))
+            elif layer.kind == "fc":
+                x = getattr(self, layer.name)(x if x.dim() == 2 else torch.flatten(x, 1))
+                if layer.relu:
+                    x = getattr(self, layer.dropout)(getattr(self, layer.relu)(x))
+            else:
+                x = getattr(self, layer.name)(x)
+        return x
 
-    def trace(self, x: torch.Tensor, layers=LAYER_NAMES, switches: bool = False,
+    def trace(self, x: torch.Tensor, layers=None, switches: bool = False,
               stop_after: str | None = None) -> Trace:
-        """Forward pass that keeps the activations of ``layers`` and, if asked, the int8 pool switches.
+        """Forward pass that keeps the activations of ``layers`` (default: every named layer) and, if asked,
+        the int8 switches of every pool. Activations are taken after the ReLU for conv layers and fc6/fc7,
+        after the max-pool (before any LRN) for pools, and are the logits for the last fc layer.
 
         ``stop_after`` ends the pass early at a named layer (logits are then an empty tensor).
         """
-        keep = {layers} if isinstance(layers, str) else set(layers)
-        unknown = keep - set(LAYER_NAMES)
-        if stop_after is not None and stop_after not in LAYER_NAMES:
+        names = self.layer_names
+        keep = set(names) if layers is None else {layers} if isinstance(layers, str) else set(layers)
+        unknown = keep - set(names)
+        if stop_after is not None and stop_after not in names:
             unknown.add(stop_after)
         if unknown:
-            raise InvalidArgumentError(f"unknown layer(s) {sorted(unknown)}; accepted: {list(LAYER_NAMES)}",
+            raise InvalidArgumentError(f"unknown layer(s) {sorted(unknown)}; accepted: {list(names)}",
                                        field="layer")
         out = Trace(logits=x.new_empty(0))
-
-        def record(name, value):
-            if name in keep:
-                out.activations[name] = value
-            return stop_after == name
-
-        def block(conv_name, relu, x):
-            if conv_name == "conv1" and switches and _use_fused_conv1(x, self.conv1):
+        table = self.table
+        i = 0
+        while i < len(table):
+            layer = table[i]
+            if i == 0 and switches and self._fused_conv1(x):
                 # One Triton kernel for conv1 + ReLU + pool1 with int8 switches (zfserve.kernels).
-                want_conv = "conv1" in keep or stop_after == "conv1"
-                fused = conv1_relu_pool(x, self.conv1.weight, self.conv1.bias, return_conv=want_conv)
-                if want_conv and record("conv1", fused[2]):
-                    return fused[2], True
-                out.switches["pool1"] = fused[1]
-                return fused[0], record("pool1", fused[0])
-            x = relu(getattr(self, conv_name)(x))
-            if record(conv_name, x):
-                return x, True
-            pool_name = POOL_AFTER.get(conv_name)
-            if pool_name is None:
-                return x, False
-            if switches:
-                x, sw = max_pool_with_switches(x)
-                out.switches[pool_name] = sw
-            else:
-                x = getattr(self, pool_name)(x)
-            return x, record(pool_name, x)
-
-        x, done = block("conv1", self.relu1, x)
-        if done:
-            return out
-        x, done = block("conv2", self.relu2, self.norm1(x))
-        if done:
-            return out
-        x, done = block("conv3", self.relu3, self.norm2(x))
-        if done:
-            return out
-        for conv_name, relu in (("conv4", self.relu4), ("conv5", self.relu5)):
-            x, done = block(conv_name, relu, x)
-            if done:
+                want_conv = layer.name in keep or stop_after == layer.name
+                conv = getattr(self, layer.name)
+                fused = conv1_relu_pool(x, conv.weight, conv.bias, return_conv=want_conv)
+                if want_conv and self._record(out, keep, stop_after, layer.name, fused[2]):
+                    return out
+                x, out.switches[table[1].name] = fused[0], fused[1]
+                if self._record(out, keep, stop_after, table[1].name, x):
+                    return out
+                i += 2
+                continue
+            x = self._step(layer, x, out, switches)
+            if layer.kind != "norm" and self._record(out, keep, stop_after, layer.name, x):
                 return out
-        x = torch.flatten(x, 1)
-        for fc_name, relu, drop in (("fc6", self.relu6, self.drop6), ("fc7", self.relu7, self.drop7)):
-            x = drop(relu(getattr(self, fc_name)(x)))
-            if record(fc_name, x):
-                return out
-        out.logits = self.fc8(x)
-        record("fc8", out.logits)
+            i += 1
+        out.logits = x
         return out
 
+    def _step(self, layer: arch.Layer, x: torch.Tensor, out: Trace, switches: bool) -> torch.Tensor:
+        """One layer of :meth:`trace` (with the pool's switches recorded into ``out`` when asked)."""
+        if layer.kind == "conv":
+            return getattr(self, layer.relu)(getattr(self, layer.name)(x))
+        if layer.kind == "pool" and switches:
+            x, out.switches[layer.name] = max_pool_with_switches(x, layer.kernel, layer.stride, layer.ceil_mode)
+            return x
+        if layer.kind == "fc":
+            x = getattr(self, layer.name)(x if x.dim() == 2 else torch.flatten(x, 1))
+            return getattr(self, layer.dropout)(getattr(self, layer.relu)(x)) if layer.relu else x
+        return getattr(self, layer.name)(x)
 
-def _use_fused_conv1(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """The fused conv1 kernel serves CUDA inputs when no gradient must flow through it (it has no backward)."""
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-    return x.is_cuda and not needs_grad and conv.stride == (2, 2) and conv.padding == (1, 1)
+    @staticmethod
+    def _record(out: Trace, keep: set, stop_after: str | None, name: str, value: torch.Tensor) -> bool:
+        """Keep ``value`` if asked for; whether the pass ends here."""
+        if name in keep:
+            out.activations[name] = value
+        return stop_after == name
+
+    def _fused_conv1(self, x: torch.Tensor) -> bool:
+        """The fused conv1 kernel serves ZFNet's block 1 geometry (a first conv of stride 2, padding 1, straight
+        into a 3x3/2 ceil-mode pool) on CUDA inputs, when no gradient must flow through it (it has no
+        backward)."""
+        first, second = self.table[0], self.table[1]
+        if not (first.stride == 2 and first.padding == 1 and second.kind == "pool"
+                and (second.kernel, second.stride, second.ceil_mode) == (3, 2, True)):
+            return False
+        conv = getattr(self, first.name)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+        return x.is_cuda and not needs_grad
 
 
-def build(config: ModelConfig) -> ZFNet:
-    """A freshly initialized ZFNet with the architecture ``config`` describes."""
-    return ZFNet(config.num_classes, config.fc_width, config.widths, config.input_size, config=config)
+# The name the library has always exported; the paper's network is this class's default configuration.
+ZFNet = LayeredCNN
+
+
+def build(config: ModelConfig) -> LayeredCNN:
+    """A freshly initialized model with the architecture ``config`` describes."""
+    return LayeredCNN(config=config)

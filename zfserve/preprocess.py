@@ -12,12 +12,14 @@ Decoding untrusted bytes safely:
   decoding, other formats reduced in uint8 right after), cuts images longer than 16:1 to their centre first,
   and never holds a full-size image in floating point; a ``check`` callback can stop the work between steps.
 Colour: grayscale, palette and CMYK are converted to RGB; 16-bit images are scaled to 8 bits (not clipped);
-alpha is composited onto the model's mean colour, so fully transparent pixels become 0 after mean
-subtraction (the same value the occlusion engine fills with).
+alpha is composited onto the model's mean colour, so fully transparent pixels become 0 after normalization
+(the same value the occlusion engine fills with).
 Then: resize the short side to ``resize`` (bilinear, antialiased; images longer than 16:1 are first cut to
-their centre 16:1 part, which holds all the crop needs), centre-crop ``crop`` x ``crop``, subtract the mean
-(per channel, or the matching centre crop of the per-pixel mean image). Output: float32 (3, crop, crop) in raw
-pixel units minus the mean (roughly -128..128), the paper's input units.
+their centre 16:1 part, which holds all the crop needs), centre-crop ``crop`` x ``crop``, and normalize per
+channel, ``(pixel * scale - mean) / std`` (:meth:`~zfserve.config.PreprocessConfig.normalize`; the mean per
+channel, or the matching centre crop of the per-pixel mean image). Output: float32 (3, crop, crop). ZFNet's
+units are raw pixels minus the mean (scale 1, std 1: roughly -128..128, the paper's); torchvision's models take
+pixels / 255 normalized by the ImageNet mean and std (roughly -2..2.6).
 """
 
 from __future__ import annotations
@@ -327,11 +329,11 @@ def resize_and_crop(rgb: np.ndarray, resize: int, crop: int) -> np.ndarray:
 
 
 def to_input(rgb: np.ndarray, config=None) -> np.ndarray:
-    """uint8 (H, W, 3) RGB -> the network's input, float32 (3, crop, crop), mean subtracted."""
+    """uint8 (H, W, 3) RGB -> the network's input, float32 (3, crop, crop), normalized."""
     pre = preprocess_config(config)
     cropped = resize_and_crop(rgb, pre.resize, pre.crop)
     chw = cropped.transpose(2, 0, 1).astype(np.float32)
-    return np.ascontiguousarray(chw - pre.mean_crop())
+    return np.ascontiguousarray(pre.normalize(chw))
 
 
 def load_image(source: ImageSource, config=None, **limits) -> np.ndarray:
@@ -363,11 +365,7 @@ def load_images(sources: Iterable[ImageSource], config=None, **limits) -> np.nda
 def to_display(x: np.ndarray, config=None) -> np.ndarray:
     """Inverse of :func:`to_input` (up to the resize): float32 (3, H, W) network input -> uint8 (H, W, 3)."""
     pre = preprocess_config(config)
-    x = np.asarray(x, dtype=np.float32)
-    mean = pre.mean_crop()
-    if mean.shape[1:] != (1, 1) and mean.shape[1:] != x.shape[1:]:
-        mean = mean.reshape(3, -1).mean(axis=1).reshape(3, 1, 1)
-    return np.clip(np.rint(x + mean), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return np.clip(np.rint(pre.denormalize(x)), 0, 255).astype(np.uint8).transpose(1, 2, 0)
 
 
 # ---------------------------------------------------------------------------------------------- frames

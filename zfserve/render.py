@@ -63,7 +63,7 @@ def write_filter_grid(model, path, scale: int = 4) -> Path:
     """Write ``model``'s conv1 filters as a PNG grid (:func:`filter_grid`); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(filter_grid(model.conv1.weight, scale=scale)))
+    path.write_bytes(png_bytes(filter_grid(getattr(model, model.conv_layers[0]).weight, scale=scale)))
     return path
 
 

@@ -267,7 +267,7 @@ def sweep_arguments(request: pb.OcclusionRequest) -> dict:
     args = dict(window=request.window if request.HasField("window") else DEFAULT_WINDOW,
                 stride=request.stride if request.HasField("stride") else DEFAULT_STRIDE, fill=fill,
                 target=request.target if request.HasField("target") else None,
-                layer=request.activity_layer or "conv5",
+                layer=request.activity_layer or None,   # None: the model's last conv layer
                 channel=request.activity_channel if request.HasField("activity_channel") else None,
                 attribution_on="logit" if request.attribution_on_logits else "probability",
                 fill_units="pixel" if request.fill_in_pixels else "input")

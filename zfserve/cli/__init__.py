@@ -14,13 +14,14 @@ from ..errors import ZFServeError
 from .audit import add_audit
 from .common import EXIT_USAGE, Parser
 from .explore import add_index
+from .importing import add_import
 from .inference import add_classify, add_export, add_health, add_info, add_serve
 from .training import add_data, add_eval, add_evolution, add_filters, add_report, add_train
 from .visualize import add_deconv, add_faithfulness, add_occlude
 
 COMMANDS = [add_info, add_export, add_classify, add_serve, add_health, add_data, add_train, add_evolution, add_eval,
             add_filters, add_report, add_deconv, add_occlude, add_faithfulness, add_audit,
-            add_index]
+            add_index, add_import]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,6 @@ import time
 
 from .common import CommandError, model_help
 
-CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")   # zfserve.model's, without importing torch here
-
 
 def add_index(sub) -> None:
     p = sub.add_parser("index", help="precompute each conv feature map's top-9 dataset patches for the explorer",
@@ -21,18 +19,21 @@ def add_index(sub) -> None:
                    help="images to search: synthetic default 1000 (about 4 minutes on 2 CPU cores for the demo "
                         "model); a directory default all")
     p.add_argument("--seed", type=int, default=3, help="synthetic seed (default 3, held out from training)")
-    p.add_argument("--layers", default=",".join(CONV_LAYERS),
-                   help="comma-separated conv layers (default conv1,conv2,conv3,conv4,conv5)")
+    p.add_argument("--layers", default=None,
+                   help="comma-separated conv layers, by the model's own names (default: every conv layer, "
+                        "conv1..conv5 for ZFNet and AlexNet, conv1_1..conv5_3 for VGG16)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass, 1..1024 (default 32)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_index)
 
 
-def _layers(text: str) -> list[str]:
+def _layers(text: str | None, conv_layers) -> list[str] | None:
+    if text is None:
+        return None
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONV_LAYERS]
+    unknown = [name for name in names if name not in conv_layers]
     if not names or unknown:
-        raise CommandError(f"--layers: {text!r}; accepted: a comma-separated list of {', '.join(CONV_LAYERS)}",
+        raise CommandError(f"--layers: {text!r}; accepted: a comma-separated list of {', '.join(conv_layers)}",
                            field="layers")
     return names
 
@@ -51,13 +52,12 @@ def _progress_printer():
 
 
 def cmd_index(args) -> int:
-    """Search a data set for the top-9 activations of every feature map of conv1..conv5 (Zeiler & Fergus 2014,
+    """Search a data set for the top-9 activations of every feature map of the conv layers (Zeiler & Fergus 2014,
     Fig. 2) and store each one's input patch, for the explorer page's unit view. A writable model directory
     gets index/ beside its weights; embedded, built-in and read-only models use the cache
     ($ZFSERVE_CACHE_DIR, else ~/.cache/zfserve). The index is keyed to the weights' SHA-256: after retraining,
     build it again."""
     from .. import _checks as checks
-    layers = _layers(args.layers)
     if args.n is not None:
         checks.integer(args.n, "n", 1, label="--n")
     checks.integer(args.batch_size, "batch_size", 1, 1024, label="--batch-size")
@@ -65,6 +65,7 @@ def cmd_index(args) -> int:
     from ..paper.unit_index import build_index
     from ..weights import read_snapshot
     snapshot = read_snapshot(args.model)
+    layers = _layers(args.layers, snapshot.config.conv_layers)
     index = build_index(snapshot, args.data, n=args.n, seed=args.seed, layers=layers,
                         batch_size=args.batch_size, progress=None if args.quiet else _progress_printer())
     meta = index.meta

@@ -16,7 +16,9 @@ def add_deconv(sub) -> None:
     p = sub.add_parser("deconv", help="deconvnet projections of a layer's strongest (or given) units to pixels",
                        description=cmd_deconv.__doc__)
     p.add_argument("image", metavar="IMAGE", help="JPEG, PNG or WebP file")
-    p.add_argument("--layer", default="conv5", help="conv1..conv5, pool1, pool2 or pool5 (default conv5)")
+    p.add_argument("--layer", default=None,
+                   help="a conv or pool layer of the model, by its own name (ZFNet, AlexNet: conv1..conv5, pool1, "
+                        "pool2, pool5; VGG: conv1_1..conv5_3, pool1..pool5; default: the last conv layer)")
     p.add_argument("--top-k", type=int, default=None,
                    help="strongest units, at most one per feature map (1..maps in the layer; default 9 "
                         "unless --units is given)")
@@ -46,33 +48,33 @@ def cmd_deconv(args) -> int:
     """Project units of one layer back to input pixels (Zeiler & Fergus 2014). Writes one PNG per unit, grid.png
     (projection, its receptive field, the input patch), deconv.json and projections.npz (K x 3 x 224 x 224
     float32)."""
-    from ..model import SPATIAL_LAYERS
-    checks.layer(args.layer, SPATIAL_LAYERS)
     units = _parse_units(args.units) if args.units else None
     if args.top_k is not None:
         checks.integer(args.top_k, "top_k", 1, label="--top-k", what="the layer's feature maps")
     if args.server:
         with remote_client(args) as client:
             model_name = args.model or client.list_models().default_model
-            results = client.deconv([args.image], args.layer, top_k=args.top_k, units=units,
+            results = client.deconv([args.image], args.layer or "", top_k=args.top_k, units=units,
                                     model=model_name, return_patches=True, return_tensor=True)
         config, version = None, ""
+        layer = results[0].layer if results else args.layer
     else:
         from ..engine.deconv import DeconvEngine
         from ..preprocess import load_image
         from ..weights import read_snapshot
         snapshot = read_snapshot(args.model)
+        layer = checks.layer(args.layer or snapshot.config.last_conv, snapshot.config.spatial_layers)
         model = snapshot.model()
         model_name, config, version = model.config.name, model.config, snapshot.version
         image = load_image(args.image, config, field="image")
-        results = DeconvEngine(model, args.device).project(image, args.layer, top_k=args.top_k, units=units)
+        results = DeconvEngine(model, args.device).project(image, layer, top_k=args.top_k, units=units)
     from ..render import write_deconv
-    doc = write_deconv(args.out, results, layer=args.layer, model=model_name, image=args.image, config=config,
+    doc = write_deconv(args.out, results, layer=layer, model=model_name, image=args.image, config=config,
                        model_version=version)
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(f"wrote {len(results)} projections of {args.layer} ({doc['model']} {doc['model_version']}) to "
+        print(f"wrote {len(results)} projections of {layer} ({doc['model']} {doc['model_version']}) to "
               f"{args.out}: {doc['interpretation']}, not evidence of what the class decision used (see "
               f"`zfserve faithfulness`)")
     return 0
@@ -90,10 +92,12 @@ def add_occlude(sub) -> None:
     p.add_argument("--target", type=int, default=None,
                    help="class whose probability is mapped (default: the unoccluded top-1)")
     p.add_argument("--fill", default="mean",
-                   help="occluder value: 'mean' (default, 0 after mean subtraction), V or R,G,B in --fill-units")
+                   help="occluder value: 'mean' (default, 0 after normalization), V or R,G,B in --fill-units")
     p.add_argument("--fill-units", choices=("input", "pixel"), default="input",
-                   help="'input': network-input units (mean subtracted); 'pixel': 0..255 values")
-    p.add_argument("--layer", default="conv5", help="layer of the activity map (default conv5)")
+                   help="'input': network-input units (normalized, as the model's preprocessing makes them); "
+                        "'pixel': 0..255 values")
+    p.add_argument("--layer", default=None,
+                   help="layer of the activity map, by the model's own names (default: the last conv layer)")
     p.add_argument("--channel", type=int, default=None,
                    help="feature map (unit for fc layers) of the activity map (default: the strongest unoccluded)")
     p.add_argument("--model", default=None, help=model_help())

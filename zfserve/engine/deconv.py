@@ -1,5 +1,5 @@
-"""Deconvnet projection (Zeiler & Fergus 2014, §2.1 and §3): any unit of conv1..conv5 (or pool1/2/5) back
-to input pixels.
+"""Deconvnet projection (Zeiler & Fergus 2014, §2.1 and §3): any unit of any conv or pool layer of a member of
+ZFNet's family (ZFNet, AlexNet, VGG) back to input pixels.
 
 Per image, one forward pass records the chosen layer's activations and the int8 switches of the pools below
 it. A unit is projected by keeping its activation, zeroing the rest of the layer, and walking down to the
@@ -7,10 +7,11 @@ pixels: at a pool, sum-unpool with the recorded switches; at a conv, ReLU then t
 the forward weights (no bias). Local response normalization is the identity on the way down.
 
 All selected units of all images go down together as the batch dimension, each reading its own image's
-switches. Exact shortcut: a unit's projection is zero outside its receptive field, so every level is
+switches. The walk follows the model's layer table, so every member's geometry is exact: ZFNet's and AlexNet's
+overlapping 3x3/2 pools (sums where windows share a position), VGG's 2x2/2 ones. Exact shortcut: a unit's projection is zero outside its receptive field, so every level is
 computed only on the window that can be non-zero (the same size for every unit of a layer, at a per-unit
 offset); positions of a window that fall outside a map are that map's zero padding and are masked. For a
-conv5 unit the windows are 3/5/7 (13x13 maps), 15 (26), 33 (55), 67 (110) and 139 (224) wide, about a
+ZFNet conv5 unit the windows are 3/5/7 (13x13 maps), 15 (26), 33 (55), 67 (110) and 139 (224) wide, about a
 fifth of the full-map work. Results equal the full-map walk (and autograd with the deconvnet ReLU rule).
 
 What a projection is: a **feature visualisation (class-insensitive)**
@@ -38,7 +39,7 @@ from zfserve.kernels import unpool_sum
 
 from .. import _checks as checks
 from ..errors import InvalidArgumentError
-from ..model import POOL_LAYERS, SPATIAL_LAYERS, ZFNet
+from ..model import LayeredCNN
 from .results import DEFAULT_DECONV_TOP_K, UnitProjection
 
 DEFAULT_MAX_UNITS_PER_PASS = 128
@@ -73,27 +74,28 @@ class _LRNIdentityBackward(torch.nn.Module):
         return x + (self.lrn(x) - x).detach()
 
 
-def captum_model(model: ZFNet) -> ZFNet:
-    """A copy of ``model`` whose LRN layers have an identity backward, so that Captum's
+def captum_model(model: LayeredCNN) -> LayeredCNN:
+    """A copy of ``model`` whose LRN layers (ZFNet's) have an identity backward, so that Captum's
     ``NeuronDeconvolution`` (which differentiates everything but ReLU normally) computes this engine's
     projection (with ``seed="one"``). For comparisons and tests; the engine itself does not use it."""
     import copy
 
     twin = copy.deepcopy(model)
-    for name in ("norm1", "norm2"):
-        setattr(twin, name, _LRNIdentityBackward(getattr(twin, name)))
+    for name, child in list(twin.named_children()):
+        if isinstance(child, torch.nn.LocalResponseNorm):
+            setattr(twin, name, _LRNIdentityBackward(child))
     return twin
 
 
 class DeconvEngine:
-    """Deconvnet projections for a :class:`~zfserve.model.ZFNet`.
+    """Deconvnet projections for a :class:`~zfserve.model.LayeredCNN` (any member of ZFNet's family).
 
     ``device``: ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``); the model is moved there. The weights are read at
     every call, so a model that keeps training (feature-evolution snapshots) needs no new engine.
     ``max_units_per_pass`` bounds memory: more units than this go down in several batched passes.
     """
 
-    def __init__(self, model: ZFNet, device: str | torch.device = "cpu", *,
+    def __init__(self, model: LayeredCNN, device: str | torch.device = "cpu", *,
                  max_units_per_pass: int = DEFAULT_MAX_UNITS_PER_PASS):
         self.device = checks.device(device)
         self.max_units_per_pass = checks.integer(max_units_per_pass, "max_units_per_pass", 1)
@@ -102,6 +104,7 @@ class DeconvEngine:
         self._infos = {info.name: info for info in model.layer_info()}
         # Kernel, stride and the side of the map each backward step must produce (the layer's input).
         self._geometry = {g.name: g for g in model.layer_chain()}
+        self.layers = model.spatial_layers   # what can be projected, in forward order
 
     # ------------------------------------------------------------------ validation
     def _as_batch(self, images) -> torch.Tensor:
@@ -122,7 +125,7 @@ class DeconvEngine:
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size) or images.shape[0] == 0:
             raise InvalidArgumentError(f"images: expected shape (N, 3, {size}, {size}) or (3, {size}, {size}) "
                                        f"with N >= 1, got {tuple(images.shape)}", field="images")
-        dtype = self.model.conv1.weight.dtype
+        dtype = next(self.model.parameters()).dtype
         images = images.to(self.device, dtype)
         if not torch.isfinite(images).all():
             raise InvalidArgumentError("images: contain NaN or infinite values", field="images")
@@ -132,7 +135,7 @@ class DeconvEngine:
     @torch.no_grad()
     def forward(self, images, layer: str):
         """One forward pass up to ``layer``: returns ``(images, activations of layer, switches)``."""
-        checks.layer(layer, SPATIAL_LAYERS)
+        checks.layer(layer, self.layers)
         x = self._as_batch(images)
         trace = self.model.trace(x, layers=(layer,), switches=True, stop_after=layer)
         return x, trace.activations[layer], trace.switches
@@ -232,7 +235,7 @@ class DeconvEngine:
         ``seed``: ``"activation"`` keeps each unit's activation (the paper); ``"one"`` puts 1 there (a
         gradient-style seed, as Captum's NeuronDeconvolution does). The walk is linear in the seed.
         """
-        checks.layer(layer, SPATIAL_LAYERS)
+        checks.layer(layer, self.layers)
         if seed not in SEEDS:
             raise InvalidArgumentError(f"seed: {seed!r}; accepted: {', '.join(SEEDS)}", field="seed")
         size = self.input_size
@@ -253,13 +256,13 @@ class DeconvEngine:
         value[rows, units.channel, 0, 0] = values
         top, left, width = units.y.clone(), units.x.clone(), 1  # window of the current level, per unit
         rectified = False
-        for name in reversed(SPATIAL_LAYERS[:SPATIAL_LAYERS.index(layer) + 1]):
-            if name in POOL_LAYERS:
+        for name in reversed(self.layers[:self.layers.index(layer) + 1]):
+            if self._geometry[name].kind == "pool":
                 kernel, stride = self._geometry[name].kernel, self._geometry[name].stride
                 sw = self._window(switches[name], units.image_index, top, left, width)
                 width_in = (width - 1) * stride + kernel
                 # The ReLU of the conv below is fused into the unpool.
-                value = unpool_sum(value, sw, (width_in, width_in), relu=True)
+                value = unpool_sum(value, sw, (width_in, width_in), relu=True, kernel=kernel, stride=stride)
                 top, left, width = top * stride, left * stride, width_in
                 rectified = True
             else:
@@ -271,7 +274,7 @@ class DeconvEngine:
                 # the forward pass's zero padding are dropped by the mask (or the final crop).
                 value = F.conv_transpose2d(value, getattr(self.model, name).weight, stride=stride)
                 top, left, width = top * stride - pad, left * stride - pad, (width - 1) * stride + kernel
-                if name != SPATIAL_LAYERS[0]:
+                if name != self.layers[0]:
                     value.mul_(self._inside(top, left, width, g.in_size))
                 rectified = False
         return self._paste(value, top, left, self.input_size)
@@ -313,7 +316,7 @@ class DeconvEngine:
     # ------------------------------------------------------------------ boxes and the one-call API
     def box(self, layer: str, y: int, x: int) -> tuple[int, int, int, int]:
         """Receptive field of unit (y, x) of ``layer``: (x0, y0, x1, y1) in input pixels, clipped, end exclusive."""
-        checks.layer(layer, SPATIAL_LAYERS)
+        checks.layer(layer, self.layers)
         info = self._infos[layer]
         half = info.receptive_field / 2
         size = self.input_size

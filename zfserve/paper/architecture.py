@@ -16,13 +16,17 @@ from PIL import Image
 from .. import _checks as checks
 from ..config import IMAGENET_MEAN_RGB
 from ..data import NUM_CLASSES, label_of, render_images
-from ..model import LRN_PARAMS, POOL_GEOMETRY, clip_filter_rms_, paper_init_
+from ..architecture import ZFNET_LRN
+from ..model import clip_filter_rms_, paper_init_
 from ..render import filter_grid
 from ..train.recipe import init_scaled_, input_rms
 from .figures import hide_ticks, log, plt as pyplot, save, write_csv, write_json, write_section
 from .filters import filter_stats
 
 TITLE = "Architecture selection: layer 1 (Fig. 6)"
+# The comparison is ZFNet's own design question (its 7x7/2 layer 1 against AlexNet's 11x11/4).
+ARCHITECTURES = ("zfnet",)
+ONLY_NOTE = "the layer-1 comparison (7x7/2 vs 11x11/4) is ZFNet's architecture selection, made for ZFNet only"
 ARCH_VARIANTS = {
     # name: (conv1 kernel, stride, padding, conv2 kernel, stride, padding, clip filters)
     "zfnet-7x7s2": (7, 2, 1, 5, 2, 0, True),
@@ -40,8 +44,8 @@ class FirstLayersNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], *conv1)
         self.conv2 = nn.Conv2d(widths[0], widths[1], *conv2)
-        self.pool = nn.MaxPool2d(POOL_GEOMETRY[0], POOL_GEOMETRY[1], ceil_mode=True)
-        self.norm = nn.LocalResponseNorm(**LRN_PARAMS)
+        self.pool = nn.MaxPool2d(3, 2, ceil_mode=True)   # ZFNet's pools and LRN
+        self.norm = nn.LocalResponseNorm(*ZFNET_LRN)
         self.fc = nn.Linear(widths[1], num_classes)
 
     def forward(self, x):

@@ -40,7 +40,7 @@ def aligned_face(item: Item, config, margin: float = 1.5) -> tuple[np.ndarray, d
                                                 (1 / scale, 0, x0, 0, 1 / scale, y0),
                                                 resample=Image.BILINEAR, fillcolor=fill)
     rgb = np.asarray(pil).transpose(2, 0, 1).astype(np.float32)
-    x = rgb - np.asarray(pre.mean_rgb(), dtype=np.float32).reshape(3, 1, 1)
+    x = pre.normalize(rgb, channel_mean=True)
     boxes = {}
     for name, (bx0, by0, bx1, by1) in item.parts.items():
         boxes[name] = tuple(int(np.clip(v, 0, pre.crop)) for v in
@@ -60,7 +60,7 @@ def hamming_score(eps: np.ndarray) -> tuple[float, float, np.ndarray]:
     return float(values.mean()), float(values.std()), values
 
 
-def correspondence(model: ZFNet, data: AnalysisData, indices, *, parts=PARTS, layers=("conv5", "fc7"),
+def correspondence(model: ZFNet, data: AnalysisData, indices, *, parts=PARTS, layers=None,
                    seed: int = 0, batch: int = 16) -> dict:
     """Table 1: occlude the same part (or a random region of the same size) in every face image; per layer the
     sign-consistency score of the feature changes over image pairs (lower = more consistent).
@@ -69,8 +69,9 @@ def correspondence(model: ZFNet, data: AnalysisData, indices, *, parts=PARTS, la
     the mean size of that image's part boxes at a uniformly drawn position (``seed``).
     Returns ``{"rows": {part: {layer: {"mean", "std"}}}, "pairs": {part: {layer: [...]}}, ...}``.
     """
+    layers = (model.last_conv, "fc7") if layers is None else layers   # the paper's Table 1: conv5 and fc7
     for layer in layers:
-        checks.layer(layer)
+        checks.layer(layer, model.layer_names)
     indices = [int(i) for i in indices]
     faces = [aligned_face(data.item(i), model.config) for i in indices]
     x = np.stack([f[0] for f in faces])

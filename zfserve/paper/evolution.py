@@ -18,12 +18,15 @@ from ..data import resize_images, synthetic_arrays
 from ..engine.deconv import DeconvEngine
 from ..errors import InvalidArgumentError, NotFoundError
 from ..evaluate import centre_inputs
-from ..model import CONV_LAYERS, ZFNet, build
+from ..model import ZFNet, build
 from ..render import signed_to_rgb
 from ..train.checkpoint import load_snapshot, run_config, snapshot_paths
 from .figures import plt as pyplot, save, write_csv, write_json, write_section
 
 TITLE = "Feature evolution during training (Fig. 4)"
+# Evolution is recorded by `zfserve train`, which trains ZFNet; an imported model has no training record.
+ARCHITECTURES = ("zfnet",)
+ONLY_NOTE = "feature evolution is recorded while `zfserve train` trains a ZFNet; imported models have none"
 EVOLUTION_FILE = "evolution.npz"
 EVOLUTION_SIZE = 64
 
@@ -38,7 +41,7 @@ def _render_projection(projection: np.ndarray, box, size: int) -> np.ndarray:
 
 
 def evolution_data(snapshots: dict[int, Path], config: ModelConfig, probes: np.ndarray, *,
-                   layers=CONV_LAYERS, maps_per_layer: int = 6, seed: int = 0,
+                   layers=None, maps_per_layer: int = 6, seed: int = 0,
                    size: int = EVOLUTION_SIZE) -> dict[str, np.ndarray]:
     """Feature evolution (paper Fig. 4): for a seeded subset of feature maps per layer, at every snapshot
     epoch, the deconv projection of that map's strongest activation over the probe images.
@@ -53,7 +56,8 @@ def evolution_data(snapshots: dict[int, Path], config: ModelConfig, probes: np.n
     rng = np.random.default_rng(seed)
     probe_t = torch.from_numpy(np.ascontiguousarray(probes, dtype=np.float32))
     model = build(config)
-    widths = {name: getattr(model, name).out_channels for name in CONV_LAYERS}
+    layers = model.conv_layers if layers is None else layers
+    widths = {name: getattr(model, name).out_channels for name in model.conv_layers}
     maps = np.stack([np.sort(rng.choice(widths[layer], maps_per_layer, replace=False)) for layer in layers])
     shape = (len(layers), maps_per_layer, len(epochs))
     renders = np.zeros(shape + (size, size, 3), dtype=np.uint8)

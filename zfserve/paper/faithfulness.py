@@ -29,7 +29,7 @@ from ..preprocess import mask_to_input, to_input
 from . import saliency_metrics as sm
 from .dataset import AnalysisData, labels_match
 from .figures import log, write_csv, write_json, write_section
-from .saliency import LABELS, METHODS, MODEL_FREE, MPRT_ORDER, SaliencyMaps, cascading_randomisation
+from .saliency import LABELS, METHODS, MODEL_FREE, SaliencyMaps, cascading_randomisation, mprt_order
 
 TITLE = "Faithfulness: can the heatmaps be trusted? Pointing game, deletion / insertion and sanity checks"
 INSENSITIVE_SPEARMAN = 0.5         # MPRT: a map this rank-similar to the original at full randomisation
@@ -144,7 +144,7 @@ def random_logit(saliency: SaliencyMaps, kept: dict, num_classes: int, seed: int
 
 
 def mprt(model: ZFNet, kept: dict, s, *, progress=None) -> dict:
-    """Cascading randomisation fc8 -> conv1: per step and method, the Spearman (absolute values) and SSIM of each
+    """Cascading randomisation fc8 -> the first conv: per step and method, the Spearman (absolute values) and SSIM of each
     kept image's map against the original model's; the maps of the first kept image at every step."""
     spearman = {m: [] for m in METHODS}
     ssim = {m: [] for m in METHODS}
@@ -165,8 +165,8 @@ def mprt(model: ZFNet, kept: dict, s, *, progress=None) -> dict:
             spearman[m].append(rows_r[m])
             ssim[m].append(rows_s[m])
         if progress is not None:
-            progress(step, len(MPRT_ORDER))
-    return {"layers": list(MPRT_ORDER), "spearman": spearman, "ssim": ssim, "example_index": first,
+            progress(step, len(mprt_order(model)))
+    return {"layers": list(mprt_order(model)), "spearman": spearman, "ssim": ssim, "example_index": first,
             "examples": examples}
 
 

@@ -70,9 +70,8 @@ def write_section(out: Path, name: str, title: str, figures: list[dict], metrics
 
 def maps_for(model, layer: str, count: int, seed: int) -> list[int]:
     """The feature maps a figure shows: ``count`` channels of ``layer`` drawn with ``(seed, layer)``."""
-    from ..model import LAYER_NAMES   # here, not above: the CLI builds its parser from report without torch
     channels = model.channels()[layer]
-    rng = np.random.default_rng([seed, LAYER_NAMES.index(layer)])
+    rng = np.random.default_rng([seed, model.layer_names.index(layer)])
     return sorted(rng.choice(channels, min(count, channels), replace=False).tolist())
 
 

@@ -34,10 +34,11 @@ def filter_stats(weight: np.ndarray, probe_acts: np.ndarray | None = None) -> di
 
 def section(model, data, out: Path, s) -> Path:
     plt = pyplot()
-    weight = model.conv1.weight.detach().cpu()
+    first = model.conv_layers[0]
+    weight = getattr(model, first).weight.detach().cpu()
     fig, ax = plt.subplots(figsize=(7, 7))
     ax.imshow(filter_grid(weight, scale=4))
-    ax.set_title(f"{model.config.name}: {weight.shape[0]} conv1 filters ({weight.shape[2]}x{weight.shape[3]})")
+    ax.set_title(f"{model.config.name}: {weight.shape[0]} {first} filters ({weight.shape[2]}x{weight.shape[3]})")
     ax.set_xlabel("filter (row-major)")
     hide_ticks(ax)
     png = save(fig, out / "filters.png")

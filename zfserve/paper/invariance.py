@@ -54,7 +54,7 @@ def default_amounts(kind: str) -> tuple:
 
 
 def invariance(model: ZFNet, data: AnalysisData, indices, *, transforms=TRANSFORMS, amounts=None,
-               layers=("conv1", "fc7"), batch: int = 16) -> dict:
+               layers=None, batch: int = 16) -> dict:
     """Paper Fig. 5. For each image and transform amount: the Euclidean distance between the feature vectors
     of the original and the transformed image at each of ``layers``, the same distance relative to the
     original's norm, and the probability of the image's true label (its label if the data's classes are the
@@ -63,8 +63,9 @@ def invariance(model: ZFNet, data: AnalysisData, indices, *, transforms=TRANSFOR
     Returns ``{kind: {"amounts", "distance": {layer: (N, A)}, "relative": {layer: (N, A)},
     "probability": (N, A)}}`` plus ``"indices"`` and ``"labels"``.
     """
+    layers = (model.conv_layers[0], "fc7") if layers is None else layers   # the paper's: conv1 and fc7
     for layer in layers:
-        checks.layer(layer)
+        checks.layer(layer, model.layer_names)
     indices = [int(i) for i in indices]
     if not indices:
         raise InvalidArgumentError("indices: give at least one image", field="indices")

@@ -94,12 +94,14 @@ def _beside(records: list[dict]) -> dict:
             "difficult_hit_rate": rate(hits[hard]), "centre_difficult_hit_rate": rate(centre[hard])}
 
 
-def deconv_mask_energy(model: ZFNet, data: AnalysisData, indices, *, layer: str = "conv5", batch: int = 16,
+def deconv_mask_energy(model: ZFNet, data: AnalysisData, indices, *, layer: str | None = None, batch: int = 16,
                        progress=None) -> dict:
-    """For each image the deconv projection of its strongest ``layer`` unit: the share of its energy (sum of
+    """For each image the deconv projection of its strongest ``layer`` unit (default: the last conv layer's,
+    conv5 or conv5_3): the share of its energy (sum of
     squares over channels) that falls on the object mask, beside the mask's share of the image's area.
     ``ratio`` = mean energy share / mean area share (1 = no better than spreading evenly)."""
     engine = DeconvEngine(model)
+    layer = model.last_conv if layer is None else layer
     indices = [int(i) for i in indices]
     energy_share, area_share = [], []
     for start in range(0, len(indices), batch):
@@ -150,13 +152,14 @@ def section(model, data, out: Path, s) -> Path:
     metrics = {"pointing_game_hit_rate": pointing["hit_rate"], "pointing_images": pointing["n"],
                "labels_match": labels_match(model, data), "deconv_energy_ratio": energy["ratio"],
                "deconv_mean_energy_share": energy["mean_energy_share"],
-               "deconv_mean_area_share": energy["mean_area_share"],
+               "deconv_mean_area_share": energy["mean_area_share"], "deconv_layer": energy["layer"],
                **{f"pointing_{k}": pointing[k] for k in ("per_class_hit_rate", "centre_hit_rate",
                                                          "centre_per_class_hit_rate", "difficult_n",
                                                          "difficult_hit_rate", "centre_difficult_hit_rate")
                   if k in pointing}}
     caption = (
-        f"Left: for each of {energy['n']} images, the share of the strongest conv5 unit's deconv energy that lies "
+        f"Left: for each of {energy['n']} images, the share of the strongest {energy['layer']} unit's deconv energy "
+        f"that lies "
         f"on the object mask against the mask's share of the image (points above the dashed line beat an even "
         f"spread; the dotted line is twice the area share). Right: pointing game — distance from the position "
         f"where the true class's probability is lowest to the object; hits are within {pointing['tolerance']} "
@@ -167,12 +170,13 @@ def section(model, data, out: Path, s) -> Path:
 
 
 def _examples_figure(model, data, out: Path, s, engine: OcclusionEngine) -> dict:
-    """Fig. 7's rows for the first ``s.occlusion_examples`` images: input, activity of the strongest conv5
-    map, its projection, the target's probability and the most probable class per occluder position."""
+    """Fig. 7's rows for the first ``s.occlusion_examples`` images: input, activity of the strongest last-conv
+    map (conv5, conv5_3, ...), its projection, the target's probability and the most probable class per occluder position."""
     plt = pyplot()
     match = labels_match(model, data)
     names = list(model.config.class_names)
     deconv = DeconvEngine(model)
+    layer = model.last_conv
     examples = list(range(min(s.occlusion_examples, len(data))))
     fig, axes = plt.subplots(len(examples), 5, figsize=(19, 3.6 * len(examples)), squeeze=False,
                              constrained_layout=True)
@@ -181,11 +185,11 @@ def _examples_figure(model, data, out: Path, s, engine: OcclusionEngine) -> dict
         x = to_input(item.image, model.config)
         r = engine.sweep(x, window=s.window, stride=s.stride, target=item.label if match else None,
                          outputs=("probability", "argmax", "activity"))
-        proj = deconv.project(x, "conv5", maps=[r.channel])[0]
+        proj = deconv.project(x, layer, maps=[r.channel])[0]
         panels = [
             ("(a) input", to_display(x, model.config), None),
-            (f"(b) conv5 map {r.channel}: total activation", r.activity, "viridis"),
-            (f"(c) conv5 map {r.channel}: deconv projection", signed_to_rgb(proj.projection), None),
+            (f"(b) {layer} map {r.channel}: total activation", r.activity, "viridis"),
+            (f"(c) {layer} map {r.channel}: deconv projection", signed_to_rgb(proj.projection), None),
             (f"(d) P({names[r.target]})", r.probability, "jet"),
             ("(e) most probable class", r.argmax, "tab20"),
         ]
@@ -216,8 +220,8 @@ def _examples_figure(model, data, out: Path, s, engine: OcclusionEngine) -> dict
             ax.set_title(title, fontsize=9)
     fig.suptitle(f"Occlusion sensitivity: grey (mean) {s.window}x{s.window} square, stride {s.stride}")
     return {"file": save(fig, out / "occlusion.png"), "data": [], "caption": (
-        "For each example row: (a) the input; (b) the total activation of the conv5 feature map that is strongest "
-        "on the unoccluded image, as a function of where the grey square is centred; (c) that map's strongest "
+        f"For each example row: (a) the input; (b) the total activation of the {layer} feature map that is "
+        "strongest on the unoccluded image, as a function of where the grey square is centred; (c) that map's strongest "
         f"unit projected to pixels (a {DECONV_INTERPRETATION}); (d) the probability of the correct class (low = "
         "the square hides what the model relies on); (e) the most probable class for each square position.")}
 
@@ -233,7 +237,7 @@ def _localization_figure(out: Path, pointing: dict, energy: dict) -> str:
     axes[0].plot([0, lim / 2], [0, lim], "r:", lw=1, label="2x area share")
     axes[0].set_xlabel("object mask: share of the image area")
     axes[0].set_ylabel("deconv energy on the mask (share)")
-    axes[0].set_title(f"strongest conv5 unit per image: ratio {energy['ratio']:.2f}")
+    axes[0].set_title(f"strongest {energy['layer']} unit per image: ratio {energy['ratio']:.2f}")
     axes[0].legend(fontsize=8)
     d = np.array([p["distance"] for p in pointing["images"]])
     axes[1].hist(np.minimum(d, 100), bins=20)
@@ -259,6 +263,7 @@ def summary(metrics: dict) -> list[tuple[str, str, str]]:
                      f"{metrics['pointing_difficult_hit_rate']:.1%} vs "
                      f"{metrics['pointing_centre_difficult_hit_rate']:.1%} "
                      f"({metrics['pointing_difficult_n']} images)", "occlusion well above the centre baseline"))
-    rows.append(("deconv energy on the object mask / mask area (strongest conv5 unit)",
+    rows.append((f"deconv energy on the object mask / mask area (strongest {metrics.get('deconv_layer', 'conv5')} "
+                 f"unit)",
                  f"{metrics['deconv_energy_ratio']:.2f}x", ">= 2x"))
     return rows

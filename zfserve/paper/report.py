@@ -44,7 +44,7 @@ class Settings:
     seed: int = 3                              # synthetic seed (held out from training)
     data: str = "synthetic"
     batch: int = 16
-    top9_layers: tuple = ("conv2", "conv3", "conv4", "conv5")   # the paper's Fig. 2 layers
+    top9_layers: tuple | None = None           # None: the paper's Fig. 2 layers (top9.figure_layers)
     maps_per_layer: int = 4
     k: int = 9
     invariance_images: int = 5                 # the paper's five
@@ -64,7 +64,7 @@ class Settings:
     sanity_images: int = 6                     # faithfulness: MPRT and RandomLogit (the first of those)
     faithfulness_stride: int = 24              # occluder stride of the faithfulness maps (side: window)
     deletion_steps: int = 16                   # deletion / insertion steps (1/16 of the pixels each)
-    deconv_units: int = 9                      # conv5 units behind the deconvnet map (the paper's top-9)
+    deconv_units: int = 9                      # last-conv units behind the deconvnet map (the paper's top-9)
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -82,13 +82,7 @@ def build(model, out, sections=SECTIONS, settings: Settings | None = None, *, st
     for name in sections:
         t0 = time.perf_counter()
         log(f"{name}: start ({data.describe()})")
-        try:
-            modules[name].section(model, data, out, s)
-        except ZFServeError as exc:
-            if strict:
-                raise
-            write_section(out, name, modules[name].TITLE, [], {}, note=f"not produced: {exc}")
-            log(f"{name}: skipped: {exc}")
+        _run_section(name, modules[name], model, data, out, s, strict)
         timings[name] = round(time.perf_counter() - t0, 1)
         log(f"{name}: done in {timings[name]} s")
     meta = {"model": model.config.name, "data": data.describe(), "timings_s": timings,
@@ -100,6 +94,25 @@ def build(model, out, sections=SECTIONS, settings: Settings | None = None, *, st
     write_json(previous, meta)
     write_html(out, title=f"zfserve report: {model.config.name}", meta=meta)
     return meta
+
+
+def _run_section(name: str, module, model, data, out: Path, s: Settings, strict: bool) -> None:
+    """One section into ``out``. A section that applies to some architectures only (``module.ARCHITECTURES``:
+    ZFNet's training record, its layer-1 comparison) is noted on the page for other members, never failed; with
+    ``strict=False`` so is a section that cannot run on this model or data."""
+    only = getattr(module, "ARCHITECTURES", None)
+    if only is not None and model.config.architecture not in only:
+        write_section(out, name, module.TITLE, [], {}, note=f"not produced: {module.ONLY_NOTE} ({model.config.name} "
+                                                           f"is {model.config.architecture})")
+        log(f"{name}: skipped: applies to {', '.join(only)} only")
+        return
+    try:
+        module.section(model, data, out, s)
+    except ZFServeError as exc:
+        if strict:
+            raise
+        write_section(out, name, module.TITLE, [], {}, note=f"not produced: {exc}")
+        log(f"{name}: skipped: {exc}")
 
 
 def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:

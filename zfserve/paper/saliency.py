@@ -4,13 +4,13 @@ salient, for one preprocessed image and one target class:
 - ``occlusion``: Captum ``Occlusion``'s per-pixel attribution (the mean drop of the target's probability over
   the windows that covered the pixel; :class:`~zfserve.engine.occlusion.OcclusionEngine`, grey = mean fill);
 - ``deconvnet``: the deconvnet projections (:class:`~zfserve.engine.deconv.DeconvEngine`, the paper's rule, seed
-  = activation) of the conv5 units that contribute most to the target's logit (activation x its gradient, the
+  = activation) of the last conv layer's units (conv5, conv5_3, ...) that contribute most to the target's logit (activation x its gradient, the
   strongest unit per feature map, up to ``units`` maps with a positive contribution; when none is positive,
   the strongest activations), summed as absolute values over units and colour channels;
 - ``gradient``: the vanilla gradient of the target's logit (Simonyan et al. 2014), absolute values summed over
   the colour channels;
-- ``gradcam``: Grad-CAM on conv5 (Selvaraju et al. 2017): ReLU of the maps weighted by their mean gradient of
-  the target's logit, upsampled bilinearly with each conv5 unit placed at its receptive-field centre;
+- ``gradcam``: Grad-CAM on the last conv layer (Selvaraju et al. 2017): ReLU of the maps weighted by their mean
+  gradient of the target's logit, upsampled bilinearly with each unit placed at its receptive-field centre;
 - ``random``: uniform noise, fixed per image (``seed``, image index): the scale of chance;
 - ``centre``: the largest distance to the image centre minus each pixel's (largest at the centre): the centre
   prior of TorchRay's benchmark.
@@ -30,12 +30,10 @@ from ..engine.occlusion import OcclusionEngine
 from ..model import ZFNet
 
 METHODS = ("occlusion", "deconvnet", "gradient", "gradcam", "random", "centre")
-LABELS = {"occlusion": "occlusion (probability drop)", "deconvnet": "deconvnet (top-class conv5 units)",
-          "gradient": "vanilla gradient", "gradcam": "Grad-CAM (conv5)", "random": "random map",
+LABELS = {"occlusion": "occlusion (probability drop)", "deconvnet": "deconvnet (top-class last-conv units)",
+          "gradient": "vanilla gradient", "gradcam": "Grad-CAM (last conv)", "random": "random map",
           "centre": "centre baseline"}
 MODEL_FREE = ("random", "centre")
-# Cascading randomisation (Adebayo et al. 2018): from the top layer down, each step adding one layer.
-MPRT_ORDER = ("fc8", "fc7", "fc6", "conv5", "conv4", "conv3", "conv2", "conv1")
 DEFAULT_WINDOW, DEFAULT_STRIDE, DEFAULT_UNITS = 48, 24, 9
 
 
@@ -64,9 +62,17 @@ def randomise_layer_(model: ZFNet, name: str, generator: torch.Generator) -> Non
         tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std + mean)
 
 
-def cascading_randomisation(model: ZFNet, seed: int = 0, layers=MPRT_ORDER):
+def mprt_order(model: ZFNet) -> tuple[str, ...]:
+    """Cascading randomisation's order (Adebayo et al. 2018): every weighted layer from the top down (fc8, fc7,
+    fc6, then the conv layers from the last to the first), each step adding one layer."""
+    return tuple(reversed(model.fc_layers)) + tuple(reversed(model.conv_layers))
+
+
+def cascading_randomisation(model: ZFNet, seed: int = 0, layers=None):
     """Yield ``(layer, model)`` for each step of the cascade: one copy of ``model`` whose layers from the first of
-    ``layers`` down to ``layer`` are randomised (the same copy, changed in place from step to step)."""
+    ``layers`` (default :func:`mprt_order`) down to ``layer`` are randomised (the same copy, changed in place from
+    step to step)."""
+    layers = mprt_order(model) if layers is None else layers
     twin = copy.deepcopy(model).eval()
     generator = torch.Generator().manual_seed(int(seed))
     for name in layers:
@@ -76,7 +82,7 @@ def cascading_randomisation(model: ZFNet, seed: int = 0, layers=MPRT_ORDER):
 
 class SaliencyMaps:
     """The six maps of one model (see the module docstring). ``window`` / ``stride``: the occluder's side and
-    step in pixels; ``units``: conv5 maps behind the deconvnet map; ``seed``: of the random map."""
+    step in pixels; ``units``: last-conv maps behind the deconvnet map; ``seed``: of the random map."""
 
     def __init__(self, model: ZFNet, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE,
                  units: int = DEFAULT_UNITS, seed: int = 0):
@@ -85,7 +91,8 @@ class SaliencyMaps:
         self.size = model.input_size
         self._occlusion = None
         self.deconv = DeconvEngine(model)
-        info = {i.name: i for i in model.layer_info()}["conv5"]
+        self.layer = model.last_conv   # deconvnet units and Grad-CAM: conv5, conv5_3, ...
+        info = {i.name: i for i in model.layer_info()}[self.layer]
         self.upsample = bilinear_matrix(self.size, info.shape[-1], info.start, info.jump)
 
     @property
@@ -120,22 +127,22 @@ class SaliencyMaps:
         return result.attribution.astype(np.float64)
 
     def gradients(self, x, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """d logit / d input (3, H, W), the conv5 activations (C, h, w) and d logit / d conv5 (C, h, w)."""
+        """d logit / d input (3, H, W), the last conv's activations (C, h, w) and d logit / d them (C, h, w)."""
         image = torch.as_tensor(np.asarray(x, dtype=np.float32))[None].requires_grad_(True)
         with torch.enable_grad():
-            trace = self.model.trace(image, layers=("conv5",))
-            conv5 = trace.activations["conv5"]
-            d_image, d_conv5 = torch.autograd.grad(trace.logits[0, int(target)], (image, conv5))
+            trace = self.model.trace(image, layers=(self.layer,))
+            maps = trace.activations[self.layer]
+            d_image, d_maps = torch.autograd.grad(trace.logits[0, int(target)], (image, maps))
         as_np = lambda t: t[0].detach().double().numpy()  # noqa: E731
-        return as_np(d_image), as_np(conv5), as_np(d_conv5)
+        return as_np(d_image), as_np(maps), as_np(d_maps)
 
-    def gradcam(self, conv5: np.ndarray, d_conv5: np.ndarray) -> np.ndarray:
-        weights = d_conv5.mean(axis=(1, 2))
-        cam = np.maximum(np.tensordot(weights, conv5, axes=1), 0.0)
+    def gradcam(self, maps: np.ndarray, d_maps: np.ndarray) -> np.ndarray:
+        weights = d_maps.mean(axis=(1, 2))
+        cam = np.maximum(np.tensordot(weights, maps, axes=1), 0.0)
         return self.upsample @ cam @ self.upsample.T
 
     def select_units(self, contribution: np.ndarray, activations: np.ndarray) -> list[tuple[int, int, int]]:
-        """(c, y, x) of the conv5 units behind the deconvnet map (see the module docstring)."""
+        """(c, y, x) of the last conv's units behind the deconvnet map (see the module docstring)."""
         score = contribution if (contribution > 0).any() else activations
         channels, _, width = score.shape
         flat = score.reshape(channels, -1)
@@ -147,11 +154,11 @@ class SaliencyMaps:
         return [(int(c), int(best[c] // width), int(best[c] % width)) for c in order]
 
     def deconvnet(self, x, contribution: np.ndarray) -> np.ndarray:
-        image, acts, switches = self.deconv.forward(np.asarray(x, dtype=np.float32), "conv5")
+        image, acts, switches = self.deconv.forward(np.asarray(x, dtype=np.float32), self.layer)
         chosen = self.select_units(contribution, acts[0].double().cpu().numpy())
         t = torch.tensor(chosen, dtype=torch.int64).reshape(-1, 3)
         units = Units(torch.zeros(len(t), dtype=torch.int64), t[:, 0], t[:, 1], t[:, 2])
-        projected = self.deconv.project_units("conv5", acts, switches, units)
+        projected = self.deconv.project_units(self.layer, acts, switches, units)
         return projected.abs().sum(dim=(0, 1)).double().cpu().numpy()
 
     def random_map(self, index: int) -> np.ndarray:

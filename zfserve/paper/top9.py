@@ -19,7 +19,7 @@ from .. import _checks as checks
 from ..engine.deconv import DeconvEngine
 from ..engine.results import DECONV_INTERPRETATION
 from ..errors import InvalidArgumentError
-from ..model import LAYER_NAMES, SPATIAL_LAYERS, ZFNet
+from ..model import ZFNet
 from ..render import grid, patch_to_rgb, signed_to_rgb
 from .dataset import AnalysisData
 from .figures import hide_ticks, maps_for, plt as pyplot, save, write_json, write_section
@@ -53,7 +53,7 @@ def top_activations(model: ZFNet, data: AnalysisData, layer, maps=None, *, k: in
     wanted = dict(layer) if several else {layer: maps}
     infos = {info.name: info for info in model.layer_info()}
     for name in list(wanted):
-        checks.layer(name, SPATIAL_LAYERS)
+        checks.layer(name, model.spatial_layers)
         channels = infos[name].shape[0]
         chosen = list(range(channels)) if wanted[name] is None else list(wanted[name])
         if not chosen:
@@ -61,7 +61,7 @@ def top_activations(model: ZFNet, data: AnalysisData, layer, maps=None, *, k: in
         wanted[name] = [checks.integer(c, "maps", 0, channels - 1, what=f"the maps of {name}") for c in chosen]
     checks.integer(k, "k", 1, len(data), what="the dataset's images")
     model.eval()
-    deepest = max(wanted, key=LAYER_NAMES.index)
+    deepest = max(wanted, key=model.layer_names.index)
     # Heap entries (activation, -image_index, position): the smallest is the one to evict, and among equal
     # activations the later image goes first.
     heaps = {name: [[] for _ in chosen] for name, chosen in wanted.items()}
@@ -118,9 +118,19 @@ def top9(model: ZFNet, data: AnalysisData, layer, maps=None, *, k: int = 9, batc
     return out if several else out[layer]
 
 
+def figure_layers(model) -> tuple[str, ...]:
+    """The layers of the paper's Fig. 2 (layers 2 to 5): the last conv of every block but the first, i.e.
+    conv2..conv5 for ZFNet and AlexNet, conv2_2, conv3_3, conv4_3, conv5_3 for VGG16."""
+    last_of_block = {}
+    for name in model.conv_layers:
+        last_of_block[name.removeprefix("conv").split("_")[0]] = name
+    return tuple(last_of_block.values())[1:]
+
+
 def section(model, data, out: Path, s) -> Path:
     plt = pyplot()
-    wanted = {layer: maps_for(model, layer, s.maps_per_layer, s.map_seed) for layer in s.top9_layers}
+    layers = s.top9_layers or figure_layers(model)
+    wanted = {layer: maps_for(model, layer, s.maps_per_layer, s.map_seed) for layer in layers}
     k = min(s.k, len(data))
     t0 = time.perf_counter()
     found = top9(model, data, wanted, k=k, batch=s.batch)

@@ -1,5 +1,5 @@
-"""The unit index the explorer page reads: for every feature map of conv1..conv5, its top-9 activations over
-a data set (paper Fig. 2's search, :func:`~zfserve.paper.top9.top_activations`), each with the input patch
+"""The unit index the explorer page reads: for every feature map of the model's conv layers (conv1..conv5,
+conv1_1..conv5_3, ...), its top-9 activations over a data set (paper Fig. 2's search, :func:`~zfserve.paper.top9.top_activations`), each with the input patch
 under its receptive field.
 
 Built once by ``zfserve index --model M --data D`` and stored beside the model, keyed to the SHA-256 of the
@@ -45,7 +45,6 @@ from .. import __version__
 from .. import _checks as checks
 from ..errors import InvalidArgumentError, NotFoundError
 from ..export import cache_root
-from ..model import CONV_LAYERS
 from ..preprocess import to_display
 from ..weights import EMBEDDED_DIR, Snapshot, read_snapshot
 from .dataset import AnalysisData
@@ -102,6 +101,7 @@ class UnitIndex:
 
     path: Path
     meta: dict = field(repr=False)
+    conv_layers: tuple = ()          # the model's conv layers: the names a layer is checked against
 
     @property
     def model(self) -> str:
@@ -123,7 +123,7 @@ class UnitIndex:
         """The top activations of feature map ``channel`` of ``layer``, strongest first: dicts with ``image``
         (the dataset index), ``label`` (its class name, or ""), ``activation``, ``y``, ``x`` (in the map),
         ``box`` ``[x0, y0, x1, y1]`` (input pixels) and ``patch_png`` (PNG bytes of the input patch)."""
-        checks.layer(layer, CONV_LAYERS)
+        checks.layer(layer, self.conv_layers or tuple(self.meta["layers"]))
         if layer not in self.meta["layers"]:
             raise NotFoundError(f"layer: {layer} is not in the unit index of {self.model} (indexed: "
                                 f"{', '.join(self.layers)}); rebuild it with zfserve index --layers", field="layer")
@@ -187,18 +187,18 @@ def find_index(model) -> UnitIndex | None:
     for folder in index_locations(snap):
         meta = _read_meta(folder)
         if meta and meta.get("format") == INDEX_FORMAT and meta.get("weights_sha256") == snap.sha256:
-            return UnitIndex(folder, meta)
+            return UnitIndex(folder, meta, snap.config.conv_layers)
     return None
 
 
 # ---------------------------------------------------------------------------------------------------- build
-def _check_layers(layers) -> list[str]:
-    chosen = list(CONV_LAYERS if layers is None else layers)
+def _check_layers(layers, conv_layers) -> list[str]:
+    chosen = list(conv_layers if layers is None else layers)
     if not chosen:
-        raise InvalidArgumentError(f"layers: empty; accepted: any of {', '.join(CONV_LAYERS)}", field="layers")
+        raise InvalidArgumentError(f"layers: empty; accepted: any of {', '.join(conv_layers)}", field="layers")
     for name in chosen:
-        checks.layer(name, CONV_LAYERS, field="layers")
-    return sorted(set(chosen), key=CONV_LAYERS.index)
+        checks.layer(name, conv_layers, field="layers")
+    return sorted(set(chosen), key=conv_layers.index)
 
 
 def _data(data, n: int | None, seed: int) -> AnalysisData:
@@ -303,16 +303,16 @@ def build_index(model, data="synthetic", *, n: int | None = None, seed: int = DE
                 batch_size: int = DEFAULT_BATCH, progress=None) -> UnitIndex:
     """Build and store the unit index of ``model`` (a name, directory or :class:`Snapshot`) over ``data``
     (``"synthetic"``: ``n`` images of synthetic seed ``seed``, default 1000; or an ImageFolder directory: its
-    first ``n`` images, default all) for ``layers`` (default conv1..conv5). ``progress(stage, done, total)``
+    first ``n`` images, default all) for ``layers`` (default: every conv layer). ``progress(stage, done, total)``
     is called as it goes (stages "activations", then "patches"). Returns the new :class:`UnitIndex`."""
     t0 = time.perf_counter()
-    chosen = _check_layers(layers)
+    snap = _snapshot(model)
+    chosen = _check_layers(layers, snap.config.conv_layers)
     checks.integer(batch_size, "batch_size", 1, 1024)
     if n is not None:
         checks.integer(n, "n", 1)
     checks.integer(seed, "seed", 0)
     dataset = _data(data, n, seed)
-    snap = _snapshot(model)
     target = next((p for p in index_locations(snap) if _can_create_in(p.parent)), None)
     if target is None:
         raise NotFoundError(f"index: cannot write the index: neither {index_locations(snap)[0].parent} nor the "
@@ -349,4 +349,4 @@ def build_index(model, data="synthetic", *, n: int | None = None, seed: int = DE
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return UnitIndex(target, meta)
+    return UnitIndex(target, meta, snap.config.conv_layers)

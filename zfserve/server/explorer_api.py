@@ -180,7 +180,7 @@ class ExplorerApi:
     async def deconv(self, request):
         doc = await _request_json(request)
         req = pb.DeconvRequest(images=self.images(doc), model=str(doc.get("model") or ""),
-                               layer=str(doc.get("layer") or "conv5"), return_png=True, return_patches=True)
+                               layer=str(doc.get("layer") or ""), return_png=True, return_patches=True)
         if _optional_int(doc, "top_k") is not None:
             req.top_k = doc["top_k"]
         response = await self.zfserve.DeconvProject(req, HttpContext())

@@ -79,8 +79,8 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     @unary("DeconvProject")
     async def DeconvProject(self, request, context):
         model = self._model(request.model)
-        from ..model import SPATIAL_LAYERS   # torch: loaded with the first deconv request, not at start-up
-        checks.layer(request.layer, SPATIAL_LAYERS)
+        layer = request.layer or model.config.last_conv
+        checks.layer(layer, model.config.spatial_layers)
         args = wire.deconv_arguments(request)
         images = await self._images(request.images, model, context)
         units, maps = args["units"], args["maps"]
@@ -96,7 +96,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         def work(job):
             engine = model.deconv_engine()
             job.check()
-            projected = engine.project(images, request.layer, **args)
+            projected = engine.project(images, layer, **args)
             for unit in projected:   # PNG encoding is CPU work too: on this worker, off the event loop
                 if request.return_png:
                     unit.png = render.png_bytes(render.signed_to_rgb(unit.projection))

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig, PreprocessConfig, TrainConfig
 from ..errors import InvalidArgumentError
-from ..model import CONV_LAYERS, ZFNet
+from ..model import ZFNet
 
 # The paper's feature-evolution epochs (Fig. 4), out of its 70-epoch run.
 PAPER_EVOLUTION_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 64)
@@ -70,7 +70,7 @@ def init_weights(model: ZFNet, scheme: str, generator: torch.Generator, input_rm
         return
     if input_rms is None or input_rms <= 0:
         raise InvalidArgumentError("init 'scaled' needs the RMS of the mean-subtracted input", field="init")
-    init_scaled_(model.conv1, [getattr(model, name) for name in CONV_LAYERS[1:] + ("fc6", "fc7")], input_rms,
+    init_scaled_(model.conv1, [getattr(model, name) for name in model.conv_layers[1:] + ("fc6", "fc7")], input_rms,
                  generator)
 
 

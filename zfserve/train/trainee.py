@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model import CONV_LAYERS, ZFNet, build
+from ..model import ZFNet, build, fold_batchnorm_
 
 
 class TrainingNet(nn.Module):
@@ -27,7 +27,7 @@ class TrainingNet(nn.Module):
         super().__init__()
         self.model = model
         self.bn = nn.ModuleDict({name: nn.BatchNorm2d(getattr(model, name).out_channels)
-                                 for name in CONV_LAYERS}) if batchnorm else None
+                                 for name in model.conv_layers}) if batchnorm else None
         self.fc6 = nn.Linear(model.conv5.out_channels, model.fc6.out_features) if tied_fc6 else None
 
     def trained_parameters(self):
@@ -57,11 +57,9 @@ class TrainingNet(nn.Module):
         out = build(self.model.config)
         out.load_state_dict({k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()})
         if self.bn is not None:
-            for name in CONV_LAYERS:
-                conv, bn = getattr(out, name), self.bn[name]
-                scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).float().cpu()
-                conv.bias.copy_((conv.bias - bn.running_mean.float().cpu()) * scale + bn.bias.float().cpu())
-                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            for name in out.conv_layers:
+                bn = self.bn[name]
+                fold_batchnorm_(getattr(out, name), bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
         if self.fc6 is not None:
             positions = out.fc6.in_features // out.conv5.out_channels
             out.fc6.weight.copy_(self.fc6.weight.float().cpu().repeat_interleave(positions, dim=1) / positions)

@@ -1,0 +1,77 @@
+"""``zfserve import``: turn weights from elsewhere into a model directory. ``import torchvision``: a
+torchvision-layout AlexNet or VGG state dict (:mod:`zfserve.import_torchvision`)."""
+
+from __future__ import annotations
+
+from .common import CommandError
+
+
+def add_import(sub) -> None:
+    p = sub.add_parser("import", help="turn weights from elsewhere into a model directory (torchvision AlexNet, "
+                                      "VGG)", description="Turn weights from elsewhere into a model directory.")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=type(p))
+    add_torchvision(kinds)
+    p.set_defaults(func=lambda args: p.error("give a KIND: torchvision"))
+
+
+def add_torchvision(kinds) -> None:
+    from ..import_torchvision import ARCHS, TORCHVISION_PREPROCESS as TV
+    p = kinds.add_parser("torchvision", help="a torchvision-layout AlexNet / VGG state dict (.safetensors or .pth)",
+                         description=cmd_torchvision.__doc__)
+    p.add_argument("weights", metavar="WEIGHTS",
+                   help="the state dict: .safetensors, or .pth/.pt (read with torch.load(weights_only=True))")
+    p.add_argument("--arch", required=True, choices=ARCHS, metavar="ARCH",
+                   help=f"torchvision's architecture name: {', '.join(ARCHS)} (the _bn variants are folded into "
+                        f"their plain architecture)")
+    p.add_argument("--classes", required=True, help="text file: one class name per line, in the order of the "
+                                                    "last layer's outputs")
+    p.add_argument("--out", required=True, help="the model directory to write (new, or empty)")
+    p.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
+    p.add_argument("--version", default="1", help="model version recorded in config.json (default 1)")
+    p.add_argument("--resize", type=int, default=TV["resize"], help=f"short side before the crop (default "
+                                                                    f"{TV['resize']})")
+    p.add_argument("--crop", type=int, default=TV["crop"], help=f"centre crop = input size (default {TV['crop']}; "
+                                                                f"the classifier needs 224)")
+    p.add_argument("--scale", default="1/255", help="pixel scale before mean and std: a number or A/B (default "
+                                                    "1/255, torchvision's 0..1 pixels)")
+    p.add_argument("--mean", default=",".join(f"{v:g}" for v in TV["mean"]),
+                   help="per-channel mean R,G,B in scaled units (default torchvision's %(default)s)")
+    p.add_argument("--std", default=",".join(f"{v:g}" for v in TV["std"]),
+                   help="per-channel std R,G,B in scaled units (default torchvision's %(default)s)")
+    p.set_defaults(func=cmd_torchvision)
+
+
+def _number(text: str, flag: str) -> float:
+    try:
+        if "/" in text:
+            top, bottom = text.split("/")
+            return float(top) / float(bottom)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise CommandError(f"{flag}: {text!r} is not a number or A/B", field=flag.lstrip("-")) from None
+
+
+def _three(text: str, flag: str) -> tuple[float, float, float]:
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise CommandError(f"{flag}: {text!r}; give three numbers R,G,B", field=flag.lstrip("-"))
+    return tuple(_number(part, flag) for part in parts)
+
+
+def cmd_torchvision(args) -> int:
+    """Import a torchvision-layout AlexNet or VGG state dict (features.N.* / classifier.N.*) as a model directory:
+    the weights in zfserve's layout (BatchNorm folded into the convs), the class names and the preprocessing
+    (torchvision's by default: resize 256, centre crop 224, pixels / 255, ImageNet mean and std). Conv widths,
+    fc width and classes are read from the tensors. A wrong shape, a missing or extra key or an architecture that
+    does not fit the tensors is one line naming the key and the expected shape, exit status 2, nothing written."""
+    from ..import_torchvision import import_torchvision
+    from ..weights import read_snapshot
+    preprocess = dict(resize=args.resize, crop=args.crop, scale=_number(args.scale, "--scale"),
+                      mean=_three(args.mean, "--mean"), std=_three(args.std, "--std"))
+    out = import_torchvision(args.weights, args.arch, args.classes, args.out, model_name=args.name,
+                             version=args.version, preprocess=preprocess)
+    snap = read_snapshot(out)
+    config = snap.config
+    print(f"imported {args.arch} as {config.name} {snap.version} ({config.architecture}, widths "
+          f"{','.join(map(str, config.widths))}, fc {config.fc_width}, {config.num_classes} classes) into {out}")
+    return 0
