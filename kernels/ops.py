@@ -19,7 +19,7 @@ from .reference import conv1_relu_pool_reference, unpool_sum_reference
 
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CONV1_STRIDE = 2   # ZFNet's conv1 geometry (zfserve.model.CONV_GEOMETRY["conv1"]), fixed by the public API
+CONV1_STRIDE = 2   # ZFNet's conv1 geometry (zfserve.architecture), fixed by the public API
 CONV1_PADDING = 1
 
 _triton_modules: dict[str, object] = {}

@@ -92,5 +92,6 @@ def unpool_sum_reference(pooled: torch.Tensor, switches: torch.Tensor, output_si
     template = pooled.new_empty(pooled.shape[:-2] + (full_h, full_w))
     dense = torch.ops.aten.max_pool2d_with_indices_backward(
         pooled, template, [kernel, kernel], [stride, stride], [0, 0], [1, 1], False, indices)
-    dense = F.pad(dense, (0, out_w - full_w, 0, out_h - full_h))  # negative pads crop
-    return F.relu(dense) if relu else dense
+    if relu:
+        dense.relu_()   # a fresh tensor of aten's; the padding added below is zero either way
+    return F.pad(dense, (0, out_w - full_w, 0, out_h - full_h))  # negative pads crop

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torchvision_reference import DeconvReLU
 from zfserve.engine.deconv import DeconvEngine, captum_model
 from zfserve.errors import InvalidArgumentError
 from zfserve.model import ZFNet
@@ -50,15 +51,6 @@ def engine(model):
 
 
 # ---------------------------------------------------------------------------------------------- reference
-class _DeconvReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.clamp(min=0)
-
 
 def _lrn_identity_backward(x):
     return x + (F.local_response_norm(x, **LRN_PARAMS) - x).detach()
@@ -76,7 +68,7 @@ def _reference_forward(model, x, layer, pool_log):
     h = x
     for name in CONV_LAYERS:
         conv = getattr(model, name)
-        h = _DeconvReLU.apply(F.conv2d(h, conv.weight, conv.bias, conv.stride, conv.padding))
+        h = DeconvReLU.apply(F.conv2d(h, conv.weight, conv.bias, conv.stride, conv.padding))
         acts[name] = h
         if name in POOL_AFTER:
             if layer == name:

@@ -112,3 +112,60 @@ def randomize(net: nn.Module, seed: int = 0, spread: float = 3.0) -> nn.Module:
     logits = net(torch.randn(2, 3, 224, 224, generator=gen))
     last.weight.mul_(spread / max(float(logits.std()), 1e-6))
     return net
+
+
+# ---------------------------------------------------------------------------------------------- layer names
+def named_slots(net: nn.Module) -> dict[str, int]:
+    """zfserve's documented layer names -> the index in ``net.features`` whose output is that layer's activation
+    (a conv's ReLU, or a pool). AlexNet: conv1..conv5, pool1, pool2, pool5; VGG: conv{block}_{i}, pool{block}."""
+    slots, block, conv_in_block, convs = {}, 1, 0, 0
+    alexnet = isinstance(net, AlexNet)
+    pools = 0
+    for index, layer in enumerate(net.features):
+        if isinstance(layer, nn.Conv2d):
+            convs += 1
+            conv_in_block += 1
+        elif isinstance(layer, nn.ReLU):
+            slots[f"conv{convs}" if alexnet else f"conv{block}_{conv_in_block}"] = index
+        elif isinstance(layer, nn.MaxPool2d):
+            pools += 1
+            slots[("pool1", "pool2", "pool5")[pools - 1] if alexnet else f"pool{block}"] = index
+            block, conv_in_block = block + 1, 0
+    return slots
+
+
+# ---------------------------------------------------------------------------------------------- deconvnet
+class DeconvReLU(torch.autograd.Function):
+    """ReLU forward; the deconvnet's rule backward: relu(grad_output), whatever the forward input was."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.clamp(min=0)
+
+
+def deconv_reference(net: nn.Module, images: torch.Tensor, slot: int, units) -> tuple[torch.Tensor, torch.Tensor]:
+    """Autograd's deconvnet projections of ``units`` [(image, c, y, x)] of the activation after
+    ``net.features[slot]``: one image copy per unit, ReLUs with the deconvnet backward, max-pool and BatchNorm
+    differentiated normally (max-pool's backward sums where windows share a position). Seeded with 1 at the unit;
+    returns (projections (K, 3, H, W), the units' activations)."""
+    index = torch.tensor([u[0] for u in units])
+    x = images[index].clone().requires_grad_(True)
+    h = x
+    for layer in list(net.features)[:slot + 1]:
+        h = DeconvReLU.apply(h) if isinstance(layer, nn.ReLU) else layer(h)
+    k = torch.arange(len(units))
+    chosen = h[k, [u[1] for u in units], [u[2] for u in units], [u[3] for u in units]]
+    chosen.sum().backward()
+    return x.grad.detach(), chosen.detach()
+
+
+def feature_maps(net: nn.Module, images: torch.Tensor, slot: int) -> torch.Tensor:
+    """The activation after ``net.features[slot]`` (plain forward)."""
+    h = images
+    for layer in list(net.features)[:slot + 1]:
+        h = layer(h)
+    return h

@@ -30,21 +30,22 @@ def cmd_info(args) -> int:
     cfg = model.config
     if args.json:
         print(json.dumps({
-            "model": cfg.name, "version": cfg.version, "num_classes": cfg.num_classes,
-            "input": [3, cfg.input_size, cfg.input_size], "parameters": total,
+            "model": cfg.name, "version": cfg.version, "architecture": cfg.architecture,
+            "num_classes": cfg.num_classes, "input": [3, cfg.input_size, cfg.input_size], "parameters": total,
             "layers": [{"name": li.name, "shape": list(li.shape), "parameters": li.params,
                         "receptive_field": li.receptive_field, "stride": li.jump} for li in layers],
             "preprocess": cfg.preprocess.to_json(),
         }, indent=2))
         return 0
-    print(f"model {cfg.name} (version {cfg.version}), {cfg.num_classes} classes, input 3x{cfg.input_size}x"
-          f"{cfg.input_size}")
-    print(f"{'layer':<7}{'output':>16}{'params':>14}{'receptive field':>17}{'stride':>8}")
+    print(f"model {cfg.name} (version {cfg.version}), {cfg.architecture}, {cfg.num_classes} classes, input "
+          f"3x{cfg.input_size}x{cfg.input_size}")
+    print(f"preprocessing: {cfg.preprocess.describe()}")
+    print(f"{'layer':<8}{'output':>16}{'params':>14}{'receptive field':>17}{'stride':>8}")
     for li in layers:
         shape = "x".join(str(s) for s in li.shape)
         rf = f"{li.receptive_field}px" if li.receptive_field else "-"
-        print(f"{li.name:<7}{shape:>16}{li.params:>14,}{rf:>17}{li.jump or '-':>8}")
-    print(f"{'total':<7}{'':>16}{total:>14,}")
+        print(f"{li.name:<8}{shape:>16}{li.params:>14,}{rf:>17}{li.jump or '-':>8}")
+    print(f"{'total':<8}{'':>16}{total:>14,}")
     return 0
 
 

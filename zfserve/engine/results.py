@@ -71,7 +71,7 @@ class OcclusionResult:
     stride: int
     starts: np.ndarray                  # window starts along each axis (the same for rows and columns)
     fill: np.ndarray                    # (3,) fill values as given, in ``fill_units``
-    fill_units: str                     # "input" (mean subtracted) or "pixel" (0..255)
+    fill_units: str                     # "input" (normalized network units) or "pixel" (0..255)
     target: int
     layer: str
     channel: int

@@ -148,6 +148,9 @@ class ExplorerApi:
                              layers=[{"name": layer.name, "shape": list(layer.shape),
                                       "receptive_field": layer.receptive_field, "stride": layer.stride}
                                      for layer in info.layers])
+                runtime = self.state.repository.get(m.name).runtime
+                # The page's layer tabs: the model's conv layers, by its own names (conv1.., conv1_1.., ...).
+                entry["conv_layers"] = list(runtime.config.conv_layers) if runtime is not None else []
                 index = _unit_index(self.state, m.name)
                 entry["index"] = index.describe() if index is not None else None
             out.append(entry)

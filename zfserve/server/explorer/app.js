@@ -14,7 +14,8 @@
  *   occlusion-label, window, stride, target, map-kind, heatmap-opacity, run-sweep, cancel-sweep,
  *   sweep-progress, sweep-status, heatmap-legend, occlusion-summary
  *                                          sweep-status reads "running", "done", "cancelled" or "failed"
- *   deconv-label, layer-tabs (button#tab-conv1 .. #tab-conv5), deconv-status,
+ *   deconv-label, layer-tabs (button#tab-<layer>, one per conv layer of the model, by its own names:
+ *   conv1..conv5, conv1_1..conv5_3, ...), deconv-status,
  *   units                                 button.unit[data-channel] > canvas.projection, img.patch, .caption
  *   unit-detail, unit-title, unit-data, unit-message, unit-top9 (figure > img.top9-patch)
  *
@@ -25,7 +26,6 @@
 
 (() => {
   const API = "api/v1";
-  const LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5"];
   const TOKEN_KEY = "zfserve-explorer-token";
   const TOP_K = 5;
   const UNITS_PER_LAYER = 9;
@@ -37,7 +37,7 @@
   const $ = (id) => document.getElementById(id);
 
   // What the URL holds.
-  const view = {image: null, model: null, layer: "conv1", unit: null, window: 32, stride: 8, target: null,
+  const view = {image: null, model: null, layer: null, unit: null, window: 32, stride: 8, target: null,
                 map: "probability", occlusion: false};
   // What the page holds besides.
   const app = {models: new Map(), defaultModel: null, picture: null, units: [], sweepResult: null,
@@ -149,7 +149,7 @@
     return {
       image: p.get("image") || null,
       model: p.get("model") || null,
-      layer: LAYERS.includes(p.get("layer")) ? p.get("layer") : "conv1",
+      layer: p.get("layer") || null,   // checked against the model's layers once the model is known
       unit: integer("unit"),
       window: integer("window") ?? 32,
       stride: integer("stride") ?? 8,
@@ -163,7 +163,7 @@
     const p = new URLSearchParams();
     if (view.image) p.set("image", view.image);
     if (view.model) p.set("model", view.model);
-    p.set("layer", view.layer);
+    if (view.layer) p.set("layer", view.layer);
     if (view.unit !== null) p.set("unit", String(view.unit));
     p.set("window", String(view.window));
     p.set("stride", String(view.stride));
@@ -200,8 +200,21 @@
     showModel();
   }
 
+  // The model's conv layers (the tabs), by its own names; a layer the model lacks falls back to its first.
+  function modelLayers() {
+    const model = currentModel();
+    return (model && model.conv_layers) || [];
+  }
+
+  function fitLayer(layer) {
+    const layers = modelLayers();
+    return layers.includes(layer) ? layer : (layers[0] || null);
+  }
+
   function showModel() {
     const model = currentModel();
+    view.layer = fitLayer(view.layer);
+    buildTabs();
     $("model-name").textContent = model ? model.name : "no model is ready";
     $("model-version").textContent = model ? `version ${model.version}` : "";
     const index = model && model.index;
@@ -401,7 +414,7 @@
 
   // ------------------------------------------------------------------------------------------ layers
   function buildTabs() {
-    $("layer-tabs").replaceChildren(...LAYERS.map((layer) => {
+    $("layer-tabs").replaceChildren(...modelLayers().map((layer) => {
       const tab = document.createElement("button");
       tab.type = "button";
       tab.className = "tab";
@@ -414,7 +427,9 @@
   }
 
   function markTab() {
-    for (const layer of LAYERS) $(`tab-${layer}`).setAttribute("aria-selected", String(layer === view.layer));
+    for (const layer of modelLayers()) {
+      $(`tab-${layer}`).setAttribute("aria-selected", String(layer === view.layer));
+    }
   }
 
   function chooseLayer(layer) {
@@ -782,6 +797,7 @@
     Object.assign(view, next);
     if (!app.models.has(view.model)) view.model = before.model;
     if (view.model !== before.model) showModel();
+    view.layer = fitLayer(view.layer);
     syncControls();
     const imageChanged = initial || view.image !== before.image || view.model !== before.model;
     if (imageChanged) {
@@ -865,7 +881,6 @@
   }
 
   async function start() {
-    buildTabs();
     bindDrop();
     bindControls();
     const wanted = readHash();
