@@ -285,3 +285,14 @@ def test_cli_import_prints_the_model(broken, tmp_path, capsys):
     assert config["architecture"] == "vgg16" and config["class_names"][0] == "class 0"
     assert config["preprocess"]["scale"] == pytest.approx(1 / 255) and config["provenance"]["torchvision_arch"] \
         == "vgg16"
+
+
+def test_info_shows_the_architecture_and_preprocessing(imported, capsys):
+    directory = imported["vgg16_bn"][1]
+    assert cli.main(["info", "--model", str(directory)]) == 0
+    text = capsys.readouterr().out
+    assert "vgg16" in text and "conv5_3" in text and "pixels x 0.00392157" in text and "(0.229, 0.224, 0.225)" in text
+    assert cli.main(["info", "--model", str(directory), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["architecture"] == "vgg16" and doc["layers"][0]["name"] == "conv1_1"
+    assert doc["preprocess"]["std"] == [0.229, 0.224, 0.225]

@@ -88,7 +88,6 @@ def clip_filter_rms_(convs: Iterable[nn.Conv2d], radius: float = 0.1) -> None:
         w.mul_(torch.where(rms > radius, radius / rms, torch.ones_like(rms)))
 
 
-
 @torch.no_grad()
 def fold_batchnorm_(conv: nn.Conv2d, running_mean, running_var, weight, bias, eps: float) -> None:
     """Fold an eval-mode BatchNorm that follows ``conv`` into it (in place, float32 on the conv's device):
@@ -228,14 +227,7 @@ class LayeredCNN(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.table:
-            if layer.kind == "conv":
-                x = getattr(self, layer.relu)(getattr(self, layer.name)(x))
-            elif layer.kind == "fc":
-                x = getattr(self, layer.name)(x if x.dim() == 2 else torch.flatten(x, 1))
-                if layer.relu:
-                    x = getattr(self, layer.dropout)(getattr(self, layer.relu)(x))
-            else:
-                x = getattr(self, layer.name)(x)
+            x = self._step(layer, x)
         return x
 
     def trace(self, x: torch.Tensor, layers=None, switches: bool = False,
@@ -278,8 +270,9 @@ class LayeredCNN(nn.Module):
         out.logits = x
         return out
 
-    def _step(self, layer: arch.Layer, x: torch.Tensor, out: Trace, switches: bool) -> torch.Tensor:
-        """One layer of :meth:`trace` (with the pool's switches recorded into ``out`` when asked)."""
+    def _step(self, layer: arch.Layer, x: torch.Tensor, out: Trace | None = None,
+              switches: bool = False) -> torch.Tensor:
+        """One layer of the forward pass (with a pool's switches recorded into ``out`` when asked)."""
         if layer.kind == "conv":
             return getattr(self, layer.relu)(getattr(self, layer.name)(x))
         if layer.kind == "pool" and switches:

@@ -59,14 +59,15 @@ _REFUSED_MAGIC = (
 
 
 def preprocess_config(config) -> PreprocessConfig:
-    """The preprocessing of ``config``: a ModelConfig, a PreprocessConfig, a ZFNet, or None (the defaults)."""
+    """The preprocessing of ``config``: a ModelConfig, a PreprocessConfig, a model (LayeredCNN), or None (the
+    defaults)."""
     if config is None:
         return PreprocessConfig()
     if isinstance(config, PreprocessConfig):
         return config
     if isinstance(config, ModelConfig):
         return config.preprocess
-    if hasattr(config, "config") and isinstance(config.config, ModelConfig):  # a ZFNet
+    if hasattr(config, "config") and isinstance(config.config, ModelConfig):  # a model
         return config.config.preprocess
     raise TypeError(f"expected a ModelConfig or PreprocessConfig, got {type(config).__name__}")
 
@@ -339,7 +340,7 @@ def to_input(rgb: np.ndarray, config=None) -> np.ndarray:
 def load_image(source: ImageSource, config=None, **limits) -> np.ndarray:
     """bytes | path | uint8 array -> float32 (3, crop, crop), ready for the network.
 
-    ``config`` is a model's ``ModelConfig`` (``model.config``), its ``PreprocessConfig`` or a ZFNet.
+    ``config`` is a model's ``ModelConfig`` (``model.config``), its ``PreprocessConfig`` or a model.
     ``limits``: ``max_pixels``, ``min_side``, ``max_frames``, ``max_bytes``, ``field`` (name used in errors),
     ``check`` (see :func:`decode_image`). Large images are decoded at a working size of twice the resize
     side (:data:`WORKING_SCALE`), never at full size in floating point.

@@ -39,8 +39,8 @@ class Classifier:
     """A model's ONNX export under ONNX Runtime.
 
     ``model``: a model name, a model directory, a :class:`~zfserve.weights.Snapshot` or a loaded
-    :class:`~zfserve.model.ZFNet` (exported to the cache, see :func:`zfserve.export.ensure_onnx`); default: the
-    default model. ``device``: ``"cpu"`` or
+    :class:`~zfserve.model.LayeredCNN` (ZFNet, AlexNet, VGG; exported to the cache, see
+    :func:`zfserve.export.ensure_onnx`); default: the default model. ``device``: ``"cpu"`` or
     ``"cuda"`` (the CUDA execution provider with IO binding; falls back to CPU with a warning when this
     onnxruntime has no CUDA provider). ``threads``: intra-op threads (default: all usable cores).
     ``profile_prefix``: turn on ONNX Runtime's profiler, writing ``<prefix>_<date>.json`` on
@@ -180,11 +180,11 @@ class Classifier:
 
 def _resolve(model) -> tuple[ModelConfig, Path, str | None]:
     """(config with preprocessing, path of a current ONNX export, the weights hash it must carry) for a name,
-    directory, Snapshot or ZFNet."""
+    directory, Snapshot or in-memory model (LayeredCNN)."""
     if isinstance(model, ZFNet):
         return model.config, ensure_onnx(model), None
     if model is not None and not isinstance(model, (str, os.PathLike, Snapshot)):
-        raise InvalidArgumentError(f"model: expected a model name, a directory, a Snapshot or a ZFNet, got "
+        raise InvalidArgumentError(f"model: expected a model name, a directory, a Snapshot or a LayeredCNN, got "
                                    f"{type(model).__name__}", field="model")
     snapshot = model if isinstance(model, Snapshot) else read_snapshot(model)
     return snapshot.config, ensure_onnx(snapshot), snapshot.sha256

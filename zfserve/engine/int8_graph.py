@@ -1,4 +1,4 @@
-"""Graph rewrites around the static int8 quantization of an exported ZFNet (:mod:`zfserve.engine.quantize`).
+"""Graph rewrites around the static int8 quantization of an exported model (:mod:`zfserve.engine.quantize`).
 
 ONNX Runtime's QDQ quantizer turns Conv, MaxPool, Gemm and Mul into int8 kernels but leaves Sqrt and Div in
 float, so the exported local response normalization (:func:`zfserve.export.lrn_to_onnx`: x / s^0.75 with
