@@ -114,3 +114,15 @@ def test_explorer_shows_vgg16_layers_and_a_unit(server, repository, tmp_path):
         assert script_errors(driver) == []
     finally:
         driver.quit()
+
+
+def test_deconv_and_occlusion_default_to_the_models_last_conv(server):
+    from zfserve.client import Client
+    with Client(server.grpc) as client:
+        units = client.deconv([_jpeg(3)], model="vgg16", top_k=2)
+        assert [u.layer for u in units] == ["conv5_3", "conv5_3"]
+        result = client.occlude(_jpeg(4), window=112, stride=112, model="alexnet")
+        assert result.layer == "conv5" and result.probability.shape == (2, 2)
+        info = client.model_info("vgg16")
+        assert [layer.name for layer in info.layers][:3] == ["conv1_1", "conv1_2", "pool1"]
+        assert '"std": [0.229, 0.224, 0.225]' in info.preprocess_json

@@ -73,14 +73,14 @@ class Client:
         preds: list[list[Prediction]] = wire.predictions(response)
         return (preds, wire.probabilities(response)) if return_probabilities else preds
 
-    def deconv(self, images, layer: str, *, top_k: int | None = None, one_per_map: bool = True,
+    def deconv(self, images, layer: str = "", *, top_k: int | None = None, one_per_map: bool = True,
                units: Sequence[tuple[int, int, int]] | None = None, maps: Sequence[int] | None = None,
                return_png: bool = False, return_patches: bool = False, return_tensor: bool = True,
                model: str = "", timeout: float | None = None) -> list[UnitProjection]:
-        """Deconv projections of ``layer`` (as ``DeconvEngine.project``); ``png`` / ``patch_png`` hold the
-        server's renderings when asked for, ``projection`` the array with ``return_tensor``, ``model_version`` the
-        served version. A projection is a feature visualisation (class-insensitive), not evidence of what the class
-        decision used (``zfserve faithfulness``)."""
+        """Deconv projections of ``layer`` (as ``DeconvEngine.project``; empty: the model's last conv layer, conv5
+        or conv5_3, ...); ``png`` / ``patch_png`` hold the server's renderings when asked for, ``projection`` the
+        array with ``return_tensor``, ``model_version`` the served version. A projection is a feature visualisation
+        (class-insensitive), not evidence of what the class decision used (``zfserve faithfulness``)."""
         request = wire.deconv_request(images, layer, top_k=top_k, one_per_map=one_per_map, units=units, maps=maps,
                                       return_png=return_png, return_patches=return_patches,
                                       return_tensor=return_tensor, model=model)
