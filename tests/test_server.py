@@ -438,7 +438,7 @@ def test_deadline_shorter_than_the_work_is_never_computed(server, stub, oip_stub
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(stub.Classify, pb.ClassifyRequest(images=_tensor_images(blocker_images)))
         deadline = time.monotonic() + 30
-        while batcher.in_flight != 32 and time.monotonic() < deadline:  # the blocker holds the engine
+        while batcher.in_flight != 16 and time.monotonic() < deadline:  # the blocker's first part holds the engine
             time.sleep(0.002)
         before = (batcher.stats.images_computed, batcher.stats.submitted)
         err = _status(stub.Classify, pb.ClassifyRequest(images=_tensor_images(_images(1, seed=20))), timeout=0.05)
@@ -509,10 +509,17 @@ def test_auth_token_required_except_health(guarded):
         assert len(right.classify(x)[0]) == 5
     import tritonclient.grpc as tc
     client = tc.InferenceServerClient(guarded.target)
+    # The OIP's liveness and readiness are health checks: exempt, as gRPC health is (and as over HTTP).
+    assert client.is_server_live() and client.is_server_ready()
     with pytest.raises(Exception) as info:
-        client.is_server_live()
+        client.get_model_metadata("tiny")
     assert "UNAUTHENTICATED" in str(info.value)
-    assert client.is_server_live(headers={"authorization": f"Bearer {TOKEN}"})
+    assert client.get_model_metadata("tiny", headers={"authorization": f"Bearer {TOKEN}"}).name == "tiny"
+    # Two authorization values, the right one first: refused (HTTP refuses two headers alike).
+    with grpc.insecure_channel(guarded.target) as channel:
+        err = _status(pb_grpc.ZFServeStub(channel).ListModels, pb.ListModelsRequest(),
+                      metadata=(("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer other-token-00000")))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "2 values; send exactly one" in err.details()
 
 
 def test_busy_heavy_worker_answers_unavailable_at_once(guarded):

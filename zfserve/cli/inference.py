@@ -303,6 +303,9 @@ def add_serve(sub) -> None:
     g.add_argument("--max-queue-size", type=int, default=b.max_queue_size,
                    help=f"most waiting requests; more are rejected with UNAVAILABLE (0 = unbounded; default "
                         f"{b.max_queue_size})")
+    g.add_argument("--max-queue-images", type=int, default=b.max_queue_images,
+                   help=f"most images waiting; a request past it takes room from the client with the most images "
+                        f"waiting, or is rejected with UNAVAILABLE (0 = unbounded; default {b.max_queue_images})")
     g.add_argument("--default-timeout-us", type=int, default=b.default_timeout_us,
                    help="longest queue wait before UNAVAILABLE (0 = none; requests may lower it; default 0)")
     g.add_argument("--max-images-per-request", type=int, default=64, help="images per request (default 64)")
@@ -337,7 +340,8 @@ def add_serve(sub) -> None:
                    help="also serve HTTP on this port (0 = a free one): the Open Inference Protocol's REST API (/v2), "
                         "the explorer page (/) and its API; same auth and TLS; default off")
     g.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus /metrics on this port (with --auth-token-file it needs the token too)")
+                   help="serve Prometheus /metrics on this port (with --auth-token-file it needs the token too; the "
+                        "HTTP limits below apply)")
     g.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM, how long accepted requests may take to finish (default 30)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -348,7 +352,38 @@ def add_serve(sub) -> None:
     g.add_argument("--model-control", default=o.model_control, choices=MODEL_CONTROL_MODES,
                    help="explicit: clients may unload and load models (OIP RepositoryModelUnload/Load; protect "
                         "the server with --auth-token-file); none (default): only SIGHUP reloads them")
+    add_http_limits(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_http_limits(p) -> None:
+    from ..server.http_listener import HttpLimits
+    h = HttpLimits()
+    g = p.add_argument_group("the HTTP side's limits (--http-port and --metrics-port)")
+    g.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names the server answers to besides IP addresses, localhost and "
+                        "--host (a Host header naming another is refused: DNS rebinding); '*' for any")
+    for flag, default, unit, what in (
+            ("max-connections", h.max_connections, "", "open connections; one more closes the one idle longest"),
+            ("max-header-bytes", h.max_header_bytes, " bytes", "request line and headers"),
+            ("max-headers", h.max_headers, "", "header lines per request"),
+            ("header-timeout-s", h.header_timeout_s, " s", "for a request's line and headers to arrive"),
+            ("body-timeout-s", h.body_timeout_s, " s", "for a request's body to arrive"),
+            ("keepalive-timeout-s", h.keepalive_timeout_s, " s", "an idle connection stays open"),
+            ("max-buffered-bytes", h.max_buffered_bytes, " bytes", "request bodies held at once, over every "
+                                                                  "connection; more: 503"),
+            ("max-json-values", h.max_json_values, "", "numbers in one JSON body (binary tensors for more)")):
+        g.add_argument(f"--http-{flag}", type=type(default), default=default, help=f"{what} (default {default}{unit})")
+
+
+def http_limits(args):
+    from ..server.http_listener import HttpLimits
+    hosts = tuple(name.strip() for name in args.allowed_hosts.split(",") if name.strip())
+    return HttpLimits(max_header_bytes=args.http_max_header_bytes, max_headers=args.http_max_headers,
+                      header_timeout_s=args.http_header_timeout_s, body_timeout_s=args.http_body_timeout_s,
+                      keepalive_timeout_s=args.http_keepalive_timeout_s, max_connections=args.http_max_connections,
+                      max_buffered_bytes=args.http_max_buffered_bytes, max_json_values=args.http_max_json_values,
+                      allowed_hosts=hosts)
 
 
 def cmd_serve(args) -> int:
@@ -365,14 +400,16 @@ def cmd_serve(args) -> int:
         host=args.host, port=args.port, model_repository=args.model_repository, model=args.model,
         device=args.device, threads=args.threads, precision=args.precision, engine=args.engine,
         batching=BatcherConfig(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                               max_queue_size=args.max_queue_size, default_timeout_us=args.default_timeout_us),
+                               max_queue_size=args.max_queue_size, max_queue_images=args.max_queue_images,
+                               default_timeout_us=args.default_timeout_us),
         max_images_per_request=args.max_images_per_request, max_message_bytes=args.max_message_bytes,
         heavy_workers=args.heavy_workers, heavy_queue_size=args.heavy_queue_size, heavy_threads=args.heavy_threads,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file, metrics_port=args.metrics_port, http_port=args.http_port,
         shutdown_grace_s=args.shutdown_grace_s, max_request_pixels=args.max_request_pixels,
         decode_workers=args.decode_workers, decode_queue_size=args.decode_queue_size,
-        max_occlusion_positions=args.max_occlusion_positions, strict=args.strict)
+        max_occlusion_positions=args.max_occlusion_positions, strict=args.strict, model_control=args.model_control,
+        http=http_limits(args))
     options.validate()
     return asyncio.run(serve(options))
 

@@ -35,7 +35,7 @@ SMALL_LANE_WORKERS = 1
 SMALL_LANE_QUEUE = 64
 
 
-def _malloc_trim():
+def _load_malloc_trim():
     """glibc's ``malloc_trim(0)`` (returns free heap pages to the system), or a no-op elsewhere."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -45,6 +45,9 @@ def _malloc_trim():
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
 
     return lambda: trim(0)
+
+
+malloc_trim = _load_malloc_trim()
 
 
 class DecodeStage:
@@ -57,7 +60,7 @@ class DecodeStage:
                                  what="requests of small images decoding", flags=("(small lane)", "queue"))
         self.large = BoundedPool(workers, queue_size, on_admitted, name="decode-large",
                                  what="requests of large images decoding",
-                                 flags=("--decode-workers", "--decode-queue-size"), after=_malloc_trim())
+                                 flags=("--decode-workers", "--decode-queue-size"), after=malloc_trim)
 
     async def decode(self, encoded: Sequence[bytes], config, *, field: str,
                      deadline_mono: float | None = None) -> np.ndarray:

@@ -31,6 +31,8 @@ from ..engine.results import DECONV_INTERPRETATION
 from ..errors import NotFoundError, ZFServeError
 from ..preprocess import DEFAULT_MAX_BYTES, read_header
 from .http import HttpContext, HttpError, read_body
+from .http_body import CONTROL_BODY_BYTES, load_json
+from .http_guard import with_limit
 
 EXPLORER_DIR = Path(__file__).with_name("explorer")
 OCCLUSION_INTERPRETATION = "occlusion sensitivity: drop of the target class's probability"
@@ -97,20 +99,25 @@ def _endpoint(fn):
 
 
 async def _request_json(request) -> dict:
-    body = await read_body(request, 1 << 16)
+    """The request's JSON object (at most CONTROL_BODY_BYTES, parsed on the loop: < 1 ms)."""
+    body = await read_body(request, CONTROL_BODY_BYTES, "the limit of routes without uploads")
     try:
-        doc = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise HttpError(400, "body: not JSON; send an object such as {\"image\": \"<id>\"}", "body") from None
+        doc = load_json(body or b"{}")
+    except HttpError as exc:
+        raise HttpError(exc.status, f"{exc.message}; send an object such as {{\"image\": \"<id>\"}}",
+                        "body") from None
     if not isinstance(doc, dict):
         raise HttpError(400, "body: must be a JSON object", "body")
     return doc
 
 
 def _optional_int(doc: dict, key: str):
+    """An optional integer of the request (the handler checks its own range; here only that it fits the
+    message's int32 field)."""
     value = doc.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        raise HttpError(400, f"{key}: must be an integer, got {value!r}", key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
+                              not -(1 << 31) <= value < (1 << 31)):
+        raise HttpError(400, f"{key}: must be an integer, got {value!r:.40}", key)
     return value
 
 
@@ -136,14 +143,14 @@ class ExplorerApi:
         return pb.Images(encoded=[self.store.get(image)[0]])
 
     async def models(self, request):
-        listed = await self.zfserve.ListModels(pb.ListModelsRequest(), HttpContext())
+        listed = await self.zfserve.ListModels(pb.ListModelsRequest(), HttpContext.of(request))
         out = []
         for m in listed.models:
             entry = {"name": m.name, "version": m.version, "oip_version": m.oip_version, "ready": m.ready,
                      "reason": m.reason, "num_classes": m.num_classes, "index": None,
                      "labels": {"deconv": DECONV_INTERPRETATION, "occlusion": OCCLUSION_INTERPRETATION}}
             if m.ready:
-                info = await self.zfserve.GetModelInfo(pb.GetModelInfoRequest(model=m.name), HttpContext())
+                info = await self.zfserve.GetModelInfo(pb.GetModelInfoRequest(model=m.name), HttpContext.of(request))
                 entry.update(class_names=list(info.class_names), input_size=int(info.input_shape[-1]),
                              layers=[{"name": layer.name, "shape": list(layer.shape),
                                       "receptive_field": layer.receptive_field, "stride": layer.stride}
@@ -171,7 +178,7 @@ class ExplorerApi:
         req = pb.ClassifyRequest(images=self.images(doc), model=str(doc.get("model") or ""))
         if _optional_int(doc, "top_k") is not None:
             req.top_k = doc["top_k"]
-        response = await self.zfserve.Classify(req, HttpContext())
+        response = await self.zfserve.Classify(req, HttpContext.of(request))
         predictions = [{"index": p.index, "name": p.name, "probability": p.probability}
                        for p in wire.predictions(response)[0]]
         return JSONResponse({"model": response.model, "version": response.model_version,
@@ -183,7 +190,7 @@ class ExplorerApi:
                                layer=str(doc.get("layer") or "conv5"), return_png=True, return_patches=True)
         if _optional_int(doc, "top_k") is not None:
             req.top_k = doc["top_k"]
-        response = await self.zfserve.DeconvProject(req, HttpContext())
+        response = await self.zfserve.DeconvProject(req, HttpContext.of(request))
         units = [{"channel": u.channel, "y": u.y, "x": u.x, "activation": u.activation, "box": list(u.box),
                   "projection_png": _b64(u.png), "patch_png": _b64(u.patch_png)} for u in wire.projections(response)]
         return JSONResponse({"model": response.model, "version": response.model_version, "layer": req.layer,
@@ -196,7 +203,7 @@ class ExplorerApi:
         for key in ("window", "stride", "target"):
             if _optional_int(doc, key) is not None:
                 setattr(req, key, doc[key])
-        stream = self.zfserve.OcclusionSweepStream(req, HttpContext())
+        stream = self.zfserve.OcclusionSweepStream(req, HttpContext.of(request))
         try:   # the first event (or the error) comes before the status: a bad request is a plain 4xx
             first = await stream.__anext__()
         except BaseException:
@@ -229,7 +236,8 @@ def explorer_routes(state, zfserve, max_body_bytes: int) -> list:
     api = ExplorerApi(state, zfserve, max_body_bytes)
 
     def route(path, handler, method):
-        return Route(path, _endpoint(handler), methods=[method])
+        made = Route(path, _endpoint(handler), methods=[method])
+        return with_limit(made, api.upload_limit, "--max-message-bytes") if handler == api.upload else made
 
     routes = [Route("/", _page, methods=["GET"]),
               route("/api/v1/models", api.models, "GET"),

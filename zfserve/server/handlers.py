@@ -24,9 +24,10 @@ def deadline_of(context) -> tuple[float | None, float | None]:
     return asyncio.get_running_loop().time() + remaining, time.monotonic() + remaining
 
 
-def _peer(context) -> str:
+def peer_of(context) -> str:
+    """The call's peer (gRPC's ``ipv4:ADDRESS:PORT``: one per connection), or "?"."""
     try:
-        return context.peer()
+        return context.peer() or "?"
     except Exception:  # peer() is informational only
         return "?"
 
@@ -35,7 +36,7 @@ def _finish(servicer, rpc: str, code: grpc.StatusCode, started: float, context, 
     seconds = time.perf_counter() - started
     servicer.metrics.record(rpc, code.name, seconds)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("rpc=%s code=%s ms=%.2f peer=%s%s", rpc, code.name, seconds * 1e3, _peer(context),
+        log.debug("rpc=%s code=%s ms=%.2f peer=%s%s", rpc, code.name, seconds * 1e3, peer_of(context),
                   f" detail={detail!r}" if detail else "")
 
 
@@ -57,6 +58,7 @@ async def _accounted(servicer, rpc: str, context):
     else:
         _finish(servicer, rpc, grpc.StatusCode.OK, started, context)
     finally:
+        servicer.state.release(context)   # the runtimes the call held (see AppState.serving)
         servicer.state.active_rpcs -= 1
 
 

@@ -33,7 +33,7 @@ from .._proto.inference import model_config_pb2 as mc
 from ..engine.results import DECONV_INTERPRETATION
 from ..errors import InvalidArgumentError, NotFoundError
 from ..wire import BYTES_INPUT, BYTES_MODEL_SUFFIX, IMAGE_INPUT, infer_input, oip_model_name
-from .handlers import deadline_of, unary
+from .handlers import deadline_of, peer_of, unary
 from .repository import Runtime, ServedModel
 from .status import FailedPrecondition
 
@@ -88,10 +88,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise NotFoundError(f"{field}: unknown model {name!r}; served: {[m.name for m in self._oip_models()]}",
                             field=field)
 
-    def _serving(self, name: str, version: str) -> tuple[OipModel, Runtime]:
-        """The OIP model and the runtime it serves with now; the version, when given, must be that runtime's."""
+    def _serving(self, name: str, version: str, context=None) -> tuple[OipModel, Runtime]:
+        """The OIP model and the runtime it serves with now; the version, when given, must be that runtime's.
+        With the call's ``context``, the call holds the runtime until it ends (see AppState.serving)."""
         model = self._model(name)
-        runtime = self.state.serving(model.served)
+        runtime = self.state.serving(model.served, context)
         if version and version not in (runtime.oip_version, runtime.version):
             raise NotFoundError(f"model_version: model {name!r} has version {runtime.oip_version!r} (zfserve "
                                 f"version {runtime.version!r}), not {version!r}", field="model_version")
@@ -173,7 +174,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary("ModelInfer")
     async def ModelInfer(self, request, context):
-        model, runtime = self._serving(request.model_name, request.model_version)
+        model, runtime = self._serving(request.model_name, request.model_version, context)
         with runtime.statistics[model.input].measure() as measured:
             for out in request.outputs:
                 if out.name != OUTPUT:
@@ -187,7 +188,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             measured.inputs_done(len(images))
             deadline, _ = deadline_of(context)
             probs = await runtime.batcher.submit(images, timeout_us=timeout_us, deadline=deadline,
-                                                 timing=measured.batch)
+                                                 timing=measured.batch, client=peer_of(context))
             measured.outputs_start()
             probs = np.ascontiguousarray(probs, dtype="<f4")
             out = pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="FP32", shape=list(probs.shape))

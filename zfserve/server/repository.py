@@ -6,7 +6,8 @@ it serves with comes from that snapshot: the ONNX Runtime classifier behind the 
 first use, the PyTorch model behind deconv and occlusion. The version every response reports is the
 snapshot's (config version + a prefix of the weights' SHA-256). Files changed on disk are served only after an
 explicit reload (SIGHUP, or :meth:`ServedModel.reload`), which reads a new snapshot, builds and warms its
-runtime off the event loop and swaps it in at once; requests already running finish on the old runtime.
+runtime off the event loop and swaps it in at once; requests already running finish on the old runtime, which
+is closed after the last of them.
 
 A model that fails to load is listed as not ready, with a reason that carries no server path; the others
 are served (``--strict`` makes any failure stop the server instead). With ``--model-control explicit`` a
@@ -18,6 +19,7 @@ Over the Open Inference Protocol each model NAME is two models, NAME (FP32 tenso
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from pathlib import Path
@@ -40,7 +42,9 @@ def public_reason(exc: BaseException, source: str, name: str) -> str:
 
 class Runtime:
     """What one snapshot of a model serves with. Handlers take the model's current runtime once per request
-    and use only it, so one request never mixes two versions."""
+    and use only it, so one request never mixes two versions; they hold it (:meth:`acquire`) until they end,
+    and a replaced runtime retires (:meth:`retire`) only after its last request (its batcher keeps taking
+    their work until then)."""
 
     def __init__(self, name: str, snapshot: Snapshot, classifier, device: str):
         self.name = name
@@ -59,6 +63,24 @@ class Runtime:
         self.statistics = {IMAGE_INPUT: InferenceStatistics(), BYTES_INPUT: InferenceStatistics()}
         self._lock = threading.Lock()
         self._torch_model = self._deconv = self._occlusion = None
+        self.users = 0                        # requests holding this runtime now (on the event loop)
+        self._idle: asyncio.Event | None = None
+
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def retire(self) -> None:
+        """Wait until no request holds this runtime, then close its batcher (queued work finishes first)."""
+        if self.users:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        if self.batcher is not None:
+            await self.batcher.close()
 
     def torch_model(self):
         """The PyTorch model (layer facts, deconv, occlusion), built once from the snapshot's weights."""

@@ -15,7 +15,7 @@ from .._proto.v1 import zfserve_pb2_grpc as pb_grpc
 from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K
 from ..errors import InvalidArgumentError
 from ..preprocess import to_display
-from .handlers import deadline_of, server_stream, unary
+from .handlers import deadline_of, peer_of, server_stream, unary
 
 # Most occluder positions one sweep may take (64 x 64; the default 32/8 sweep is 25 x 25).
 DEFAULT_MAX_OCCLUSION_POSITIONS = 4096
@@ -32,9 +32,10 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         self.metrics = state.metrics
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _model(self, name: str):
-        """The runtime of model ``name`` (empty: the default): every request uses the one it took here."""
-        return self.state.serving(self.state.repository.get(name))
+    def _model(self, name: str, context):
+        """The runtime of model ``name`` (empty: the default): every request uses the one it took here, and holds
+        it until it ends (a reload meanwhile lets it finish on this one)."""
+        return self.state.serving(self.state.repository.get(name), context)
 
     async def _images(self, images: pb.Images, model, context, *, exactly_one: bool = False) -> np.ndarray:
         """The request's images -> preprocessed float32 (N, 3, S, S); encoded ones go through the decode stage
@@ -59,7 +60,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     # ------------------------------------------------------------------------------------------- Classify
     @unary("Classify")
     async def Classify(self, request, context):
-        model = self._model(request.model)
+        model = self._model(request.model, context)
         classes = model.num_classes
         top_k = checks.integer(request.top_k if request.HasField("top_k") else min(DEFAULT_TOP_K, classes),
                                "top_k", 1, classes, what=f"unset = {min(DEFAULT_TOP_K, classes)}")
@@ -69,7 +70,8 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
             images = await self._images(request.images, model, context)
             measured.inputs_done(len(images))
             deadline, _ = deadline_of(context)
-            probs = await model.batcher.submit(images, deadline=deadline, timing=measured.batch)
+            probs = await model.batcher.submit(images, deadline=deadline, timing=measured.batch,
+                                               client=peer_of(context))
             measured.outputs_start()
             response = wire.classify_response(model.name, model.version, model.classifier.top_k(probs, top_k),
                                               probs if request.return_probabilities else None)
@@ -78,7 +80,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     # ------------------------------------------------------------------------------------------- Deconv
     @unary("DeconvProject")
     async def DeconvProject(self, request, context):
-        model = self._model(request.model)
+        model = self._model(request.model, context)
         from ..model import SPATIAL_LAYERS   # torch: loaded with the first deconv request, not at start-up
         checks.layer(request.layer, SPATIAL_LAYERS)
         args = wire.deconv_arguments(request)
@@ -108,7 +110,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
 
     # ------------------------------------------------------------------------------------------- Occlusion
     async def _start_sweep(self, request, context, on_progress=None):
-        model = self._model(request.model)
+        model = self._model(request.model, context)
         args = wire.sweep_arguments(request)
         args["max_positions"] = self.state.options.max_occlusion_positions
         images = await self._images(request.images, model, context, exactly_one=True)
@@ -180,7 +182,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
 
     @unary("GetModelInfo")
     async def GetModelInfo(self, request, context):
-        model = self._model(request.model)
+        model = self._model(request.model, context)
         torch_model = await asyncio.to_thread(model.torch_model)
         config = model.config
         info = pb.ModelInfo(name=model.name, version=model.version, oip_version=model.oip_version,
