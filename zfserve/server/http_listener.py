@@ -64,7 +64,7 @@ class HttpLimits:
         for name, low, high in (("max_header_bytes", 1 << 10, 1 << 24), ("max_headers", 8, 10_000),
                                 ("max_connections", 1, 1_000_000), ("max_buffered_bytes", 1 << 20, 1 << 40),
                                 ("max_json_values", 1, 1 << 31)):
-            checks.integer(getattr(self, name), name, low, high, label="--http-" + name[4:].replace("_", "-"))
+            checks.integer(getattr(self, name), name, low, high, label="--http-" + name.replace("_", "-"))
         for name in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 3600):
