@@ -284,34 +284,95 @@ def test_a_server_gives_the_same_rows(corpus, audited, model_dir, tmp_path):
     _same_rows(_rows(tmp_path), local)
 
 
-def _ray(*args, timeout=120):
+def _ray(*args, env=None, timeout=120):
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    return subprocess.run([ray_bin, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([ray_bin, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _processes_of(marker: str) -> list[int]:
+    """The processes of the cluster this test started: those whose environment holds ``marker`` (every process
+    `ray start` launches inherits it; this test's own process does not), and their descendants."""
+    parents, marked = {}, set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if marker.encode() in fh.read().split(b"\0"):
+                    marked.add(int(entry))
+        except (OSError, ValueError):
+            continue
+    found = set(marked)
+    while True:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        if not children:
+            return sorted(found - {os.getpid()})
+        found |= children
+
+
+def _stop_cluster(marker: str, grace_s: float = 10.0) -> None:
+    """SIGTERM to the cluster's own processes (by id), SIGKILL to those still there after ``grace_s``. Never
+    ``ray stop``: it stops every Ray process of the machine, a cluster of the user's included."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = _processes_of(marker)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        give_up = time.monotonic() + wait_s
+        while _processes_of(marker) and time.monotonic() < give_up:
+            time.sleep(0.2)
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path, monkeypatch):
-    """A real Ray cluster on loopback: a head and a second node, one CPU each, separate custom resources, with
-    token authentication (Ray's default for local clusters since 2.59): the nodes and this test's driver share
-    one token through the environment."""
+def two_node_cluster(monkeypatch):
+    """A real Ray cluster on loopback, this test's own: a head and a second node, one CPU each, separate custom
+    resources, its own temporary directory and ports (none of Ray's fixed defaults, so a cluster of the user's
+    on this machine is neither reached nor disturbed), token authentication (Ray's default for local clusters
+    since 2.59) with a token the nodes and this test's driver share through the environment. Stopped by
+    :func:`_stop_cluster`, which ends only the processes this cluster started."""
     import secrets
-    import socket
+    import tempfile
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    head = _ray("start", "--head", "--port", str(port), "--include-dashboard", "false", "--resources",
-                '{"node_a": 1}', *common)
-    assert head.returncode == 0, head.stderr[-3000:]
+    marker = f"ZFSERVE_TEST_RAY_CLUSTER={secrets.token_hex(8)}"
+    env = dict(os.environ, **dict([marker.split("=")]))
+    temp = tempfile.mkdtemp(prefix="zfray-", dir="/tmp")   # short: Ray's socket paths live under it
+    head_port, *ports = _free_ports(15)
+    address = f"127.0.0.1:{head_port}"
+
+    def node(*args, own):
+        agent, grpc_agent, runtime_env, metrics, manager, objects = own
+        return _ray("start", *args, "--temp-dir", temp, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                    "--disable-usage-stats", "--dashboard-agent-listen-port", str(agent),
+                    "--dashboard-agent-grpc-port", str(grpc_agent), "--runtime-env-agent-port", str(runtime_env),
+                    "--metrics-export-port", str(metrics), "--node-manager-port", str(manager),
+                    "--object-manager-port", str(objects), env=env)
     try:
-        worker = _ray("start", "--address", address, "--resources", '{"node_b": 1}', *common)
+        head = node("--head", "--port", str(head_port), "--include-dashboard", "false", "--dashboard-port",
+                    str(ports[0]), "--ray-client-server-port", str(ports[1]), "--resources", '{"node_a": 1}',
+                    own=ports[2:8])
+        assert head.returncode == 0, head.stderr[-3000:]
+        worker = node("--address", address, "--resources", '{"node_b": 1}', own=ports[8:14])
         assert worker.returncode == 0, worker.stderr[-3000:]
         yield address
     finally:
-        _ray("stop", "--force")
+        _stop_cluster(marker)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_on_a_two_node_cluster_gives_the_same_rows(two_node_cluster, model_dir, tmp_path):

@@ -135,8 +135,8 @@ def test_a_slow_head_is_408_within_the_header_timeout(server):
         time.sleep(0.1)
     status, _, body = raw.answer()
     assert status == 408 and b"--http-header-timeout-s" in body
-    assert raw.closed_within(LINGER_S + 2)
-    assert 0.9 < time.monotonic() - started < 1.0 + LINGER_S + 2
+    assert raw.closed_within(1)   # at once: a slow client has nothing more to say that matters
+    assert 0.9 < time.monotonic() - started < 2.5
 
 
 def test_an_idle_connection_closes_after_the_keepalive_timeout(server):
@@ -156,7 +156,7 @@ def test_a_slow_body_is_408_within_the_body_timeout(server):
     started = time.monotonic()
     status, _, body = raw.answer()
     assert status == 408 and b"--http-body-timeout-s" in body and 0.9 < time.monotonic() - started < 3
-    assert raw.closed_within(LINGER_S + 2)
+    assert raw.closed_within(1)
 
 
 def test_a_declared_body_over_the_routes_limit_is_413_unread(server):

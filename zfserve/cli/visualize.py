@@ -7,14 +7,16 @@ import json
 import sys
 
 from .. import _checks as checks
-from ..engine.results import DEFAULT_STRIDE, DEFAULT_WINDOW
+from ..engine.results import DECONV_INTERPRETATION, DEFAULT_STRIDE, DEFAULT_WINDOW
 from .common import CommandError, add_server_option, model_help, progress_bar, remote_client
 
 
 # ---------------------------------------------------------------------------------------------------- deconv
 def add_deconv(sub) -> None:
-    p = sub.add_parser("deconv", help="deconvnet projections of a layer's strongest (or given) units to pixels",
-                       description=cmd_deconv.__doc__)
+    p = sub.add_parser("deconv", help=f"deconvnet projections of a layer's strongest (or given) units to pixels: a "
+                                      f"{DECONV_INTERPRETATION}",
+                       description=f"{cmd_deconv.__doc__} A projection is a {DECONV_INTERPRETATION}: what drives a "
+                                   f"unit, not evidence of what the class depends on (occlusion gives that).")
     p.add_argument("image", metavar="IMAGE", help="JPEG, PNG or WebP file")
     p.add_argument("--layer", default="conv5", help="conv1..conv5, pool1, pool2 or pool5 (default conv5)")
     p.add_argument("--top-k", type=int, default=None,

@@ -69,7 +69,8 @@ class HttpPolicy:
 
     def __init__(self, token: bytes | None, allowed_hosts=(), *, routes=(),
                  protected: Callable[[str], bool] = lambda path: True, page: Callable[[str], bool] = lambda p: False):
-        self.token, self.routes, self.protected, self.page = token, list(routes), protected, page
+        self.token, self.protected, self.page = token, protected, page
+        self.routes = [route for route in routes if hasattr(route, "body_limit")]   # the others: the default
         self.allowed = {host_name(h) for h in allowed_hosts if h != "*"}
         self.any_host = "*" in allowed_hosts
 

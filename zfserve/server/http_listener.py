@@ -14,7 +14,7 @@ Per connection:
 3. the ASGI app runs with the whole body; its response is written with a send timeout, so a client that stops
    reading is dropped (:data:`SEND_TIMEOUT_S`).
 A refused request whose body was not read is answered, then its connection drains for at most
-:data:`LINGER_S` (so the client can read the answer) and closes. At most ``max_connections`` connections are
+:data:`LINGER_S` (so the client can read the answer rather than a reset) and closes; a 408 closes at once. At most ``max_connections`` connections are
 open: one more closes the connection that has waited longest for a request head, or, when every connection is
 busy with a request, is answered 503 at once. After a burst of buffered bodies the allocator's free memory is
 returned to the system, as after large decodes.
@@ -23,18 +23,16 @@ returned to the system, as after large decodes.
 from __future__ import annotations
 
 import asyncio
-import http
-import json
 import logging
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 import h11
 
 from .. import _checks as checks
 from .decode import malloc_trim
 from .http_body import DEFAULT_MAX_VALUES, HttpError
+from .http_exchange import ClientGone, Exchange, client_gone, error_body, keeps_alive, reply, scope_of, tokens
 
 log = logging.getLogger("zfserve.server")
 
@@ -93,28 +91,6 @@ class ByteBudget:
             asyncio.get_running_loop().run_in_executor(None, malloc_trim)
 
 
-class _Gone(OSError):
-    """The client went away, or stopped reading; the connection closes (an OSError, as ASGI apps expect from
-    a send to a client that has gone)."""
-
-
-def _reply_bytes(conn: h11.Connection, status: int, body: bytes, headers: list, head_only: bool) -> bytes:
-    """A whole response as bytes, framed by h11 (no body after a HEAD request)."""
-    response = h11.Response(status_code=status, headers=headers + [(b"content-length", str(len(body)).encode())],
-                            reason=http.HTTPStatus(status).phrase.encode())
-    data = conn.send(response)
-    if body and not head_only:
-        data += conn.send(h11.Data(data=body))
-    return data + conn.send(h11.EndOfMessage())
-
-
-def error_body(error: HttpError) -> bytes:
-    body = {"error": error.message}
-    if error.field:
-        body["field"] = error.field
-    return json.dumps(body).encode()
-
-
 class HttpListener:
     """Serves ``app`` (ASGI 3) on ``sock`` under ``limits``; ``policy`` admits each request head and names the
     headers every response carries (see :class:`~.http_guard.HttpPolicy`)."""
@@ -166,20 +142,22 @@ class HttpListener:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: the protocol callbacks fill ``pending``; :meth:`_serve` (a task) runs the
-    requests one after another."""
+    """One client connection: the protocol callbacks collect bytes (a Content-Length body straight into its
+    parts, anything else into ``pending``); :meth:`_serve`, a task, runs the requests one after another."""
 
     def __init__(self, listener: HttpListener):
         self.listener, self.limits = listener, listener.limits
         self.loop = asyncio.get_running_loop()
         self.transport = None
-        self.pending = bytearray()       # received, not yet given to h11
-        self.readable = asyncio.Event()
+        self.pending = bytearray()       # received bytes not yet taken (heads, chunked bodies, what follows)
+        self.body_parts: list = []       # the Content-Length body being received...
+        self.body_missing = 0            # ... and how many of its bytes are still to come
         self.gone = asyncio.Event()      # the client closed its side, or the connection is lost
         self.writable = asyncio.Event()
         self.writable.set()
         self.waiting_since: float | None = self.loop.time()   # waiting for a request head since (None: busy)
         self.discarding = 0              # > 0: lingering after a refusal, bytes still to drop
+        self._waiter: asyncio.Future | None = None
         self.task = None
 
     # -------------------------------------------------------------------------------------- transport
@@ -189,8 +167,7 @@ class _Connection(asyncio.Protocol):
             error = HttpError(503, f"server busy: {self.limits.max_connections} HTTP connections are open, each "
                                    f"handling a request (--http-max-connections); retry shortly", "connection",
                               {"retry-after": "1"})
-            headers = self._headers(None, error) + [(b"connection", b"close")]
-            transport.write(_raw_reply(503, error_body(error), headers))
+            transport.write(reply(503, error_body(error), self._headers(None, error) + [(b"connection", b"close")]))
             transport.close()
             return
         self.task = self.loop.create_task(self._serve())
@@ -201,20 +178,28 @@ class _Connection(asyncio.Protocol):
             if self.discarding <= 0:
                 self.close()
             return
+        if self.body_missing:
+            if len(data) <= self.body_missing:
+                self.body_parts.append(data)
+                self.body_missing -= len(data)
+                self._wake()
+                return
+            self.body_parts.append(data[:self.body_missing])
+            data, self.body_missing = data[self.body_missing:], 0
         self.pending += data
-        self.readable.set()
         if len(self.pending) > max(READ_AHEAD_BYTES, self.limits.max_header_bytes):
             self.transport.pause_reading()
+        self._wake()
 
     def eof_received(self):
         self.gone.set()
-        self.readable.set()
+        self._wake()
         return True    # the half-closed connection may still carry the response
 
     def connection_lost(self, exc) -> None:
         self.gone.set()
-        self.readable.set()
         self.writable.set()
+        self._wake()
         self.listener.forget(self)
 
     def pause_writing(self) -> None:
@@ -228,23 +213,42 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
         self.listener.forget(self)
 
-    # -------------------------------------------------------------------------------------- reading
+    # -------------------------------------------------------------------------------------- waiting, writing
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
+
     async def _wait(self, until: float) -> bool:
         """Wait for more bytes (or the end) until loop time ``until``; False when the time ran out."""
-        self.readable.clear()
-        if self.transport.is_reading() is False and not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.transport.is_reading():
             self.transport.resume_reading()
+        waiter = self._waiter = self.loop.create_future()
+        timer = self.loop.call_at(until, lambda: waiter.done() or waiter.set_result(False))
         try:
-            await asyncio.wait_for(self.readable.wait(), max(0.0, until - self.loop.time()))
-            return True
-        except asyncio.TimeoutError:
-            return False
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
-    def _take_pending(self) -> bytes:
-        data = bytes(self.pending)
-        self.pending.clear()
-        return data
+    async def _write(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            raise ClientGone()
+        self.transport.write(data)
+        if not self.writable.is_set():
+            try:
+                await asyncio.wait_for(self.writable.wait(), SEND_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                self.transport.abort()
+                raise ClientGone() from None
+            if self.transport.is_closing():
+                raise ClientGone()
 
+    def _headers(self, scope: dict | None, error: HttpError | None = None) -> list:
+        headers = [(b"content-type", b"application/json")] if error is not None else []
+        headers += [(k.encode(), str(v).encode()) for k, v in (error.headers if error else {}).items()]
+        return headers + self.listener.policy.headers(scope)
+
+    # -------------------------------------------------------------------------------------- reading
     async def _read_head(self, first: bool) -> bytes | None:
         """The next request head (through its blank line), within the head limits; None when the client leaves
         or stays idle. Raises HttpError (431 / 408) for a head over a limit or too slow."""
@@ -279,37 +283,59 @@ class _Connection(asyncio.Protocol):
                                          f"(--http-header-timeout-s)", "headers")
                 return None
 
-    async def _read_body(self, conn: h11.Connection, limit: int, flag: str, reserved: list) -> bytes | None:
-        """The body, read through h11 (length or chunked) within ``limit`` and the body timeout; a chunked body
-        reserves budget as it arrives (``reserved[0]`` counts it). None when the client left."""
+    def _timed_out(self) -> HttpError:
+        return HttpError(408, f"body: not received within {self.limits.body_timeout_s:g} s (--http-body-timeout-s)",
+                         "body")
+
+    async def _read_length(self, length: int) -> bytes | None:
+        """A body of ``length`` bytes (its reservation already made), collected as it arrives; None when the
+        client left."""
+        until = self.loop.time() + self.limits.body_timeout_s
+        first = bytes(self.pending[:length])
+        del self.pending[:length]
+        self.body_parts, self.body_missing = ([first] if first else []), length - len(first)
+        try:
+            while self.body_missing:
+                if self.gone.is_set():
+                    return None
+                if not await self._wait(until):
+                    raise self._timed_out()
+            parts = self.body_parts
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        finally:
+            self.body_parts, self.body_missing = [], 0
+
+    async def _read_chunked(self, conn: h11.Connection, limit: int, flag: str, reserved: list) -> bytes | None:
+        """A chunked body, through h11, within ``limit``; it reserves budget as it arrives (``reserved[0]``
+        counts it). Bytes after it go back to ``pending``. None when the client left."""
         chunks, size = [], 0
         until = self.loop.time() + self.limits.body_timeout_s
-        while not _complete(conn):
+        while conn.their_state is h11.SEND_BODY:
             if self.pending:
-                conn.receive_data(self._take_pending())
-            elif self.gone.is_set() and conn.their_state is h11.SEND_BODY:
+                conn.receive_data(bytes(self.pending))
+                self.pending.clear()
+            elif self.gone.is_set():
                 conn.receive_data(b"")
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise HttpError(400, f"body: malformed ({exc})", "body") from None
+                raise HttpError(400, f"body: malformed chunked encoding ({exc})", "body") from None
             if event is h11.NEED_DATA:
                 if self.gone.is_set():
                     return None
                 if not await self._wait(until):
-                    raise HttpError(408, f"body: not received within {self.limits.body_timeout_s:g} s "
-                                         f"(--http-body-timeout-s)", "body")
+                    raise self._timed_out()
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
                     raise HttpError(413, f"body: more than {limit} bytes; at most {limit} are accepted ({flag})",
                                     "body")
-                if size > reserved[0]:
-                    self._reserve(size - reserved[0])
-                    reserved[0] = size
+                self._reserve(len(event.data))
+                reserved[0] += len(event.data)
                 chunks.append(event.data)
             elif isinstance(event, h11.ConnectionClosed):
                 return None
+        self.pending[:0] = conn.trailing_data[0]
         return b"".join(chunks)
 
     def _reserve(self, n: int) -> None:
@@ -323,44 +349,42 @@ class _Connection(asyncio.Protocol):
         first = True
         try:
             while not self.gone.is_set() or self.pending:
-                conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
                 try:
                     head = await self._read_head(first)
                 except HttpError as error:
-                    await self._refuse(conn, error, None)
+                    await self._refuse(error, None, body_read=False)
                     return
-                if head is None or not await self._request(conn, head):
+                if head is None or not await self._request(head):
                     return
                 first = False
-        except _Gone:
+        except ClientGone:
             pass
         except Exception:   # a bug here: logged, the connection closes
             log.exception("HTTP connection failed")
         finally:
             self.close()
 
-    async def _request(self, conn: h11.Connection, head: bytes) -> bool:
+    async def _request(self, head: bytes) -> bool:
         """Handle one request whose head is ``head``; returns whether the connection stays open."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
         conn.receive_data(head)
         try:
             request = conn.next_event()
             if not isinstance(request, h11.Request):
                 raise h11.RemoteProtocolError("not a request")
-            scope = self._scope(request)
-        except h11.RemoteProtocolError as exc:
-            return await self._refuse(conn, HttpError(400, f"request: malformed request line or headers ({exc})",
-                                                      "request"), None)
+            scope = scope_of(request, self.transport)
+        except (h11.RemoteProtocolError, ValueError) as exc:
+            return await self._refuse(HttpError(400, f"request: malformed request line or headers ({exc})",
+                                                "request"), None, body_read=False)
         fields = dict(request.headers)
         chunked = b"transfer-encoding" in fields
         if chunked and b"content-length" in fields:   # two framings: refused (request smuggling)
-            return await self._refuse(conn, HttpError(400, "headers: Content-Length and Transfer-Encoding "
-                                                           "together; send one", "headers"), None)
+            return await self._refuse(HttpError(400, "headers: Content-Length and Transfer-Encoding together; "
+                                                     "send one", "headers"), scope, body_read=False)
         length = 0 if chunked else int(fields.get(b"content-length", b"0"))
-        if not length and not chunked:
-            conn.next_event()   # its EndOfMessage: the request is complete
         verdict = self.listener.policy.admit(scope)
         if isinstance(verdict, HttpError):
-            return await self._refuse(conn, verdict, scope)
+            return await self._refuse(verdict, scope, body_read=not (length or chunked))
         limit, flag = verdict
         reserved = [0]
         try:
@@ -368,54 +392,46 @@ class _Connection(asyncio.Protocol):
                 raise HttpError(413, f"body: {length} bytes; at most {limit} are accepted ({flag})", "body")
             self._reserve(length)
             reserved[0] = length
-            if conn.client_is_waiting_for_100_continue:
-                await self._write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
-            body = await self._read_body(conn, limit, flag, reserved)
+            if (length or chunked) and b"100-continue" in tokens(scope["headers"], b"expect"):
+                await self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = await (self._read_chunked(conn, limit, flag, reserved) if chunked else self._read_length(length))
             if body is None:
                 return False
-            return await self._run_app(conn, scope, body)
+            exchange = Exchange(scope, body, self._write, self.gone, self.listener.policy.headers(scope))
+            del body
+            return await self._run_app(exchange)
         except HttpError as error:
-            return await self._refuse(conn, error, scope)
+            return await self._refuse(error, scope, body_read=False)
         finally:
             self.listener.budget.release(reserved[0])
 
-    def _scope(self, request: h11.Request) -> dict:
-        target = request.target
-        if not target.startswith(b"/"):
-            raise h11.RemoteProtocolError("the request target must be a path")
-        raw_path, _, query = target.partition(b"?")
-        ssl = self.transport.get_extra_info("sslcontext") is not None
-        peer, own = self.transport.get_extra_info("peername"), self.transport.get_extra_info("sockname")
-        return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-                "http_version": request.http_version.decode(), "method": request.method.decode("ascii"),
-                "scheme": "https" if ssl else "http", "path": unquote(raw_path.decode("latin-1")),
-                "raw_path": raw_path, "query_string": query, "root_path": "",
-                "headers": [(name, value) for name, value in request.headers],   # names in lower case
-                "client": tuple(peer[:2]) if peer else None, "server": tuple(own[:2]) if own else None,
-                "state": {}}
-
-    def _headers(self, scope: dict | None, error: HttpError | None = None) -> list:
-        headers = [(b"content-type", b"application/json")] if error is not None else []
-        headers += [(k.encode(), str(v).encode()) for k, v in (error.headers if error else {}).items()]
-        return headers + self.listener.policy.headers(scope)
-
-    async def _refuse(self, conn: h11.Connection, error: HttpError, scope: dict | None) -> bool:
-        """Answer ``error``. A request whose body was read (or had none) keeps its connection; otherwise the
-        connection lingers for the client to read the answer, then closes (returns False)."""
-        headers = self._headers(scope, error)
-        if not _complete(conn) or error.status in (400, 408, 431):
-            headers.append((b"connection", b"close"))
+    async def _run_app(self, exchange: Exchange) -> bool:
+        scope = exchange.scope
         try:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and conn.their_state is not h11.IDLE:
-                head_only = scope is not None and scope["method"] == "HEAD"
-                await self._write(_reply_bytes(conn, error.status, error_body(error), headers, head_only))
-            else:   # no request parsed (a head over the limits): framed by hand
-                await self._write(_raw_reply(error.status, error_body(error), headers))
-        except (_Gone, h11.LocalProtocolError):
+            return await exchange.run(self.listener.app)
+        except Exception as exc:
+            if client_gone(exc):
+                return False
+            # A bug in a route: logged with its traceback, answered without it.
+            log.exception("HTTP %s %s failed", scope["method"], scope["path"])
+            if not exchange.started:
+                await self._refuse(HttpError(500, "internal error; see the server log"), scope, body_read=True)
             return False
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+
+    async def _refuse(self, error: HttpError, scope: dict | None, *, body_read: bool) -> bool:
+        """Answer ``error``. A request whose body was read (or had none) may keep its connection; otherwise the
+        connection lingers for the client to read the answer, then closes (returns False)."""
+        keep = body_read and scope is not None and keeps_alive(scope) and error.status not in (400, 408, 431, 500)
+        headers = self._headers(scope, error) + ([] if keep else [(b"connection", b"close")])
+        head_only = scope is not None and scope["method"] == "HEAD"
+        try:
+            await self._write(reply(error.status, error_body(error), headers, head_only))
+        except ClientGone:
+            return False
+        if keep:
             return True
-        await self._linger()
+        if not body_read and error.status != 408:   # a slow client has nothing more to send that matters
+            await self._linger()
         return False
 
     async def _linger(self) -> None:
@@ -428,91 +444,5 @@ class _Connection(asyncio.Protocol):
         except asyncio.TimeoutError:
             pass
 
-    async def _write(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            raise _Gone()
-        self.transport.write(data)
-        if not self.writable.is_set():
-            try:
-                await asyncio.wait_for(self.writable.wait(), SEND_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                self.transport.abort()
-                raise _Gone() from None
-            if self.transport.is_closing():
-                raise _Gone()
 
-    async def _run_app(self, conn: h11.Connection, scope: dict, body: bytes) -> bool:
-        """Run the ASGI app on one request with its whole body; returns whether the connection stays open."""
-        state = {"body": body, "started": False, "done": False}
-        finished = asyncio.Event()
-        head_only = scope["method"] == "HEAD"
-
-        async def receive():
-            if state["body"] is not None:
-                message = {"type": "http.request", "body": state["body"], "more_body": False}
-                state["body"] = None
-                return message
-            waiters = [asyncio.ensure_future(self.gone.wait()), asyncio.ensure_future(finished.wait())]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
-            return {"type": "http.disconnect"}
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers") or [])
-                names = {k.lower() for k, _ in headers}
-                headers += [(k, v) for k, v in self.listener.policy.headers(scope) if k not in names]
-                status = message["status"]
-                state["started"] = True
-                await self._write(conn.send(h11.Response(status_code=status, headers=headers,
-                                                         reason=http.HTTPStatus(status).phrase.encode())))
-            elif message["type"] == "http.response.body":
-                data = message.get("body") or b""
-                if data and not head_only:
-                    await self._write(conn.send(h11.Data(data=data)))
-                if not message.get("more_body"):
-                    await self._write(conn.send(h11.EndOfMessage()))
-                    state["done"] = True
-                    finished.set()
-
-        try:
-            await self.listener.app(scope, receive, send)
-        except Exception as exc:
-            if _client_gone(exc):
-                return False
-            # A bug in a route: logged with its traceback, answered without it.
-            log.exception("HTTP %s %s failed", scope["method"], scope["path"])
-            if not state["started"]:
-                return await self._refuse(conn, HttpError(500, "internal error; see the server log"), scope)
-            return False
-        finally:
-            finished.set()
-        if not state["done"] or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-            return False
-        leftover, closed = conn.trailing_data
-        self.pending[:0] = leftover
-        return not closed
-
-
-def _complete(conn: h11.Connection) -> bool:
-    """Whether the request has been read to its end (MUST_CLOSE: it asked to close the connection after)."""
-    return conn.their_state in (h11.DONE, h11.MUST_CLOSE)
-
-
-def _client_gone(exc: BaseException) -> bool:
-    """Whether ``exc`` (or every exception of a group) is a send to a client that has gone."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_client_gone(e) for e in exc.exceptions)
-    return isinstance(exc, _Gone)
-
-
-def _raw_reply(status: int, body: bytes, headers: list) -> bytes:
-    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
-    lines += [k + b": " + v for k, v in headers + [(b"content-length", str(len(body)).encode())]]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-__all__ = ["ByteBudget", "HttpLimits", "HttpListener", "error_body"]
+__all__ = ["ByteBudget", "HttpLimits", "HttpListener"]

@@ -104,8 +104,12 @@ class BoundedPool:
 
         future = self._executor.submit(call)
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        waiting = asyncio.wrap_future(future)
+        # The futures hold the job's exception, whose traceback holds this frame: without them in its locals, no
+        # reference cycle keeps the exception, and the request's data in its frames, alive until a collection.
+        del future
         try:
-            result = await asyncio.wrap_future(future)
+            result = await waiting
         except asyncio.CancelledError:
             job.cancelled.set()   # the client has gone: stop the computation at its next check
             self.aborted += 1
@@ -115,6 +119,8 @@ class BoundedPool:
             if job.expired:
                 raise DeadlineExpired("deadline exceeded; the computation was stopped") from None
             raise Cancelled("cancelled") from None
+        finally:
+            del waiting
         self.completed += 1
         return result
 

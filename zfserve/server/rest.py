@@ -103,12 +103,17 @@ class OipRest:
         name, version = _model(request)
         body = await read_body(request, self.max_body_bytes)
         header_length = request.headers.get(HEADER_LENGTH)
+
+        def parse(job):
+            try:
+                return parse_infer(body, header_length, name, version, self.max_json_values)
+            except HttpError as exc:   # a refusal: without the frames (and the body) its traceback would keep
+                raise exc.with_traceback(None)
         try:   # JSON and tensor conversion: on the parse lane, off the event loop
-            infer_request, binary = await self.parse_pool.run(
-                lambda job: parse_infer(body, header_length, name, version, self.max_json_values))
+            infer_request, binary = await self.parse_pool.run(parse)
         except ServiceError as exc:   # the lane is full: 503
             raise http_error(exc) from None
-        del body
+        del body, parse
         response = await self.oip.ModelInfer(infer_request, HttpContext.of(request))
         data, headers = infer_response(response, binary)
         return Response(data, 200, headers=headers)
