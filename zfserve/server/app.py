@@ -38,7 +38,7 @@ from .._proto.v1 import zfserve_pb2_grpc as v1_grpc
 from ..errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .auth import BearerTokenInterceptor, read_token
 from .batcher import DynamicBatcher
-from .decode import DecodeStage
+from .decode import DecodeStage, malloc_trim
 from .http_listener import ByteBudget
 from .metrics import Metrics
 from .oip import InferenceServicer
@@ -309,7 +309,13 @@ class ZFServer:
         if runtime is not None:
             task = asyncio.ensure_future(runtime.retire())
             self._retiring[task] = runtime
-            task.add_done_callback(lambda done: self._retiring.pop(done, None))
+            task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task) -> None:
+        """A replaced runtime has closed: with its last reference dropped, its memory (an ONNX Runtime session,
+        its arena, the model's weights) goes back to the system."""
+        self._retiring.pop(task, None)
+        asyncio.get_running_loop().run_in_executor(None, malloc_trim)
 
     async def reload(self) -> dict[str, str]:
         """Read every model's files again and swap in the changed ones (one at a time, each atomically); a model a

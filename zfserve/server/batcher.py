@@ -13,12 +13,9 @@ cancelled, so its future is cancelled) is dropped when a batch is formed: it nev
 never computed.
 
 Fairness, counted in images (one client's many-image requests must not starve single-image callers):
-- a client is a connection (gRPC's peer, or the HTTP client's address and port). Parts are served in
-  self-clocked fair queuing order, counted in images: a part's virtual finish time is its client's previous
-  one (or the virtual time now, the finish time of the part last taken, if later) plus its images, and the
-  smallest goes first. Each client's parts keep their order; clients with work waiting share batches in
-  proportion to images; a single-image request arriving behind any number of 64-image requests from other
-  clients goes into the next batch;
+- parts are taken in fair order counted in images (:mod:`.fair`): each client's parts keep their order,
+  clients with work waiting share batches in proportion to images, and a single-image request arriving behind
+  any number of 64-image requests from other clients goes into the next batch;
 - ``max_queue_images``: most images waiting (they are preprocessed tensors, 0.6 MB each at 224 x 224). A
   request that would pass it takes room from the client with the most images waiting, whose newest requests
   are shed (:class:`QueueFull`, UNAVAILABLE, counted as ``shed``) while that client holds more than the newcomer
@@ -43,6 +40,7 @@ import numpy as np
 
 import grpc
 
+from .fair import FairOrder
 from .statistics import BatchTiming
 from .status import ServiceError
 
@@ -138,8 +136,7 @@ class DynamicBatcher:
         self._on_queue_depth = on_queue_depth or (lambda depth: None)
         self._heap: list[_Part] = []
         self._seq = 0
-        self._vtime = 0.0                            # the tag of the last part taken
-        self._finish: dict[str, float] = {}          # per client: the tag after its last queued part
+        self._order = FairOrder()                    # the parts' tags (fair queuing in images)
         self._waiting: dict[str, deque[_Request]] = {}   # per client: its requests with parts still queued
         self._client_images: dict[str, int] = {}
         self._queued_images = self._queued_requests = 0
@@ -181,9 +178,7 @@ class DynamicBatcher:
         step = self.config.max_batch_size
         for index, start in enumerate(range(0, size, step)):
             stop = min(size, start + step)
-            tag = max(self._vtime, self._finish.get(client, 0.0)) + (stop - start)
-            part = _Part(tag, self._seq, request, index, start, stop)
-            self._finish[client] = tag
+            part = _Part(self._order.tag(client, stop - start), self._seq, request, index, start, stop)
             self._seq += 1
             heapq.heappush(self._heap, part)
             request.parts_left += 1
@@ -309,15 +304,13 @@ class DynamicBatcher:
             if batch and images + part.size > self.config.max_batch_size:
                 break
             heapq.heappop(self._heap)
-            self._vtime = part.tag
+            self._order.served(part.tag)
             request.started_ns = request.started_ns or time.perf_counter_ns()
             self._count(request, -part.size)
             batch.append(part)
             images += part.size
             if images >= self.config.max_batch_size:
                 break
-        if len(self._finish) > 2 * len(self._waiting) + 64:   # forget clients with nothing ahead of now
-            self._finish = {c: t for c, t in self._finish.items() if t > self._vtime}
         return batch
 
     async def _gather(self, loop) -> None:

@@ -52,8 +52,9 @@ class ImageStore:
         self._size = 0
         self._lock = threading.Lock()
 
-    def put(self, data: bytes, *, pinned: bool = False) -> dict:
+    def put(self, data, *, pinned: bool = False) -> dict:
         """Check ``data``'s header with the server's decoder limits and keep it; returns its description."""
+        data = bytes(data)   # kept: a copy of a large upload the listener received into a memory map
         try:
             header = read_header(data, field="image")
         except ZFServeError as exc:
@@ -203,13 +204,17 @@ class ExplorerApi:
         for key in ("window", "stride", "target"):
             if _optional_int(doc, key) is not None:
                 setattr(req, key, doc[key])
+        # The class names of the runtime the sweep is about to take (nothing awaits in between), so a reload
+        # during the sweep cannot name its target from another version.
+        runtime = self.state.repository.get(req.model).runtime
+        names = list(runtime.config.class_names) if runtime is not None else []
         stream = self.zfserve.OcclusionSweepStream(req, HttpContext.of(request))
         try:   # the first event (or the error) comes before the status: a bad request is a plain 4xx
             first = await stream.__anext__()
         except BaseException:
             await stream.aclose()
             raise
-        return StreamingResponse(_sweep_lines(first, stream, self.state, req), media_type="application/x-ndjson")
+        return StreamingResponse(_sweep_lines(first, stream, names), media_type="application/x-ndjson")
 
     async def unit_index(self, request):
         p = request.path_params
@@ -259,7 +264,7 @@ async def _events(first, stream):
         yield event
 
 
-async def _sweep_lines(first, stream, state, req):
+async def _sweep_lines(first, stream, names: list[str]):
     """The NDJSON lines of a streaming sweep; an error after the stream started is its last line."""
     try:
         async for event in _events(first, stream):
@@ -267,7 +272,7 @@ async def _sweep_lines(first, stream, state, req):
                 yield json.dumps({"progress": {"done": event.progress.done, "total": event.progress.total}}) + "\n"
             else:
                 # 50,176 attribution values as JSON text take ~20 ms: off the event loop the gRPC side shares.
-                yield await asyncio.to_thread(_result_line, event.result, state, req.model)
+                yield await asyncio.to_thread(_result_line, event.result, names)
     except HttpError as exc:
         body = json.loads(_page_error(exc).body)
         yield json.dumps({"error": body}) + "\n"
@@ -275,9 +280,8 @@ async def _sweep_lines(first, stream, state, req):
         await stream.aclose()   # the page went away (or the sweep ended): stop the computation
 
 
-def _sweep_result(response: pb.OcclusionResponse, state, model_name: str) -> dict:
+def _sweep_result(response: pb.OcclusionResponse, names: list[str]) -> dict:
     result = wire.occlusion_result(response)
-    names = list(state.repository.get(response.model or model_name).runtime.config.class_names)
     return {"model": response.model, "version": response.model_version, "label": OCCLUSION_INTERPRETATION,
             "settings": {"window": result.window, "stride": result.stride, "fill": "mean", "target": result.target,
                          "target_name": names[result.target], "attribution_on": result.attribution_on},
@@ -287,8 +291,8 @@ def _sweep_result(response: pb.OcclusionResponse, state, model_name: str) -> dic
             "attribution": np.round(result.attribution.astype(np.float64), 6).tolist()}
 
 
-def _result_line(result, state, model_name: str) -> str:
-    return json.dumps({"result": _sweep_result(result, state, model_name)}) + "\n"
+def _result_line(result, names: list[str]) -> str:
+    return json.dumps({"result": _sweep_result(result, names)}) + "\n"
 
 
 def _unit_index(state, name: str):

@@ -171,10 +171,11 @@ def _flatten(values):
         yield values
 
 
-def parse_infer(body: bytes, header_length: str | None, model: str, version: str,
+def parse_infer(body, header_length: str | None, model: str, version: str,
                 max_json_values: int = DEFAULT_MAX_VALUES) -> tuple[pb.ModelInferRequest, bool]:
-    """A REST infer request -> the ModelInferRequest the gRPC handler takes, and whether outputs go binary.
-    Blocking (JSON and tensor conversion): the route runs it on the HTTP parse pool, off the event loop."""
+    """A REST infer request (``body``: bytes, or the listener's memory map of a large one) -> the
+    ModelInferRequest the gRPC handler takes, and whether outputs go binary. Blocking (JSON and tensor
+    conversion): the route runs it on the HTTP parse pool, off the event loop."""
     if header_length is not None:
         try:
             n = int(header_length)
@@ -186,7 +187,7 @@ def parse_infer(body: bytes, header_length: str | None, model: str, version: str
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    doc = load_json(bytes(head), max_values=max_json_values)
+    doc = load_json(head, max_values=max_json_values)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise HttpError(400, 'inputs: missing; the body is {"inputs": [{"name", "shape", "datatype", "data"}]}',
                         "inputs")

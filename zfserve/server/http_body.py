@@ -55,7 +55,7 @@ async def read_body(request, limit: int, flag: str = "--max-message-bytes") -> b
         if size > limit:
             raise HttpError(413, f"body: more than {limit} bytes; at most {limit} are accepted ({flag})", "body")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)   # one chunk (the listener's): as it is
 
 
 class NumberArray:
@@ -87,10 +87,10 @@ class NumberArray:
             position = stop + 1
 
 
-def load_json(data: bytes, field: str = "body", *, max_values: int = DEFAULT_MAX_VALUES,
+def load_json(data, field: str = "body", *, max_values: int = DEFAULT_MAX_VALUES,
               flag: str = "--http-max-json-values"):
-    """``data`` parsed as JSON within the limits above; long number arrays come back as :class:`NumberArray`.
-    Refusals name ``field`` and the limit."""
+    """``data`` (bytes, or a bytes-like body the listener received into a memory map) parsed as JSON within the
+    limits above; long number arrays come back as :class:`NumberArray`. Refusals name ``field`` and the limit."""
     values = _count(data, (b",",), stop_above=max_values)[0] + 1
     if values > max_values:
         raise HttpError(413, f"{field}: more than {max_values} JSON values; at most {max_values} are accepted "
@@ -110,6 +110,7 @@ def load_json(data: bytes, field: str = "body", *, max_values: int = DEFAULT_MAX
     if len(skeleton) > MAX_SKELETON_BYTES:
         raise HttpError(413, f"{field}: {len(skeleton)} bytes of JSON besides number arrays; at most "
                              f"{MAX_SKELETON_BYTES} are accepted", field)
+    skeleton = bytes(skeleton)
 
     def restore(obj: dict):
         return arrays[obj[key]] if len(obj) == 1 and key in obj else obj
@@ -169,8 +170,9 @@ def _count(data: bytes, tokens: tuple[bytes, ...], stop_above: int) -> list[int]
     counting stops once the total passes ``stop_above``."""
     counts = [0] * len(tokens)
     for start in range(0, len(data), _WINDOW):
+        window = data[start:start + _WINDOW]   # bytes, whatever the body's type (bytes, a memory map)
         for i, token in enumerate(tokens):
-            counts[i] += data.count(token, start, start + _WINDOW)
+            counts[i] += window.count(token)
         if sum(counts) > stop_above:
             break
     return counts

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import re
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ SEND_TIMEOUT_S = 30.0          # a response write that cannot progress for this 
 LINGER_S = 2.0                 # after a refusal, unread request bytes are drained this long at most...
 LINGER_BYTES = 16 << 20        # ... and this many bytes at most, then the connection closes
 READ_AHEAD_BYTES = 1 << 20     # received bytes held before reading from the socket pauses
+SCRATCH_BYTES = 1 << 16        # read size outside bodies
+READ_BYTES = 1 << 18           # read size inside bodies (asyncio's own)
+MAP_BODY_BYTES = 1 << 20       # a body larger than this is received into an anonymous memory map
 TRIM_AFTER_BYTES = 16 << 20    # a burst of buffered bodies this large is followed by malloc_trim
 _HEAD_END = re.compile(rb"\n\r?\n")
 
@@ -141,17 +145,20 @@ class HttpListener:
         self._server = None
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: the protocol callbacks collect bytes (a Content-Length body straight into its
-    parts, anything else into ``pending``); :meth:`_serve`, a task, runs the requests one after another."""
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection. The transport reads into the buffer :meth:`get_buffer` gives: a Content-Length
+    body straight into its own buffer (no copy, no join; a large one is an anonymous memory map, whose pages
+    are taken as the bytes arrive and returned to the system when it is dropped), anything else into a scratch
+    buffer appended to ``pending``. :meth:`_serve`, a task, runs the requests one after another."""
 
     def __init__(self, listener: HttpListener):
         self.listener, self.limits = listener, listener.limits
         self.loop = asyncio.get_running_loop()
         self.transport = None
         self.pending = bytearray()       # received bytes not yet taken (heads, chunked bodies, what follows)
-        self.body_parts: list = []       # the Content-Length body being received...
-        self.body_missing = 0            # ... and how many of its bytes are still to come
+        self.scratch = memoryview(bytearray(SCRATCH_BYTES))
+        self.body_view: memoryview | None = None   # the Content-Length body being received...
+        self.body_filled = 0                       # ... and how many of its bytes have come
         self.gone = asyncio.Event()      # the client closed its side, or the connection is lost
         self.writable = asyncio.Event()
         self.writable.set()
@@ -172,23 +179,24 @@ class _Connection(asyncio.Protocol):
             return
         self.task = self.loop.create_task(self._serve())
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.body_view is not None and not self.discarding:   # at most the rest of the body (what follows
+            # waits), a read size at a time: each read is a short call on the event loop
+            return self.body_view[self.body_filled:self.body_filled + READ_BYTES]
+        return self.scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.discarding:   # lingering after a refusal: the bytes are dropped, up to LINGER_BYTES
-            self.discarding -= len(data)
+            self.discarding -= nbytes
             if self.discarding <= 0:
                 self.close()
             return
-        if self.body_missing:
-            if len(data) <= self.body_missing:
-                self.body_parts.append(data)
-                self.body_missing -= len(data)
-                self._wake()
-                return
-            self.body_parts.append(data[:self.body_missing])
-            data, self.body_missing = data[self.body_missing:], 0
-        self.pending += data
-        if len(self.pending) > max(READ_AHEAD_BYTES, self.limits.max_header_bytes):
-            self.transport.pause_reading()
+        if self.body_view is not None:
+            self.body_filled += nbytes
+        else:
+            self.pending += self.scratch[:nbytes]
+            if len(self.pending) > max(READ_AHEAD_BYTES, self.limits.max_header_bytes):
+                self.transport.pause_reading()
         self._wake()
 
     def eof_received(self):
@@ -287,23 +295,28 @@ class _Connection(asyncio.Protocol):
         return HttpError(408, f"body: not received within {self.limits.body_timeout_s:g} s (--http-body-timeout-s)",
                          "body")
 
-    async def _read_length(self, length: int) -> bytes | None:
-        """A body of ``length`` bytes (its reservation already made), collected as it arrives; None when the
-        client left."""
+    async def _read_length(self, length: int):
+        """A body of ``length`` bytes (its reservation already made), read into its own buffer as it arrives:
+        bytes up to :data:`MAP_BODY_BYTES`, beyond it an anonymous memory map (bytes-like: what reads large
+        bodies takes either). None when the client left."""
         until = self.loop.time() + self.limits.body_timeout_s
-        first = bytes(self.pending[:length])
+        buffer = mmap.mmap(-1, length) if length > MAP_BODY_BYTES else bytearray(length)
+        self.body_view = memoryview(buffer)
+        self.body_filled = len(self.pending[:length])
+        self.body_view[:self.body_filled] = self.pending[:length]   # what came with the head
         del self.pending[:length]
-        self.body_parts, self.body_missing = ([first] if first else []), length - len(first)
         try:
-            while self.body_missing:
+            while self.body_filled < length:
                 if self.gone.is_set():
+                    _unmap(buffer)
                     return None
                 if not await self._wait(until):
+                    _unmap(buffer)
                     raise self._timed_out()
-            parts = self.body_parts
-            return parts[0] if len(parts) == 1 else b"".join(parts)
         finally:
-            self.body_parts, self.body_missing = [], 0
+            self.body_view.release()
+            self.body_view = None
+        return buffer if length > MAP_BODY_BYTES else bytes(buffer)
 
     async def _read_chunked(self, conn: h11.Connection, limit: int, flag: str, reserved: list) -> bytes | None:
         """A chunked body, through h11, within ``limit``; it reserves budget as it arrives (``reserved[0]``
@@ -398,8 +411,11 @@ class _Connection(asyncio.Protocol):
             if body is None:
                 return False
             exchange = Exchange(scope, body, self._write, self.gone, self.listener.policy.headers(scope))
-            del body
-            return await self._run_app(exchange)
+            mapped, body = (body if isinstance(body, mmap.mmap) else None), None
+            try:
+                return await self._run_app(exchange)
+            finally:
+                _unmap(mapped)
         except HttpError as error:
             return await self._refuse(error, scope, body_read=False)
         finally:
@@ -443,6 +459,19 @@ class _Connection(asyncio.Protocol):
             await asyncio.wait_for(self.gone.wait(), LINGER_S)
         except asyncio.TimeoutError:
             pass
+
+
+def _unmap(buffer) -> None:
+    """Return a body's memory map to the system from a worker thread: unmapping tens of MiB takes ~15 ms, which
+    the event loop does not wait for (munmap runs without the GIL). A map still used elsewhere is left to its
+    last reference."""
+    def close():
+        try:
+            buffer.close()
+        except BufferError:
+            pass
+    if isinstance(buffer, mmap.mmap):
+        asyncio.get_running_loop().run_in_executor(None, close)
 
 
 __all__ = ["ByteBudget", "HttpLimits", "HttpListener"]

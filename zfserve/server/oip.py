@@ -170,7 +170,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if isinstance(got, np.ndarray):
             return got
         _, deadline_mono = deadline_of(context)
-        return await self.state.decode.decode(got, runtime.config, field="inputs[0]", deadline_mono=deadline_mono)
+        return await self.state.decode.decode(got, runtime.config, field="inputs[0]", deadline_mono=deadline_mono,
+                                              client=peer_of(context))
 
     @unary("ModelInfer")
     async def ModelInfer(self, request, context):

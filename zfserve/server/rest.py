@@ -110,7 +110,8 @@ class OipRest:
             except HttpError as exc:   # a refusal: without the frames (and the body) its traceback would keep
                 raise exc.with_traceback(None)
         try:   # JSON and tensor conversion: on the parse lane, off the event loop
-            infer_request, binary = await self.parse_pool.run(parse)
+            infer_request, binary = await self.parse_pool.run(parse, client=HttpContext.of(request).peer(),
+                                                              work=len(body))
         except ServiceError as exc:   # the lane is full: 503
             raise http_error(exc) from None
         del body, parse

@@ -50,7 +50,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                                            field="images.encoded")
             _, deadline_mono = deadline_of(context)
             return await self.state.decode.decode(images.encoded, model.config, field="images.encoded",
-                                                  deadline_mono=deadline_mono)
+                                                  deadline_mono=deadline_mono, client=peer_of(context))
         if has_tensor:
             arr = wire.tensor_to_array(images.tensor, "images.tensor")
             return wire.check_images(arr, "images.tensor", model.input_size, max_images)
@@ -106,7 +106,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                     unit.patch_png = render.png_bytes(render.patch_to_rgb(unit.patch, model.config, unit.box))
             return wire.deconv_response(model.name, projected, tensor=request.return_tensor, version=model.version)
 
-        return await self.state.heavy.run(work, deadline_mono=deadline_mono)
+        return await self.state.heavy.run(work, deadline_mono=deadline_mono, client=peer_of(context))
 
     # ------------------------------------------------------------------------------------------- Occlusion
     async def _start_sweep(self, request, context, on_progress=None):
@@ -126,7 +126,8 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                 result.png = {name: render.png_bytes(picture) for name, picture in pictures.items()}
             return wire.occlusion_response(model.name, result, version=model.version)
 
-        return self.state.heavy.run(work, deadline_mono=deadline_mono, on_progress=on_progress)
+        return self.state.heavy.run(work, deadline_mono=deadline_mono, on_progress=on_progress,
+                                    client=peer_of(context))
 
     @unary("OcclusionSweep")
     async def OcclusionSweep(self, request, context):
