@@ -84,7 +84,7 @@ class Server:
             if line.startswith("zfserve: listening on"):
                 self.target = line.split()[-1]
             if line.startswith("zfserve: http on"):
-                self.http_port = int(line.split()[3].rstrip(";").rsplit(":", 1)[1])
+                self.http_port = int(line.split()[-1].rsplit(":", 1)[1])
             if line.startswith("zfserve: ready"):
                 break
         self.samples: list[tuple[float, float, float]] = []   # (time, rss MB, cpu s)

@@ -97,6 +97,8 @@ class ExplorerServer:
         """(status, JSON body) of an /api/v1 call made outside the browser."""
         request = urllib.request.Request(f"http://{self.http}/api/v1/{path}", data=data,
                                          method="POST" if data is not None else "GET")
+        if data is not None:   # urllib's default (a form's type) is refused on routes that change state
+            request.add_header("Content-Type", "application/octet-stream")
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:

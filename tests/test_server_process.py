@@ -44,9 +44,12 @@ def _start(model_dir, *extra):
         match = re.match(r"zfserve: listening on 127\.0\.0\.1:(\d+)", line)
         if match:
             port = int(match.group(1))
-        match = re.match(r"zfserve: http on 127\.0\.0\.1:(\d+); the explorer page: (\S+)$", line)
+        match = re.match(r"zfserve: http on 127\.0\.0\.1:(\d+)$", line)
         if match:
-            proc.http_port, proc.page_url = int(match.group(1)), match.group(2)
+            proc.http_port = int(match.group(1))
+        match = re.match(r"zfserve: explorer page at (\S+)$", line)
+        if match:
+            proc.page_url = match.group(1)
         if line.startswith("zfserve: ready"):
             return proc, port
     proc.kill()

@@ -449,8 +449,8 @@ async def serve(options: ServerOptions, *, ready_line: bool = True) -> int:
         if ready_line:  # scripts and tests read the bound port from here (use --port 0 for a free one)
             print(f"zfserve: listening on {options.host}:{port}", flush=True)
             if server.http_port is not None:
-                print(f"zfserve: http on {options.host}:{server.http_port}; the explorer page: "
-                      f"{page_url(options, server.http_port)}", flush=True)
+                print(f"zfserve: http on {options.host}:{server.http_port}", flush=True)
+                print(f"zfserve: explorer page at {page_url(options, server.http_port)}", flush=True)
         await server.load()
     except BaseException:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
