@@ -11,13 +11,14 @@ Per connection:
    :class:`ByteBudget` cannot hold (``max_buffered_bytes`` over every connection and both listeners) a 503
    with Retry-After; only then is ``100 Continue`` sent and the body read, which must end within
    ``body_timeout_s`` (else 408);
-3. the ASGI app runs with the whole body; its response is written with a send timeout, so a client that stops
-   reading is dropped (:data:`SEND_TIMEOUT_S`).
+3. the ASGI app runs with the whole body (:class:`~.http_exchange.Exchange`); its response is written with a
+   send timeout, so a client that stops reading is dropped (:data:`SEND_TIMEOUT_S`).
 A refused request whose body was not read is answered, then its connection drains for at most
-:data:`LINGER_S` (so the client can read the answer rather than a reset) and closes; a 408 closes at once. At most ``max_connections`` connections are
-open: one more closes the connection that has waited longest for a request head, or, when every connection is
-busy with a request, is answered 503 at once. After a burst of buffered bodies the allocator's free memory is
-returned to the system, as after large decodes.
+:data:`LINGER_S` (so the client can read the answer rather than a reset) and closes; a 408 closes at once.
+At most ``max_connections`` connections are open: one more closes the connection that has waited longest for
+a request head, or, when every connection is busy with a request, is answered 503 at once. Bodies are read
+into buffers of their own (large ones memory-mapped and unmapped off the loop), and after a burst the
+allocator's free memory is returned to the system, as after large decodes.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ class HttpListener:
         self.ssl_context = ssl_context
         self.connections: dict[_Connection, None] = {}   # in order of arrival
         self.refused = self.evicted = 0                  # connections turned away at the cap / closed for room
+        # Where every connection reads outside bodies: one buffer serves all, since each read is copied out
+        # in the same callback that made it.
+        self.scratch = memoryview(bytearray(SCRATCH_BYTES))
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, sock) -> None:
@@ -156,7 +160,6 @@ class _Connection(asyncio.BufferedProtocol):
         self.loop = asyncio.get_running_loop()
         self.transport = None
         self.pending = bytearray()       # received bytes not yet taken (heads, chunked bodies, what follows)
-        self.scratch = memoryview(bytearray(SCRATCH_BYTES))
         self.body_view: memoryview | None = None   # the Content-Length body being received...
         self.body_filled = 0                       # ... and how many of its bytes have come
         self.gone = asyncio.Event()      # the client closed its side, or the connection is lost
@@ -183,7 +186,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.body_view is not None and not self.discarding:   # at most the rest of the body (what follows
             # waits), a read size at a time: each read is a short call on the event loop
             return self.body_view[self.body_filled:self.body_filled + READ_BYTES]
-        return self.scratch
+        return self.listener.scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.discarding:   # lingering after a refusal: the bytes are dropped, up to LINGER_BYTES
@@ -194,7 +197,7 @@ class _Connection(asyncio.BufferedProtocol):
         if self.body_view is not None:
             self.body_filled += nbytes
         else:
-            self.pending += self.scratch[:nbytes]
+            self.pending += self.listener.scratch[:nbytes]
             if len(self.pending) > max(READ_AHEAD_BYTES, self.limits.max_header_bytes):
                 self.transport.pause_reading()
         self._wake()
