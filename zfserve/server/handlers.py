@@ -51,10 +51,14 @@ class _Call:
     def ok(self) -> None:
         _finish(self.servicer, self.rpc, grpc.StatusCode.OK, self.started, self.context)
 
-    def cancelled(self) -> None:
-        _finish(self.servicer, self.rpc, grpc.StatusCode.CANCELLED, self.started, self.context)
-
-    def failed(self, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    def failed(self, exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+        """The status ``exc`` is answered with; None for what must propagate as it is (a cancellation, the
+        end of a stream the client closed)."""
+        if isinstance(exc, asyncio.CancelledError):
+            _finish(self.servicer, self.rpc, grpc.StatusCode.CANCELLED, self.started, self.context)
+            return None
+        if not isinstance(exc, Exception):
+            return None
         code, message = to_status(exc)
         _finish(self.servicer, self.rpc, code, self.started, self.context, message)
         return code, message
@@ -72,14 +76,12 @@ def unary(rpc: str):
     def wrap(fn):
         @functools.wraps(fn)
         async def handler(self, request, context):
-            call, failure = _Call(self, rpc, context), None
+            call = _Call(self, rpc, context)
             try:
                 result = await fn(self, request, context)
-            except asyncio.CancelledError:
-                call.cancelled()
-                raise
-            except Exception as exc:
-                failure = call.failed(exc)
+            except BaseException as exc:
+                if (failure := call.failed(exc)) is None:
+                    raise
             else:
                 call.ok()
                 return result
@@ -100,11 +102,9 @@ def server_stream(rpc: str):
             try:
                 async for item in fn(self, request, context):
                     yield item
-            except asyncio.CancelledError:
-                call.cancelled()
-                raise
-            except Exception as exc:
-                failure = call.failed(exc)
+            except BaseException as exc:
+                if (failure := call.failed(exc)) is None:
+                    raise
             else:
                 call.ok()
             finally:
