@@ -1,7 +1,7 @@
 """The HTTP side of the server (``zfserve serve --http-port PORT``): the Open Inference Protocol's REST API under
 ``/v2`` (so ``tritonclient.http``, ``perf_analyzer -i http``, curl and KServe's REST clients work), the explorer
-page's API under ``/api/v1`` (:mod:`.explorer_api`) and the page itself at ``/``. Starlette on uvicorn, on the
-gRPC server's own event loop.
+page's API under ``/api/v1`` (:mod:`.explorer_api`) and the page itself at ``/``. Starlette on zfserve's own
+listener (:mod:`.http_listener`), on the gRPC server's own event loop.
 
 The routes are thin: each turns its HTTP request into the protobuf request of the matching RPC and calls the
 gRPC servicer's handler with :class:`HttpContext` in place of a gRPC context, so both sides share every check,
