@@ -73,6 +73,9 @@ class HttpPolicy:
         self.routes = [route for route in routes if hasattr(route, "body_limit")]   # the others: the default
         self.allowed = {host_name(h) for h in allowed_hosts if h != "*"}
         self.any_host = "*" in allowed_hosts
+        self._verdicts: dict[str, bool] = {}   # Host header -> allowed (a client sends the same one each time)
+        self._headers = {page: _COMMON + [(b"content-security-policy", (PAGE_CSP if page else API_CSP).encode())]
+                         for page in (True, False)}
 
     def admit(self, scope: dict):
         headers = scope["headers"]
@@ -97,7 +100,14 @@ class HttpPolicy:
         return self._limit(scope)
 
     def host_allowed(self, host: str) -> bool:
-        name = host_name(host)
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            if len(self._verdicts) >= 1024:   # bounded: names a client makes up are not kept for ever
+                self._verdicts.clear()
+            verdict = self._verdicts[host] = self._allowed(host_name(host))
+        return verdict
+
+    def _allowed(self, name: str) -> bool:
         if self.any_host or name in self.allowed or name == "localhost" or name.endswith(".localhost"):
             return True
         try:
@@ -132,9 +142,7 @@ class HttpPolicy:
         return limit_of(None)
 
     def headers(self, scope: dict | None) -> list:
-        path = scope["path"] if scope else ""
-        csp = PAGE_CSP if self.page(path) else API_CSP
-        return _COMMON + [(b"content-security-policy", csp.encode())]
+        return self._headers[bool(scope) and self.page(scope["path"])]
 
 
 __all__ = ["API_CSP", "HttpPolicy", "PAGE_CSP", "host_name", "limit_of", "with_limit"]

@@ -299,9 +299,9 @@ class _Connection(asyncio.BufferedProtocol):
                          "body")
 
     async def _read_length(self, length: int):
-        """A body of ``length`` bytes (its reservation already made), read into its own buffer as it arrives:
-        bytes up to :data:`MAP_BODY_BYTES`, beyond it an anonymous memory map (bytes-like: what reads large
-        bodies takes either). None when the client left."""
+        """A body of ``length`` bytes (its reservation already made), read into its own buffer as it arrives: a
+        bytearray up to :data:`MAP_BODY_BYTES`, beyond it an anonymous memory map (bytes-like either way: what
+        reads bodies takes both, and copies what it keeps). None when the client left."""
         until = self.loop.time() + self.limits.body_timeout_s
         buffer = mmap.mmap(-1, length) if length > MAP_BODY_BYTES else bytearray(length)
         self.body_view = memoryview(buffer)
@@ -319,7 +319,7 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self.body_view.release()
             self.body_view = None
-        return buffer if length > MAP_BODY_BYTES else bytes(buffer)
+        return buffer
 
     async def _read_chunked(self, conn: h11.Connection, limit: int, flag: str, reserved: list) -> bytes | None:
         """A chunked body, through h11, within ``limit``; it reserves budget as it arrives (``reserved[0]``
