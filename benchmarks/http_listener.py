@@ -1,6 +1,6 @@
 """zfserve's HTTP listener (h11, with its limits) against uvicorn (httptools, the listener it replaced) on the
-same Starlette app, in one process and one event loop, driven by a client in another process: per request kind,
-the median latency of each over interleaved rounds of sequential keep-alive requests, and the ratio.
+same Starlette app, each in a process of its own, driven by a client in a third: per request kind, the median
+time of each over interleaved rounds of sequential keep-alive requests, and the ratio.
 
 Request kinds: a small GET (``/v2/health/live``'s size), a POST of a 602 KB body (one FP32 image as a binary
 tensor) answered with a small JSON, a GET answered with 1 MB.
@@ -20,7 +20,6 @@ import os
 import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -57,32 +56,38 @@ def _socket() -> socket.socket:
     return sock
 
 
-async def serve(ready: threading.Event, ports: dict) -> None:
-    import uvicorn
-
-    from zfserve.server.http_guard import HttpPolicy, with_limit
-    from zfserve.server.http_listener import ByteBudget, HttpLimits, HttpListener
+async def _serve(which: str, ports) -> None:
     application = app()
-    for route in application.routes:
-        with_limit(route, 1 << 20, "-")
-    ours_sock, theirs_sock = _socket(), _socket()
-    ours = HttpListener(application, HttpPolicy(None, routes=application.routes), HttpLimits(), ByteBudget(1 << 28))
-    await ours.start(ours_sock)
+    sock = _socket()
+    if which == "ours":
+        from zfserve.server.http_guard import HttpPolicy, with_limit
+        from zfserve.server.http_listener import ByteBudget, HttpLimits, HttpListener
+        for route in application.routes:
+            with_limit(route, 1 << 20, "-")
+        listener = HttpListener(application, HttpPolicy(None, routes=application.routes), HttpLimits(),
+                                ByteBudget(1 << 28))
+        await listener.start(sock)
+    else:
+        import uvicorn
 
-    class Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self):
-            yield
-    theirs = Server(uvicorn.Config(application, log_level="warning", access_log=False, lifespan="off"))
-    task = asyncio.ensure_future(theirs.serve(sockets=[theirs_sock]))
-    while not theirs.started:
-        await asyncio.sleep(0.01)
-    ports.update(ours=ours_sock.getsockname()[1], uvicorn=theirs_sock.getsockname()[1])
-    ready.set()
-    await task
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+        server = Server(uvicorn.Config(application, log_level="warning", access_log=False, lifespan="off"))
+        asyncio.ensure_future(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+    ports.put((which, sock.getsockname()[1]))
+    await asyncio.Event().wait()
 
 
-def client(ports: dict, rounds: int, requests: int, results) -> None:
+def serve(which: str, ports) -> None:
+    """One server (``which``: "ours" or "uvicorn") in this process, until it is terminated."""
+    asyncio.run(_serve(which, ports))
+
+
+def client(ports: dict, rounds: int, requests: int) -> dict:
     """Interleaved rounds: per round and kind, ``requests`` sequential requests on one kept-alive connection to
     each server; the per-request time of each round."""
     times = {name: {kind: [] for kind in KINDS} for name in ports}
@@ -101,7 +106,7 @@ def client(ports: dict, rounds: int, requests: int, results) -> None:
                     assert response.status == 200, (name, kind, response.status)
                 times[name][kind].append((time.perf_counter() - started) / requests)
                 connection.close()
-    results.put(times)
+    return times
 
 
 def main(argv=None) -> int:
@@ -110,16 +115,17 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    ready, ports = threading.Event(), {}
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=lambda: loop.run_until_complete(serve(ready, ports)), daemon=True).start()
-    ready.wait(60)
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    proc = ctx.Process(target=client, args=(dict(ports), args.rounds, args.requests, results))
-    proc.start()
-    times = results.get(timeout=3600)
-    proc.join(60)
+    queue = ctx.Queue()
+    servers = [ctx.Process(target=serve, args=(which, queue), daemon=True) for which in ("ours", "uvicorn")]
+    for server in servers:
+        server.start()
+    try:
+        ports = dict(queue.get(timeout=120) for _ in servers)
+        times = client(ports, args.rounds, args.requests)
+    finally:
+        for server in servers:
+            server.terminate()
     rows = []
     for kind in KINDS:
         ours, theirs = (statistics.median(times[name][kind]) * 1e6 for name in ("ours", "uvicorn"))
