@@ -280,7 +280,7 @@ def _classify_remote(args, output: _ClassifyOutput) -> int:
 
 # ---------------------------------------------------------------------------------------------------- serve
 def add_serve(sub) -> None:
-    from ..server.app import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, MODEL_CONTROL_MODES, ServerOptions
+    from ..server.options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, MODEL_CONTROL_MODES, ServerOptions
 
     o = ServerOptions()
     b = o.batching
@@ -373,7 +373,8 @@ def add_http_limits(p) -> None:
             ("max-buffered-bytes", h.max_buffered_bytes, " bytes", "request bodies held at once, over every "
                                                                   "connection; more: 503"),
             ("max-json-values", h.max_json_values, "", "numbers in one JSON body (binary tensors for more)")):
-        g.add_argument(f"--http-{flag}", type=type(default), default=default, help=f"{what} (default {default}{unit})")
+        g.add_argument(f"--http-{flag}", type=type(default), default=default, metavar=unit.strip().upper() or "N",
+                       help=f"{what} (default {default}{unit})")
 
 
 def http_limits(args):

@@ -42,7 +42,7 @@ from .decode import DecodeStage, malloc_trim
 from .http_listener import ByteBudget
 from .metrics import Metrics
 from .oip import InferenceServicer
-from .options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, MODEL_CONTROL_MODES, ServerOptions
+from .options import ServerOptions
 from .pools import BoundedPool
 from .repository import ModelRepository, Runtime, ServedModel, public_reason
 from .service import ZFServeServicer
