@@ -648,9 +648,21 @@ def test_mutual_tls(model_dir, tmp_path):
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=tmp_path)
     p = lambda name: str(tmp_path / name)  # noqa: E731
-    running = RunningServer(ServerOptions(port=0, model=str(model_dir), tls_cert=p("server.pem"),
+    running = RunningServer(ServerOptions(port=0, http_port=0, model=str(model_dir), tls_cert=p("server.pem"),
                                           tls_key=p("server.key"), tls_client_ca=p("ca.pem")))
     try:
+        import httpx
+        import ssl
+        https = f"https://127.0.0.1:{running.server.http_port}"
+        context = ssl.create_default_context(cafile=p("ca.pem"))
+        context.load_cert_chain(p("client.pem"), p("client.key"))
+        with httpx.Client(base_url=https, verify=context) as web:   # the HTTP side: the same TLS and mTLS
+            assert web.get("/v2/health/ready").status_code == 200
+            r = web.post("/v2/repository/index", headers={"Origin": https})   # its own origin is https://
+            assert r.status_code == 200 and r.headers["content-security-policy"]
+        with pytest.raises(httpx.HTTPError):
+            with httpx.Client(base_url=https, verify=ssl.create_default_context(cafile=p("ca.pem"))) as no_cert:
+                no_cert.get("/v2/health/ready")
         x = _images(1, seed=27)
         with Client(running.target, tls_ca=p("ca.pem"), tls_cert=p("client.pem"), tls_key=p("client.key"),
                     timeout=30) as client:
