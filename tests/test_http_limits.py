@@ -289,3 +289,38 @@ def test_head_where_get_exists_and_the_security_headers(server):
         head = web.head(metrics)
         assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
         assert web.post(metrics).status_code == 405 and web.get(metrics.replace("/metrics", "/x")).status_code == 404
+
+
+def test_an_app_that_fails_or_answers_nothing_is_a_500_without_traceback():
+    """The listener's own guard (beside the app's): a route that raises before answering, or ends without an
+    answer, gets a JSON 500; the traceback goes to the log only."""
+    import asyncio
+    import json
+
+    from zfserve.server.http_guard import HttpPolicy
+    from zfserve.server.http_listener import ByteBudget, HttpListener
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/raises":
+            raise RuntimeError("a bug")
+
+    async def scenario():
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.setblocking(False)
+        listener = HttpListener(app, HttpPolicy(None), HttpLimits(**LIMITS), ByteBudget(1 << 20))
+        await listener.start(sock)
+        answers = []
+        for path in ("/raises", "/silent"):
+            reader, writer = await asyncio.open_connection(*sock.getsockname())
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            answers.append(await asyncio.wait_for(reader.read(), 10))
+            writer.close()
+        await listener.stop()
+        return answers
+
+    for answer in asyncio.run(scenario()):
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 500 ") and json.loads(body) == {"error": "internal error; see the server log"}
+        assert b"Traceback" not in answer

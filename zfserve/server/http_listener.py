@@ -427,15 +427,18 @@ class _Connection(asyncio.BufferedProtocol):
     async def _run_app(self, exchange: Exchange) -> bool:
         scope = exchange.scope
         try:
-            return await exchange.run(self.listener.app)
+            keep = await exchange.run(self.listener.app)
+            if exchange.started:
+                return keep
+            log.error("HTTP %s %s: the app ended without an answer", scope["method"], scope["path"])
         except Exception as exc:
             if client_gone(exc):
                 return False
             # A bug in a route: logged with its traceback, answered without it.
             log.exception("HTTP %s %s failed", scope["method"], scope["path"])
-            if not exchange.started:
-                await self._refuse(HttpError(500, "internal error; see the server log"), scope, body_read=True)
-            return False
+        if not exchange.started:
+            await self._refuse(HttpError(500, "internal error; see the server log"), scope, body_read=True)
+        return False
 
     async def _refuse(self, error: HttpError, scope: dict | None, *, body_read: bool) -> bool:
         """Answer ``error``. A request whose body was read (or had none) may keep its connection; otherwise the
