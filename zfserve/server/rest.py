@@ -107,8 +107,8 @@ class OipRest:
         def parse(job):
             try:
                 return parse_infer(body, header_length, name, version, self.max_json_values)
-            except HttpError as exc:   # a refusal: without the frames (and the body) its traceback would keep
-                raise exc.with_traceback(None)
+            except HttpError as exc:   # a refusal, sent without its traceback, which would keep the frames
+                raise exc.with_traceback(None)   # (and the body in them) alive
         try:   # JSON and tensor conversion: on the parse lane, off the event loop
             infer_request, binary = await self.parse_pool.run(parse, client=HttpContext.of(request).peer(),
                                                               work=len(body))
