@@ -332,7 +332,8 @@ class ZFServer:
         """Start ``runtime``'s batcher and make it the model's; returns the runtime it replaces."""
         # Inputs are checked before they are queued (the OIP tensor input takes non-finite values, as Triton
         # does), so one request's values can never fail the batch it shares with others.
-        classify = functools.partial(runtime.classifier.probabilities, finite=False)
+        # Each batch gives the probabilities and the out-of-distribution scores of one pass (a ScoredBatch).
+        classify = functools.partial(runtime.classifier.scored, finite=False)
         runtime.batcher = DynamicBatcher(
             classify, self.options.batching, name=model.name,
             on_batch=self.metrics.batch_size.labels(model=model.name).observe,

@@ -54,11 +54,18 @@ class Runtime:
         self.num_classes = int(classifier.num_classes)
         self.input_size = int(classifier.input_size)
         self.device = device
+        # The out-of-distribution score of every answer (None, with the reason in ood_note, without statistics).
+        self.ood_detector, self.ood_note = classifier.ood_detector, classifier.ood_note
         self.batcher = None                   # the dynamic batcher over ``classifier``, started by the app
         # The statistics extension's counters of this version, per OIP model (input kind).
         self.statistics = {IMAGE_INPUT: InferenceStatistics(), BYTES_INPUT: InferenceStatistics()}
         self._lock = threading.Lock()
         self._torch_model = self._deconv = self._occlusion = None
+
+    def ood_of(self, images):
+        """The out-of-distribution verdicts of preprocessed ``images`` (one classification pass, in the calling
+        thread: deconv and occlusion workers), or None without statistics."""
+        return None if self.ood_detector is None else self.classifier.scored(images).ood
 
     def torch_model(self):
         """The PyTorch model (layer facts, deconv, occlusion), built once from the snapshot's weights."""
