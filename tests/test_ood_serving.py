@@ -87,7 +87,7 @@ def _close(got, want):
 
 
 # ---------------------------------------------------------------------------------------------------- zfserve.v1
-def test_classify_marks_the_photo_and_not_the_synthetic_image(stub, images, local):
+def test_classify_marks_the_photo_and_not_the_synthetic_image(stub, images, local, repository):
     _, _, want = local
     assert [v.out_of_distribution for v in want] == [True, False]
     response = stub.Classify(pb.ClassifyRequest(model=DEMO, images=pb.Images(encoded=images), top_k=2))
@@ -98,6 +98,7 @@ def test_classify_marks_the_photo_and_not_the_synthetic_image(stub, images, loca
     plain = stub.Classify(pb.ClassifyRequest(model="plain", images=pb.Images(encoded=images)))
     assert not any(p.HasField("ood") for p in plain.predictions)
     assert "model plain: no out-of-distribution score" in plain.ood_note
+    assert str(repository) not in plain.ood_note and "--model <model plain>" in plain.ood_note   # no server path
 
 
 def test_the_python_client_and_deconv_and_occlusion_carry_the_score(server, images, local):

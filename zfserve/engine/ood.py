@@ -324,7 +324,10 @@ def locations(snapshot) -> list[Path]:
 
 
 def fit_command(snapshot) -> str:
-    return f"zfserve export --model {snapshot.source}"
+    """The command that fits a model's statistics (an embedded model by its name)."""
+    from ..weights import EMBEDDED_DIR
+    embedded = snapshot.directory is None or snapshot.directory.resolve().is_relative_to(EMBEDDED_DIR)
+    return f"zfserve export --model {snapshot.name if embedded else snapshot.source}"
 
 
 def find(snapshot) -> tuple[OodDetector | None, str]:

@@ -30,8 +30,9 @@ from .statistics import InferenceStatistics
 log = logging.getLogger("zfserve.server")
 
 
-def public_reason(exc: BaseException, source: str, name: str) -> str:
-    """An error's message as a client may see it: the model's location on this server replaced by its name."""
+def public_reason(exc: BaseException | str, source: str, name: str) -> str:
+    """An error's message (or a note) as a client may see it: the model's location on this server replaced by its
+    name."""
     message = str(exc)
     for prefix in sorted({source, str(Path(source).resolve())}, key=len, reverse=True):
         message = message.replace(prefix, f"<model {name}>")
@@ -55,7 +56,8 @@ class Runtime:
         self.input_size = int(classifier.input_size)
         self.device = device
         # The out-of-distribution score of every answer (None, with the reason in ood_note, without statistics).
-        self.ood_detector, self.ood_note = classifier.ood_detector, classifier.ood_note
+        self.ood_detector = classifier.ood_detector
+        self.ood_note = public_reason(classifier.ood_note, snapshot.source, name)
         self.batcher = None                   # the dynamic batcher over ``classifier``, started by the app
         # The statistics extension's counters of this version, per OIP model (input kind).
         self.statistics = {IMAGE_INPUT: InferenceStatistics(), BYTES_INPUT: InferenceStatistics()}
