@@ -57,7 +57,7 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
     directory = root / "demo"
     directory.mkdir()
-    for name in ("config.json", "weights.safetensors"):
+    for name in ("config.json", "weights.safetensors", "ood.json", "ood.safetensors"):   # its statistics too
         shutil.copy(EMBEDDED_DIR / "zfnet-demo" / name, directory / name)
     # The embedded model's cached export (other tests use it too) is current for the copy: same weights, config.
     shutil.copy(ensure_onnx("zfnet-demo"), directory / "model.onnx")
