@@ -437,3 +437,22 @@ def test_faithfulness_scores_the_images_of_the_models_own_directory(demo):
     rows = faithfulness.summary({"table": {}, "n": 3, "out_of_distribution": counts})
     assert rows == []   # no table, no section summary
     assert faithfulness.ood_text(counts).startswith("1 of 3 images scored out of distribution")
+
+
+def test_openvino_and_int8_give_the_score_too(demo, probe_scores):
+    """The same statistics on the other engine and precision: OpenVINO fp32 scores as ONNX Runtime does; int8 (its
+    features' reductions kept float) still flags the photos and accepts most held-out images."""
+    from zfserve.data import render_images
+    from zfserve.data.probes import photos
+    from zfserve.engine.classifier import Classifier
+    from zfserve.preprocess import to_input
+    x = np.stack([to_input(img, demo.config) for img in render_images(4, range(11))] +
+                 [to_input(rgb, demo.config) for _, rgb in photos()[:5]])
+    reference = demo.scored(x).ood
+    openvino = Classifier("zfnet-demo", engine="openvino", warmup=False).scored(x).ood
+    np.testing.assert_allclose([v.score for v in openvino], [v.score for v in reference], rtol=1e-3, atol=1e-3)
+    from zfserve.engine.quantize import Int8Settings
+    small = Int8Settings(calibration_images=16, accuracy_images=48)     # a quick quantization, as test_precision's
+    int8 = Classifier("zfnet-demo", precision="int8", warmup=False, int8=small).scored(x).ood
+    assert [v.out_of_distribution for v in int8[11:]] == [True] * 5
+    assert sum(not v.out_of_distribution for v in int8[:11]) >= 9

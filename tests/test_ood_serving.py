@@ -98,7 +98,7 @@ def test_classify_marks_the_photo_and_not_the_synthetic_image(stub, images, loca
     plain = stub.Classify(pb.ClassifyRequest(model="plain", images=pb.Images(encoded=images)))
     assert not any(p.HasField("ood") for p in plain.predictions)
     assert "model plain: no out-of-distribution score" in plain.ood_note
-    assert str(repository) not in plain.ood_note and "--model <model plain>" in plain.ood_note   # no server path
+    assert str(repository) not in plain.ood_note and "--model <its directory>" in plain.ood_note   # no server path
 
 
 def test_the_python_client_and_deconv_and_occlusion_carry_the_score(server, images, local):

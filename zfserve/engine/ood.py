@@ -324,10 +324,11 @@ def locations(snapshot) -> list[Path]:
 
 
 def fit_command(snapshot) -> str:
-    """The command that fits a model's statistics (an embedded model by its name)."""
+    """The command that fits a model's statistics: an embedded model by its name, a directory as a placeholder (the
+    note reads the same wherever the model runs, a server's paths are not a client's business)."""
     from ..weights import EMBEDDED_DIR
     embedded = snapshot.directory is None or snapshot.directory.resolve().is_relative_to(EMBEDDED_DIR)
-    return f"zfserve export --model {snapshot.name if embedded else snapshot.source}"
+    return f"zfserve export --model {snapshot.name if embedded else '<its directory>'}"
 
 
 def find(snapshot) -> tuple[OodDetector | None, str]:
