@@ -496,6 +496,42 @@ def test_a_server_with_a_token_asks_for_it(browser, secured_server):
     assert secured_server.api("models")[0] == 401 and secured_server.api("models", token=TOKEN)[0] == 200
 
 
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """The embedded model, whose out-of-distribution statistics ship beside it."""
+    srv = ExplorerServer(["--model", "zfnet-demo"],
+                         env={"ZFSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("explorer-demo-cache"))})
+    yield srv
+    srv.stop()
+
+
+def test_the_page_says_when_an_image_is_outside_the_model(browser, demo_server):
+    """A photo shipped inside matplotlib gets the notice above its predictions; a bundled synthetic example does
+    not. The page says what the model was trained on."""
+    from zfserve.data.probes import photo_files
+    photo = next(p for p in photo_files() if p.name == "grace_hopper.jpg")
+    open_page(browser, demo_server.url)
+    assert text_of(browser, "model-name") == "zfnet-demo"
+    assert text_of(browser, "model-data").startswith("zfnet-demo was trained on synthetic images of 11 shapes")
+    assert "real photos need a model trained on them" in text_of(browser, "model-data")
+    upload(browser, photo)
+    wait(browser, lambda d: len(predictions(d)) == 5, "no predictions for the photo")
+    wait(browser, lambda d: by_id(d, "ood-notice").is_displayed(), "no out-of-distribution notice for the photo")
+    notice = by_id(browser, "ood-notice")
+    assert "This image is unlike anything zfnet-demo was fitted on" in notice.text
+    assert notice.location["y"] < by_id(browser, "predictions").location["y"]     # above the predictions
+    _, body = demo_server.api("models")
+    threshold = body["models"][0]["ood"]["threshold"]
+    score = float(re.search(r"score (\S+) > threshold", notice.text).group(1))
+    assert score > threshold
+    browser.find_element("css selector", '#examples .example[data-name="star"]').click()
+    wait(browser, lambda d: "like the images this model knows" in text_of(d, "ood-status"),
+         "no in-distribution score for the synthetic example")
+    assert not by_id(browser, "ood-notice").is_displayed()
+    assert [name for _, name, _ in predictions(browser)][0] == "star"
+    assert script_errors(browser) == []
+
+
 # ---------------------------------------------------------------------------------------------------- screenshot
 def take_screenshot(out: Path, model: str | None = None, example: str = "crescent", layer: str = "conv5") -> Path:
     """A screenshot of the real page served by ``zfserve serve`` (default: the embedded model, whose unit index

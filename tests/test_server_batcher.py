@@ -100,6 +100,34 @@ def test_a_request_larger_than_max_batch_is_split_and_comes_back_in_order(np_rng
     assert outs[0].shape == (1, 1)
 
 
+def test_a_split_request_of_scored_batches_is_joined_row_for_row(np_rng):
+    """The server's engine returns ScoredBatch (probabilities + each image's out-of-distribution verdict): the
+    parts of a split request come back joined in order, verdicts beside their rows."""
+    from zfserve.engine.results import OodScore, ScoredBatch
+    engine = Engine()
+
+    def scored(x):
+        sums = engine(x)
+        return ScoredBatch(sums, [OodScore(float(v), 0.0, bool(v > 0)) for v in sums[:, 0]])
+
+    big = _rows(np_rng, 7)
+
+    async def main():
+        b = DynamicBatcher(scored, BatcherConfig(max_batch_size=3, max_queue_delay_us=1000),
+                           join=ScoredBatch.concatenate)
+        b.start()
+        out = await b.submit(big)
+        await b.close()
+        return out
+
+    out = _run(main())
+    want = big.reshape(7, -1).sum(1)
+    assert engine.sizes == [3, 3, 1]
+    np.testing.assert_allclose(out.probabilities[:, 0], want, rtol=1e-5)
+    assert [v.score for v in out.ood] == pytest.approx(want.tolist(), rel=1e-5)
+    assert [v.out_of_distribution for v in out.ood] == [bool(v > 0) for v in want]
+
+
 def test_a_single_image_caller_is_served_next_behind_large_requests(np_rng):
     """Fair queuing in images: 3 clients queue 64-image requests (parts of 8); a single-image request from a
     fourth client, arriving last, goes into the first batch after the one already running."""

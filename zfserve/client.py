@@ -66,8 +66,9 @@ class Client:
     # ------------------------------------------------------------------------------------------ API
     def classify(self, images, *, top_k: int = DEFAULT_TOP_K, model: str = "", timeout: float | None = None,
                  return_probabilities: bool = False):
-        """Top-k predictions per image (list of lists of Prediction); with ``return_probabilities`` also the
-        (N, C) probabilities: ``(predictions, probabilities)``."""
+        """Top-k predictions per image (lists of Prediction, each a :class:`~zfserve.engine.results.TopK` whose
+        ``.ood`` is the image's out-of-distribution score, None when the model has no statistics); with
+        ``return_probabilities`` also the (N, C) probabilities: ``(predictions, probabilities)``."""
         request = wire.classify_request(images, top_k=top_k, model=model, return_probabilities=return_probabilities)
         response = self._call(self._stub.Classify, request, timeout)
         preds: list[list[Prediction]] = wire.predictions(response)
@@ -161,8 +162,8 @@ class RemoteAuditBackend:
         out, pending = [None] * len(images), list(range(len(images)))
         while pending:
             try:
-                _, probs = self.client.classify([images[i] for i in pending], top_k=1, model=self.name,
-                                                return_probabilities=True)
+                preds, probs = self.client.classify([images[i] for i in pending], top_k=1, model=self.name,
+                                                    return_probabilities=True)
             except ServerError as exc:
                 bad = re.match(r"images\.encoded\[(\d+)\]", exc.details or "")
                 if exc.code != grpc.StatusCode.INVALID_ARGUMENT or bad is None or int(bad.group(1)) >= len(pending):
@@ -170,8 +171,8 @@ class RemoteAuditBackend:
                 index = pending.pop(int(bad.group(1)))   # that image alone fails; the others are sent again
                 out[index] = ZFServeError(exc.details.replace(bad.group(0), "image", 1), field="image")
                 continue
-            for i, p in zip(pending, probs):
-                out[i] = p
+            for i, p, top in zip(pending, probs, preds):
+                out[i] = (p, top.ood)
             break
         self._seconds["classify"] += time.perf_counter() - t0
         return out

@@ -23,7 +23,7 @@ import numpy as np
 
 from ._proto.v1 import zfserve_pb2 as pb
 from .engine.results import (DECONV_INTERPRETATION, DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult,
-                             Prediction, UnitProjection)
+                             OodScore, Prediction, TopK, UnitProjection)
 from .errors import InvalidArgumentError
 
 # zfserve.v1 Tensor dtypes (little-endian on the wire).
@@ -150,6 +150,16 @@ def images_message(images) -> pb.Images:
     return pb.Images(encoded=encoded)
 
 
+# ---------------------------------------------------------------------------------------------- ood
+def ood_message(score: OodScore) -> pb.OutOfDistribution:
+    return pb.OutOfDistribution(score=score.score, threshold=score.threshold,
+                                out_of_distribution=score.out_of_distribution)
+
+
+def ood_score(message: pb.OutOfDistribution) -> OodScore:
+    return OodScore(float(message.score), float(message.threshold), bool(message.out_of_distribution))
+
+
 # ---------------------------------------------------------------------------------------------- classify
 def classify_request(images, *, top_k: int | None = None, model: str = "", return_probabilities: bool = False):
     """``top_k`` None: unset, the server's default."""
@@ -161,19 +171,24 @@ def classify_request(images, *, top_k: int | None = None, model: str = "", retur
 
 
 def classify_response(model: str, version: str, predictions: list[list[Prediction]],
-                      probabilities: np.ndarray | None = None) -> pb.ClassifyResponse:
-    """Top-k predictions per image and, when given, the (N, C) float32 probabilities."""
-    response = pb.ClassifyResponse(model=model, model_version=version)
+                      probabilities: np.ndarray | None = None, ood_note: str = "") -> pb.ClassifyResponse:
+    """Top-k predictions per image (with each :class:`TopK`'s out-of-distribution score, when it has one) and,
+    when given, the (N, C) float32 probabilities; ``ood_note`` says why there is no score."""
+    response = pb.ClassifyResponse(model=model, model_version=version, ood_note=ood_note)
     for preds in predictions:
-        response.predictions.add(classes=[pb.ClassScore(index=int(p.index), name=p.name,
-                                                        probability=float(p.probability)) for p in preds])
+        entry = response.predictions.add(classes=[pb.ClassScore(index=int(p.index), name=p.name,
+                                                                probability=float(p.probability)) for p in preds])
+        if getattr(preds, "ood", None) is not None:
+            entry.ood.CopyFrom(ood_message(preds.ood))
     if probabilities is not None:
         response.probabilities.CopyFrom(array_to_tensor(np.asarray(probabilities, dtype=np.float32)))
     return response
 
 
-def predictions(response: pb.ClassifyResponse) -> list[list[Prediction]]:
-    return [[Prediction(c.index, c.name, c.probability) for c in p.classes] for p in response.predictions]
+def predictions(response: pb.ClassifyResponse) -> list[TopK]:
+    """The response's top-k lists, each with its out-of-distribution score as ``.ood`` (None without one)."""
+    return [TopK([Prediction(c.index, c.name, c.probability) for c in p.classes],
+                 ood_score(p.ood) if p.HasField("ood") else None) for p in response.predictions]
 
 
 def probabilities(response: pb.ClassifyResponse) -> np.ndarray | None:
@@ -203,11 +218,13 @@ def deconv_arguments(request: pb.DeconvRequest) -> dict:
                 units=[(u.channel, u.y, u.x) for u in request.units] or None, maps=list(request.maps) or None)
 
 
-def deconv_response(model: str, units: list[UnitProjection], *, tensor: bool,
-                    version: str = "") -> pb.DeconvResponse:
+def deconv_response(model: str, units: list[UnitProjection], *, tensor: bool, version: str = "",
+                    ood: list[OodScore] | None = None, ood_note: str = "") -> pb.DeconvResponse:
     """The projections (with their ``png`` / ``patch_png`` when rendered) and, with ``tensor``, the stacked
-    float32 (K, 3, S, S) projections; labelled with the model ``version`` and what a projection is."""
-    response = pb.DeconvResponse(model=model, model_version=version, interpretation=DECONV_INTERPRETATION)
+    float32 (K, 3, S, S) projections; labelled with the model ``version``, what a projection is, and each image's
+    out-of-distribution score (``ood``, or ``ood_note`` saying why there is none)."""
+    response = pb.DeconvResponse(model=model, model_version=version, interpretation=DECONV_INTERPRETATION,
+                                 ood=[ood_message(score) for score in ood or ()], ood_note=ood_note)
     for unit in units:
         x0, y0, x1, y1 = unit.box
         response.projections.add(image_index=unit.image_index, layer=unit.layer,
@@ -223,9 +240,12 @@ def projections(response: pb.DeconvResponse) -> list[UnitProjection]:
     """A DeconvResponse as the engine's UnitProjections (``projection`` None unless the tensor was sent;
     ``patch`` None: the server sends the patch only as a PNG)."""
     stack = _optional_array(response.tensor)
+    scores = [ood_score(message) for message in response.ood]
     return [UnitProjection(p.image_index, p.layer, p.unit.channel, p.unit.y, p.unit.x, p.activation,
                            (p.box.x0, p.box.y0, p.box.x1, p.box.y1), None if stack is None else stack[i], None,
-                           p.png, p.patch_png, response.model_version) for i, p in enumerate(response.projections)]
+                           p.png, p.patch_png, response.model_version,
+                           scores[p.image_index] if p.image_index < len(scores) else None)
+            for i, p in enumerate(response.projections)]
 
 
 # ---------------------------------------------------------------------------------------------- occlusion
@@ -276,9 +296,11 @@ def sweep_arguments(request: pb.OcclusionRequest) -> dict:
     return args
 
 
-def occlusion_response(model: str, result: OcclusionResult, version: str = "") -> pb.OcclusionResponse:
-    """A sweep's result (with its ``png`` pictures when rendered) as an OcclusionResponse, with the settings used
-    and the model ``version`` (default: the result's own)."""
+def occlusion_response(model: str, result: OcclusionResult, version: str = "",
+                       ood_note: str = "") -> pb.OcclusionResponse:
+    """A sweep's result (with its ``png`` pictures when rendered) as an OcclusionResponse, with the settings used,
+    the model ``version`` (default: the result's own) and the image's out-of-distribution score (``result.ood``,
+    or ``ood_note`` saying why there is none)."""
     ny, nx = result.shape
     response = pb.OcclusionResponse(
         model=model, target=int(result.target), positions_y=ny, positions_x=nx, activity_layer=result.layer,
@@ -287,7 +309,9 @@ def occlusion_response(model: str, result: OcclusionResult, version: str = "") -
         window=int(result.window), stride=int(result.stride),
         fill=[float(v) for v in np.asarray(result.fill).reshape(-1)], fill_units=result.fill_units,
         attribution_on=result.attribution_on, backend=result.backend, seconds=result.seconds, png=result.png,
-        model_version=version or result.model_version)
+        model_version=version or result.model_version, ood_note=ood_note)
+    if result.ood is not None:
+        response.ood.CopyFrom(ood_message(result.ood))
     for name, arr in result.arrays().items():
         arr = np.asarray(arr).astype(np.int64 if name == "argmax" else np.float32, copy=False)
         getattr(response, name).CopyFrom(array_to_tensor(arr))
@@ -304,7 +328,7 @@ def occlusion_result(r: pb.OcclusionResponse) -> OcclusionResult:
         base_probability=r.base_probability, base_activity=r.base_activity,
         **{name: _optional_array(getattr(r, name)) for name in OUTPUTS},
         timings={"base_s": 0.0, "sweep_s": r.seconds}, backend=r.backend, png=dict(r.png),
-        model_version=r.model_version)
+        model_version=r.model_version, ood=ood_score(r.ood) if r.HasField("ood") else None)
 
 
 # ---------------------------------------------------------------------------------------------- OIP

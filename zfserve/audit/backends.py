@@ -1,7 +1,8 @@
 """Where an audit's model runs. A backend has ``name``, ``version``, ``class_names`` and ``preprocess`` (the
 model's PreprocessConfig: its resize/crop place masks and evidence), and
 
-    classify(images: list[bytes]) -> list[probabilities (C,) | ZFServeError]   one entry per image, in order
+    classify(images: list[bytes]) -> list[(probabilities (C,), OodScore | None) | ZFServeError]
+                                                                               one entry per image, in order
     occlude(image: bytes, *, window, stride, target) -> OcclusionResult        probability + attribution maps
     take_seconds() -> {stage: seconds}                                         spent since the last call
 
@@ -53,9 +54,10 @@ class LocalBackend:
                 out[i] = exc
         t1 = time.perf_counter()
         if good:
-            probs = self.classifier.probabilities(np.stack([x for _, x in good]))
-            for (i, _), p in zip(good, probs):
-                out[i] = p
+            scored = self.classifier.scored(np.stack([x for _, x in good]))
+            verdicts = scored.ood or [None] * len(good)
+            for (i, _), p, verdict in zip(good, scored.probabilities, verdicts):
+                out[i] = (p, verdict)
         self._seconds["decode"] += t1 - t0
         self._seconds["classify"] += time.perf_counter() - t1
         return out

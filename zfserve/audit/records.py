@@ -14,7 +14,10 @@ else the top-1 class), is, with the report's conventions (``zfserve.paper.locali
   drops averaged over the windows covering a pixel) that falls on the object mask;
 - ``pointing_hit``: that centre lies within ``tolerance`` (15) input pixels of the mask.
 Flags: ``failed``; ``misclassified`` (label known, top-1 differs); ``low_confidence`` (top-1 probability below the
-threshold); ``evidence_off_object`` (a mask is known and the pointing game misses).
+threshold); ``evidence_off_object`` (a mask is known and the pointing game misses); ``out_of_distribution`` (the
+image's out-of-distribution score, ``ood_score``, is above the model's threshold, ``ood_threshold``: it is unlike
+the model's data, and its prediction means little; both are null when the model has no statistics). A label that
+is none of the model's classes leaves ``correct`` null; the summary counts and names such labels.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def schema():
         ("evidence_in_mask", f32), ("pointing_distance", f32), ("pointing_hit", b), ("mask_error", s),
         ("occlusion_window", i32), ("occlusion_stride", i32), ("model", s), ("model_version", s),
         ("misclassified", b), ("low_confidence", b), ("evidence_off_object", b), ("failed", b), ("heatmap", s),
+        ("ood_score", f32), ("ood_threshold", f32), ("out_of_distribution", b),
     ])
 
 
@@ -75,6 +79,7 @@ class _Staged:
     mask_error: str | None = None
     error: str | None = None
     probabilities: np.ndarray | None = None
+    ood: object = None                   # its OodScore, when the model has statistics
 
 
 @dataclass
@@ -166,13 +171,13 @@ class Auditor:
     def rows(self, staged: list[_Staged]) -> list[dict]:
         """Classify the staged inputs together, then sweep each one: one row per staged input."""
         readable = [s for s in staged if s.error is None]
-        probabilities = self.backend.classify([s.data for s in readable]) if readable else []
+        answers = self.backend.classify([s.data for s in readable]) if readable else []
         self.times.merge(self.backend.take_seconds())
-        for s, probs in zip(readable, probabilities):
-            if isinstance(probs, Exception):
-                s.error = _one_line(probs)
+        for s, answer in zip(readable, answers):
+            if isinstance(answer, Exception):
+                s.error = _one_line(answer)
             else:
-                s.probabilities = probs
+                s.probabilities, s.ood = answer
         return [self._row(s) for s in staged]
 
     # ------------------------------------------------------------------------------------------ one row
@@ -181,7 +186,8 @@ class Auditor:
         row = {"path": s.input.path, "sha256": s.sha256, "width": s.width, "height": s.height, "label": s.input.label,
                "status": "failed" if s.error else "ok", "error": s.error, "mask_error": s.mask_error,
                "model": b.name, "model_version": b.version, "failed": s.error is not None,
-               "misclassified": False, "low_confidence": False, "evidence_off_object": False}
+               "misclassified": False, "low_confidence": False, "evidence_off_object": False,
+               "out_of_distribution": False}
         if s.error:
             return row
         probs = np.asarray(s.probabilities, dtype=np.float64)
@@ -193,6 +199,9 @@ class Auditor:
                    correct=None if label_index is None else bool(order[0] == label_index))
         row["misclassified"] = row["correct"] is False
         row["low_confidence"] = row["probability"] < self.settings.low_confidence
+        if s.ood is not None:
+            row.update(ood_score=s.ood.score, ood_threshold=s.ood.threshold,
+                       out_of_distribution=s.ood.out_of_distribution)
         if self.settings.occlusion:
             self._evidence(s, row, int(order[0]) if label_index is None else label_index)
         return row
@@ -219,7 +228,8 @@ class Auditor:
                        pointing_hit=bool(distance <= self.settings.tolerance))
             row["evidence_off_object"] = not row["pointing_hit"]
         if self.heatmap_dir is not None and self.settings.heatmaps and \
-                (row["misclassified"] or row["low_confidence"] or row["evidence_off_object"]):
+                (row["misclassified"] or row["low_confidence"] or row["evidence_off_object"] or
+                 row["out_of_distribution"]):
             t0 = time.perf_counter()
             row["heatmap"] = self._heatmap(s, result.attribution)
             self.times.add("write", time.perf_counter() - t0)

@@ -76,11 +76,14 @@ def cmd_audit(args) -> int:
 
 
 def _print_summary(s: dict) -> None:
+    from ..audit.gallery import accuracy_text, ood_text, unknown_labels_text
     flags = ", ".join(f"{k} {v}" for k, v in s["flags"].items())
     pg = s["pointing_game"]
     lines = [f"audit: {s['rows']} rows for {s['inputs']} inputs: {s['status']['ok']} ok, {s['status']['failed']} "
              f"failed; flags: {flags}",
-             f"accuracy: {'-' if s['accuracy'] is None else format(s['accuracy'], '.1%')} ({s['labelled']} labelled); "
+             f"accuracy: {accuracy_text(s)}",
+             *([f"labels: {unknown_labels_text(s['labels'])}"] if s["labels"]["unknown"] else []),
+             f"out of distribution: {ood_text(s['out_of_distribution'])}",
              f"pointing game: {'-' if pg['hit_rate'] is None else format(pg['hit_rate'], '.1%')} "
              f"({pg['images']} with masks)",
              f"this run: {s['this_run']['rows_written']} images in {s['wall_s']:.1f} s "

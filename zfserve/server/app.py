@@ -35,6 +35,7 @@ from .._proto.inference import grpc_service_pb2 as oip_pb
 from .._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from .._proto.v1 import zfserve_pb2 as v1_pb
 from .._proto.v1 import zfserve_pb2_grpc as v1_grpc
+from ..engine.results import ScoredBatch
 from ..errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .auth import BearerTokenInterceptor, read_token
 from .batcher import DynamicBatcher
@@ -272,11 +273,12 @@ class ZFServer:
         """Start ``runtime``'s batcher and make it the model's; returns the runtime it replaces."""
         # Inputs are checked before they are queued (the OIP tensor input takes non-finite values, as Triton
         # does), so one request's values can never fail the batch it shares with others.
-        classify = functools.partial(runtime.classifier.probabilities, finite=False)
+        # Each batch gives the probabilities and the out-of-distribution scores of one pass (a ScoredBatch).
+        classify = functools.partial(runtime.classifier.scored, finite=False)
         runtime.batcher = DynamicBatcher(
             classify, self.options.batching, name=model.name,
             on_batch=self.metrics.batch_size.labels(model=model.name).observe,
-            on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set)
+            on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set, join=ScoredBatch.concatenate)
         runtime.batcher.start()
         old, model.runtime, model.error = model.runtime, runtime, None
         if announce:

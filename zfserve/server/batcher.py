@@ -123,12 +123,17 @@ class _Part:
 
 
 class DynamicBatcher:
-    """Queue + batch worker around ``run(batch) -> outputs`` (a blocking function; rows follow the inputs)."""
+    """Queue + batch worker around ``run(batch) -> outputs`` (a blocking function; rows follow the inputs).
+
+    ``outputs`` are sliced by rows (``outputs[a:b]``) to hand each request its rows back; a request split into
+    parts gets its parts' outputs joined by ``join`` (``np.concatenate`` for arrays)."""
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], config: BatcherConfig, *, name: str = "model",
                  on_batch: Callable[[int], None] | None = None,
-                 on_queue_depth: Callable[[int], None] | None = None):
+                 on_queue_depth: Callable[[int], None] | None = None,
+                 join: Callable[[list], object] = np.concatenate):
         self._run = run
+        self._join = join
         self.config = config
         self.name = name
         self.stats = BatcherStats()
@@ -379,7 +384,7 @@ class DynamicBatcher:
                 t.queue_ns = request.started_ns - request.enqueued_ns
             if not request.future.done():  # the caller may have gone while the batch ran
                 outs = request.outputs
-                request.future.set_result(outs[0] if len(outs) == 1 else np.concatenate(outs))
+                request.future.set_result(outs[0] if len(outs) == 1 else self._join(outs))
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued one, stop the worker."""

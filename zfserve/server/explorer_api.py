@@ -153,6 +153,10 @@ class ExplorerApi:
             if m.ready:
                 info = await self.zfserve.GetModelInfo(pb.GetModelInfoRequest(model=m.name), HttpContext.of(request))
                 entry.update(class_names=list(info.class_names), input_size=int(info.input_shape[-1]),
+                             training_data=info.training_data,
+                             ood={"available": info.ood.available, "threshold": info.ood.threshold,
+                                  "acceptance": info.ood.acceptance, "method": info.ood.method,
+                                  "note": info.ood.note},
                              layers=[{"name": layer.name, "shape": list(layer.shape),
                                       "receptive_field": layer.receptive_field, "stride": layer.stride}
                                      for layer in info.layers])
@@ -180,10 +184,11 @@ class ExplorerApi:
         if _optional_int(doc, "top_k") is not None:
             req.top_k = doc["top_k"]
         response = await self.zfserve.Classify(req, HttpContext.of(request))
-        predictions = [{"index": p.index, "name": p.name, "probability": p.probability}
-                       for p in wire.predictions(response)[0]]
+        top = wire.predictions(response)[0]
+        predictions = [{"index": p.index, "name": p.name, "probability": p.probability} for p in top]
         return JSONResponse({"model": response.model, "version": response.model_version,
-                             "predictions": predictions})
+                             "predictions": predictions, "ood": top.ood.to_json() if top.ood else None,
+                             "ood_note": response.ood_note})
 
     async def deconv(self, request):
         doc = await _request_json(request)

@@ -220,12 +220,15 @@ def parse_infer(body, header_length: str | None, model: str, version: str,
 
 
 def infer_response(response: pb.ModelInferResponse, binary: bool) -> tuple[bytes, dict]:
-    """The REST body and headers of a ModelInferResponse (outputs are raw FP32 in it)."""
+    """The REST body and headers of a ModelInferResponse (outputs are raw in it: FP32, and BOOL one byte each)."""
     outputs, tail = [], []
     for tensor, raw in zip(response.outputs, response.raw_output_contents):
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": [int(s) for s in tensor.shape]}
+        if tensor.parameters:   # e.g. ood_score's threshold
+            entry["parameters"] = {key: getattr(value, value.WhichOneof("parameter_choice"))
+                                   for key, value in tensor.parameters.items()}
         if binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": len(raw)}
             tail.append(raw)
         else:
             entry["data"] = np.frombuffer(raw, dtype=OIP_DTYPES[tensor.datatype]).tolist()

@@ -32,8 +32,9 @@ from .statistics import InferenceStatistics
 log = logging.getLogger("zfserve.server")
 
 
-def public_reason(exc: BaseException, source: str, name: str) -> str:
-    """An error's message as a client may see it: the model's location on this server replaced by its name."""
+def public_reason(exc: BaseException | str, source: str, name: str) -> str:
+    """An error's message (or a note) as a client may see it: the model's location on this server replaced by its
+    name."""
     message = str(exc)
     for prefix in sorted({source, str(Path(source).resolve())}, key=len, reverse=True):
         message = message.replace(prefix, f"<model {name}>")
@@ -58,6 +59,9 @@ class Runtime:
         self.num_classes = int(classifier.num_classes)
         self.input_size = int(classifier.input_size)
         self.device = device
+        # The out-of-distribution score of every answer (None, with the reason in ood_note, without statistics).
+        self.ood_detector = classifier.ood_detector
+        self.ood_note = public_reason(classifier.ood_note, snapshot.source, name)
         self.batcher = None                   # the dynamic batcher over ``classifier``, started by the app
         # The statistics extension's counters of this version, per OIP model (input kind).
         self.statistics = {IMAGE_INPUT: InferenceStatistics(), BYTES_INPUT: InferenceStatistics()}
@@ -81,6 +85,11 @@ class Runtime:
             await self._idle.wait()
         if self.batcher is not None:
             await self.batcher.close()
+
+    def ood_of(self, images):
+        """The out-of-distribution verdicts of preprocessed ``images`` (one classification pass, in the calling
+        thread: deconv and occlusion workers), or None without statistics."""
+        return None if self.ood_detector is None else self.classifier.scored(images).ood
 
     def torch_model(self):
         """The PyTorch model (layer facts, deconv, occlusion), built once from the snapshot's weights."""

@@ -1,5 +1,6 @@
 """The zfserve.v1 API: Classify (through the dynamic batcher), DeconvProject and OcclusionSweep[Stream]
-(on the heavy-work scheduler), ListModels and GetModelInfo."""
+(on the heavy-work scheduler), ListModels and GetModelInfo. Every answer about images carries their
+out-of-distribution scores (or a note saying why the model has none)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from .. import _checks as checks
 from .. import render, wire
 from .._proto.v1 import zfserve_pb2 as pb
 from .._proto.v1 import zfserve_pb2_grpc as pb_grpc
-from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K
+from ..config import training_data
+from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K, TopK
 from ..errors import InvalidArgumentError
 from ..preprocess import to_display
 from .handlers import deadline_of, peer_of, server_stream, unary
@@ -70,11 +72,13 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
             images = await self._images(request.images, model, context)
             measured.inputs_done(len(images))
             deadline, _ = deadline_of(context)
-            probs = await model.batcher.submit(images, deadline=deadline, timing=measured.batch,
-                                               client=peer_of(context))
+            scored = await model.batcher.submit(images, deadline=deadline, timing=measured.batch,
+                                                client=peer_of(context))
             measured.outputs_start()
-            response = wire.classify_response(model.name, model.version, model.classifier.top_k(probs, top_k),
-                                              probs if request.return_probabilities else None)
+            probs, verdicts = scored.probabilities, scored.ood or [None] * len(scored)
+            predictions = [TopK(p, v) for p, v in zip(model.classifier.top_k(probs, top_k), verdicts)]
+            response = wire.classify_response(model.name, model.version, predictions,
+                                              probs if request.return_probabilities else None, model.ood_note)
         return response
 
     # ------------------------------------------------------------------------------------------- Deconv
@@ -104,7 +108,8 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                     unit.png = render.png_bytes(render.signed_to_rgb(unit.projection))
                 if request.return_patches:
                     unit.patch_png = render.png_bytes(render.patch_to_rgb(unit.patch, model.config, unit.box))
-            return wire.deconv_response(model.name, projected, tensor=request.return_tensor, version=model.version)
+            return wire.deconv_response(model.name, projected, tensor=request.return_tensor, version=model.version,
+                                        ood=model.ood_of(images), ood_note=model.ood_note)
 
         return await self.state.heavy.run(work, deadline_mono=deadline_mono, client=peer_of(context))
 
@@ -120,11 +125,13 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
             engine = model.occlusion_engine()
             job.check()
             result = engine.sweep(images[0], progress=job.progress, **args)
+            scores = model.ood_of(images[:1])
+            result.ood = scores[0] if scores else None
             if request.return_png:   # rendering is CPU work too: keep it on this worker, off the event loop
                 pictures = render.occlusion_pictures(result, to_display(images[0], model.config),
                                                      model.config.class_names)
                 result.png = {name: render.png_bytes(picture) for name, picture in pictures.items()}
-            return wire.occlusion_response(model.name, result, version=model.version)
+            return wire.occlusion_response(model.name, result, version=model.version, ood_note=model.ood_note)
 
         return self.state.heavy.run(work, deadline_mono=deadline_mono, on_progress=on_progress,
                                     client=peer_of(context))
@@ -190,7 +197,14 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                             num_classes=model.num_classes, class_names=list(config.class_names),
                             input_shape=[3, model.input_size, model.input_size],
                             preprocess_json=json.dumps(config.preprocess.to_json()),
-                            precision=model.precision, engine=model.engine)
+                            precision=model.precision, engine=model.engine, training_data=training_data(config))
+        if model.ood_detector is not None:
+            described = model.ood_detector.describe()
+            info.ood.CopyFrom(pb.OodInfo(available=True, method=described["method"],
+                                         threshold=described["threshold"], acceptance=described["acceptance"],
+                                         data=described["data"]))
+        else:
+            info.ood.CopyFrom(pb.OodInfo(available=False, note=model.ood_note))
         for layer in torch_model.layer_info():
             info.layers.add(name=layer.name, shape=list(layer.shape), parameters=int(layer.params),
                             receptive_field=int(layer.receptive_field or 0), stride=int(layer.jump or 0))
