@@ -34,13 +34,12 @@ import torch.nn.functional as F
 from .. import _checks as checks
 from ..errors import InvalidArgumentError
 from ..model import CONV_GEOMETRY, POOL_GEOMETRY, SPATIAL_LAYERS, ZFNet
+from .occlusion_fill import occluder
 from .occlusion_stages import OrtStages, TorchStages
 from .results import DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult, window_starts
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 ATTRIBUTION_ON = ("probability", "logit")
-FILL_UNITS = ("input", "pixel")
-MAX_INPUT_FILL = 255.0
 # The layers whose changed region is recomputed as a tile, in order (pool1 .. conv5; block 1 computes conv1
 # inside its stage); conv5 tiles go into full-map copies for pool5 and the head.
 TILE_LAYERS = SPATIAL_LAYERS[1:SPATIAL_LAYERS.index("conv5") + 1]
@@ -266,33 +265,8 @@ class OcclusionEngine:
         return x
 
     def _fill(self, fill, fill_units: str):
-        """(the fill values as given, the occluder as a (3, 1, 1) or (3, H, W) float32 array in network-input
-        units)."""
-        if fill_units not in FILL_UNITS:
-            raise InvalidArgumentError(f"fill_units must be one of {list(FILL_UNITS)}, got {fill_units!r}",
-                                       field="fill_units")
-        accepted = "'mean', a number or 3 numbers (r, g, b)"
-        if isinstance(fill, str):
-            if fill != "mean":
-                raise InvalidArgumentError(f"fill must be {accepted}, got {fill!r}", field="fill")
-            return np.zeros(3), np.zeros((3, 1, 1), np.float32)
-        try:
-            values = np.asarray(fill, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"fill must be {accepted}, got {fill!r}", field="fill") from None
-        if values.size == 1:
-            values = np.repeat(values, 3)
-        if values.size != 3 or not np.isfinite(values).all():
-            raise InvalidArgumentError(f"fill must be {accepted}, got {fill!r}", field="fill")
-        if fill_units == "pixel":
-            if not ((values >= 0) & (values <= 255)).all():
-                raise InvalidArgumentError(f"fill in pixel units must be in 0..255, got {values.tolist()}",
-                                           field="fill")
-            return values, (values.reshape(3, 1, 1) - self.model.config.preprocess.mean_crop()).astype(np.float32)
-        if not (np.abs(values) <= MAX_INPUT_FILL).all():   # raw pixels minus a mean lie within +-255
-            raise InvalidArgumentError(f"fill in input units must be in -{MAX_INPUT_FILL:g}..{MAX_INPUT_FILL:g}, got "
-                                       f"{values.tolist()}", field="fill")
-        return values, values.reshape(3, 1, 1).astype(np.float32)
+        """(the fill values as given, the occluder in network-input units): :func:`.occlusion_fill.occluder`."""
+        return occluder(fill, fill_units, self.model.config.preprocess)
 
     def _native(self, a: np.ndarray):
         """numpy on the CPU, a torch tensor on other devices (see the note above the backends)."""

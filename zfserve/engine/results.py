@@ -89,6 +89,20 @@ class OcclusionResult:
     # The served version that computed it (config version + weights hash; from a server, or set by the caller):
     # with window, stride, fill, target and attribution_on, what reproduces the maps.
     model_version: str = ""
+    # What drew it (:mod:`zfserve.engine.occlusion_modes`): the runtime that ran the forward passes ("onnxruntime",
+    # "openvino" or "torch"; default: ``backend``), its precision, and the mode: "exact" or the batched engine
+    # with its approximation, e.g. "openvino-int8+drilldown(coarse 2, refine 3)".
+    engine: str = ""
+    precision: str = "fp32"
+    mode: str = "exact"
+    # (ny, nx) bool: the positions whose occluded image was evaluated; None when all were. An approximation
+    # evaluates fewer and fills the others from evaluated neighbours (see :mod:`zfserve.engine.occlusion_plans`).
+    evaluated: np.ndarray | None = None
+    # Why this mode was used, when it was chosen for the caller (an audit's or the explorer's gate verdict).
+    gate: str = ""
+
+    def __post_init__(self):
+        self.engine = self.engine or self.backend
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -1,0 +1,316 @@
+"""Fast occlusion: the batched engine on every classification runtime against brute force (occlude, full eager
+PyTorch forward), the approximations on maps whose answer is known, the modes' names and refusals, the stop
+conditions a server needs, and the agreement gate (passing an exact-equivalent mode, refusing one that
+disagrees, storing its figures as JSON keyed by the weights)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from zfserve.data import CLASSES
+from zfserve.engine.occlusion_modes import EXACT_MODE, OcclusionEngines, OcclusionMode, mode_from
+from zfserve.engine.occlusion_plans import Approximation
+from zfserve.engine.occlusion_runtime import RuntimeOcclusionEngine, SweepStopped
+from zfserve.engine.results import window_starts
+from zfserve.errors import InvalidArgumentError
+
+WIDTHS = (24, 32, 32, 32, 24)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, spread_model):
+    from zfserve.weights import save_model
+    model = spread_model(seed=7, widths=WIDTHS, num_classes=len(CLASSES), fc_width=32)
+    return save_model(model, tmp_path_factory.mktemp("fast") / "fast-tiny", class_names=list(CLASSES),
+                      name="fast-tiny")
+
+
+@pytest.fixture(scope="module")
+def snapshot(model_dir):
+    from zfserve.weights import read_snapshot
+    return read_snapshot(model_dir)
+
+
+@pytest.fixture(scope="module")
+def classifier(snapshot):
+    from zfserve.engine.classifier import Classifier
+    return Classifier(snapshot, threads=1)
+
+
+def _image(seed: int) -> np.ndarray:
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.interpolate(torch.randn(1, 3, 14, 14, generator=gen), size=224, mode="bilinear")
+    return (base[0] * 60 + torch.randn(3, 224, 224, generator=gen) * 20).numpy().astype(np.float32)
+
+
+def _brute_force(model, image: np.ndarray, window: int, stride: int, fill) -> np.ndarray:
+    """Softmax of every occluded copy (``fill``: 3 values in input units), each through the whole eager PyTorch
+    model: (n, n, classes)."""
+    starts = window_starts(224, window, stride)
+    copies = []
+    for y in starts:
+        for x in starts:
+            c = torch.from_numpy(image.copy())
+            c[:, y:y + window, x:x + window] = torch.as_tensor(fill, dtype=torch.float32).view(3, 1, 1)
+            copies.append(c)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.stack(copies)).double(), dim=1).numpy()
+    return probs.reshape(len(starts), len(starts), -1)
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("window,stride,fill,units", [(56, 48, "mean", "input"), (40, 40, (30.0, -20.0, 5.0), "input"),
+                                                      (64, 53, (200, 10, 90), "pixel")])
+def test_batched_sweep_equals_brute_force(snapshot, classifier, window, stride, fill, units):
+    model = snapshot.model()
+    image = _image(window)
+    engine = RuntimeOcclusionEngine(classifier, batch_size=7)     # batches that split rows and mix positions
+    result = engine.sweep(image, window, stride, fill=fill, fill_units=units, target=3)
+    values = np.zeros(3) if fill == "mean" else np.asarray(fill, dtype=np.float64)
+    occluder = values - np.asarray(snapshot.config.preprocess.mean_rgb()) if units == "pixel" else values
+    expected = _brute_force(model, image, window, stride, occluder)
+    with torch.no_grad():
+        base = torch.softmax(model(torch.from_numpy(image)[None]).double(), dim=1)[0].numpy()
+    np.testing.assert_allclose(result.probability, expected[..., 3], atol=1e-5)
+    np.testing.assert_array_equal(result.argmax, expected.argmax(-1))
+    np.testing.assert_allclose(result.base_probability, base[3], atol=1e-5)
+    np.testing.assert_allclose(result.attribution, result.per_pixel(base[3] - expected[..., 3], 224), atol=1e-5)
+    assert result.evaluated is None and result.timings["forwards"] == len(result.starts) ** 2 + 1
+    assert (result.engine, result.precision, result.mode) == ("onnxruntime", "fp32", "onnxruntime-fp32")
+
+
+def test_sweeps_of_several_images_share_batches_and_equal_single_sweeps(classifier):
+    engine = RuntimeOcclusionEngine(classifier, batch_size=5)
+    images = [_image(s) for s in (1, 2, 3)]
+    for approximation in (Approximation(), Approximation("drilldown"), Approximation("early-stop")):
+        together = engine.sweep_many(images, [None, 2, None], 48, 32, approximation=approximation)
+        for image, target, result in zip(images, [None, 2, None], together):
+            alone = engine.sweep(image, 48, 32, target=target, approximation=approximation)
+            assert result.target == alone.target
+            np.testing.assert_allclose(result.probability, alone.probability, atol=1e-6)
+            np.testing.assert_array_equal(result.argmax, alone.argmax)
+            assert (result.evaluated is None) == (alone.evaluated is None)
+
+
+@pytest.mark.parametrize("engine,precision,tolerance", [("openvino", "fp32", 1e-4), ("openvino", "bf16", 0.05)])
+def test_openvino_engines_sweep_close_to_brute_force(snapshot, engine, precision, tolerance):
+    pytest.importorskip("openvino")
+    from zfserve.engine.backends import openvino_core
+    from zfserve.engine.classifier import Classifier
+    if precision == "bf16" and "BF16" not in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16 (OpenVINO's capabilities lack BF16)")
+    sweep = RuntimeOcclusionEngine(Classifier(snapshot, engine=engine, precision=precision, threads=1))
+    image = _image(5)
+    result = sweep.sweep(image, 64, 40, target=1)
+    expected = _brute_force(snapshot.model(), image, 64, 40, np.zeros(3))
+    np.testing.assert_allclose(result.probability, expected[..., 1], atol=tolerance)
+    assert (result.engine, result.precision, result.mode) == (engine, precision, f"{engine}-{precision}")
+
+
+def test_int8_sweep_stays_within_int8_tolerance(snapshot):
+    from zfserve.engine.classifier import Classifier
+    from zfserve.engine.quantize import Int8Settings
+    small = Int8Settings(calibration_images=16, accuracy_images=32, max_accuracy_drop=100.0)
+    sweep = RuntimeOcclusionEngine(Classifier(snapshot, precision="int8", int8=small, threads=1))
+    image = _image(6)
+    result = sweep.sweep(image, 64, 40, target=2)
+    expected = _brute_force(snapshot.model(), image, 64, 40, np.zeros(3))
+    np.testing.assert_allclose(result.probability, expected[..., 2], atol=0.1)    # README "Precision": within 0.1
+    assert (result.engine, result.precision) == ("onnxruntime", "int8")
+
+
+# ---------------------------------------------------------------------------------------------- approximations
+class FakeClassifier:
+    """Any classifier will do: two classes, p(class 0) = 1 - the share of a hidden weight map occluded (each
+    pixel's input is 0 under the occluder), so the map of the target's probability is known exactly."""
+
+    engine, precision, input_size, num_classes = "fake", "fp32", 224, 2
+
+    def __init__(self, weight: np.ndarray):
+        from zfserve.config import PreprocessConfig
+
+        class Config:
+            preprocess = PreprocessConfig()
+        self.config = Config()
+        self.weight = weight / weight.sum()
+        self.calls = 0
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        kept = ((batch[:, 0] != 0) * self.weight).sum(axis=(1, 2))
+        return np.stack([kept, 1 - kept], axis=1).astype(np.float32)
+
+
+def _bump(cy: float, cx: float, width: float = 20.0) -> np.ndarray:
+    yy, xx = np.mgrid[0:224, 0:224]
+    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * width ** 2)) + 1e-3
+
+
+def test_approximations_find_the_largest_drop_with_fewer_forwards():
+    image = np.ones((3, 224, 224), np.float32)
+    exact_engine = RuntimeOcclusionEngine(FakeClassifier(_bump(150, 70)))
+    exact = exact_engine.sweep(image, 32, 8, target=0)                  # 25 x 25 positions
+    truth = np.unravel_index(int(np.argmin(exact.probability)), exact.probability.shape)
+    for approximation in (Approximation("drilldown"), Approximation("early-stop"),
+                          Approximation("drilldown", coarse=4, refine=1), Approximation("early-stop", margin=0.2)):
+        fake = FakeClassifier(_bump(150, 70))
+        result = RuntimeOcclusionEngine(fake).sweep(image, 32, 8, target=0, approximation=approximation)
+        measured = np.where(result.evaluated, result.probability, np.inf)
+        assert np.unravel_index(int(np.argmin(measured)), measured.shape) == truth, approximation
+        evaluated = int(result.evaluated.sum())
+        assert result.timings["forwards"] == evaluated + 1 < 625 // 2, (approximation, evaluated)
+        # Evaluated positions hold the measured values; the others lie between their evaluated neighbours.
+        np.testing.assert_allclose(result.probability[result.evaluated], exact.probability[result.evaluated],
+                                   atol=1e-6)
+        assert result.probability[~result.evaluated].min() >= measured.min()
+        assert result.mode == f"fake-fp32+{approximation.name}"
+
+
+def test_drilldown_counts_and_early_stop_margins():
+    image = np.ones((3, 224, 224), np.float32)
+    drill = RuntimeOcclusionEngine(FakeClassifier(_bump(40, 180))).sweep(
+        image, 32, 8, target=0, approximation=Approximation("drilldown", coarse=3, refine=2))
+    lattice = np.unique(np.r_[np.arange(0, 25, 3), 24])
+    assert drill.evaluated[np.ix_(lattice, lattice)].all()
+    assert drill.evaluated.sum() <= len(lattice) ** 2 + 2 * (2 * 2 + 1) ** 2
+    stop_now = RuntimeOcclusionEngine(FakeClassifier(_bump(40, 180))).sweep(
+        image, 32, 8, target=0, approximation=Approximation("early-stop", margin=0.0))
+    # margin 0: the lattice (every 2nd of 25, and the last), then only around the largest drop found so far.
+    lattice = np.unique(np.r_[np.arange(0, 25, 2), 24])
+    assert stop_now.evaluated[np.ix_(lattice, lattice)].all() and 13 * 13 < stop_now.evaluated.sum() <= 13 * 13 + 40
+    everything = RuntimeOcclusionEngine(FakeClassifier(_bump(40, 180, width=200))).sweep(
+        image, 32, 8, target=0, approximation=Approximation("early-stop", margin=1.0))
+    assert everything.evaluated is None                  # every window drops the broad bump: all evaluated
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+def test_progress_cancel_deadline_and_position_cap(classifier):
+    engine = RuntimeOcclusionEngine(classifier, batch_size=16)
+    image = _image(9)
+    seen = []
+    engine.sweep(image, 48, 16, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (144, 144) and [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) > 3
+    seen.clear()
+    engine.sweep(image, 48, 16, progress=lambda d, t: seen.append((d, t)), approximation=Approximation("drilldown"))
+    assert seen[-1] == (144, 144)
+    cancel = threading.Event()
+
+    def cancel_after_first(done, total):
+        cancel.set()
+    with pytest.raises(SweepStopped) as stopped:
+        engine.sweep(image, 48, 16, progress=cancel_after_first, cancel=cancel)
+    assert stopped.value.reason == "cancelled"
+    with pytest.raises(SweepStopped) as stopped:
+        engine.sweep(image, 48, 16, deadline=time.monotonic() - 1)
+    assert stopped.value.reason == "deadline"
+    with pytest.raises(InvalidArgumentError, match="at most 100") as refused:
+        engine.sweep(image, 48, 16, max_positions=100)
+    assert refused.value.field == "stride"
+    for kwargs, field in (({"outputs": ("activity",)}, "outputs"), ({"attribution_on": "logit"}, "attribution_on"),
+                          ({"window": 0}, "window"), ({"target": 11}, "target"), ({"fill": "grey"}, "fill")):
+        with pytest.raises(InvalidArgumentError) as refused:
+            engine.sweep(image, **{"window": 48, "stride": 16, **kwargs})
+        assert refused.value.field == field
+
+
+def test_the_exact_engine_stops_on_cancel_and_deadline_too(snapshot):
+    engines = OcclusionEngines(snapshot, batch_size=8)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(SweepStopped):
+        engines.sweep(_image(2), EXACT_MODE, window=48, stride=16, cancel=cancel)
+    with pytest.raises(SweepStopped):
+        engines.sweep(_image(2), EXACT_MODE, window=48, stride=16, deadline=time.monotonic() - 1)
+
+
+# ---------------------------------------------------------------------------------------------- modes
+def test_modes_are_named_as_classification_names_its_engines(snapshot):
+    assert mode_from() is EXACT_MODE and EXACT_MODE.name == "exact"
+    assert mode_from(precision="int8").name == "onnxruntime-int8"
+    assert mode_from(approximation="drilldown", defaults=("openvino", "int8")).name == \
+        "openvino-int8+drilldown(coarse 2, refine 3)"
+    assert mode_from(engine="onnxruntime", approximation="early-stop", margin=0.25).name == \
+        "onnxruntime-fp32+early-stop(coarse 2, margin 0.25)"
+    assert OcclusionMode.from_json(mode_from(approximation="drilldown", coarse=3).to_json()) == \
+        mode_from(approximation="drilldown", coarse=3)
+    for kwargs, field in (({"engine": "onnxruntime", "precision": "bf16"}, "precision"), ({"coarse": 3}, "coarse"),
+                          ({"approximation": "sometimes"}, "approximation"), ({"engine": "tvm"}, "engine"),
+                          ({"approximation": "drilldown", "coarse": 0}, "coarse"),
+                          ({"approximation": "early-stop", "margin": 2.0}, "margin")):
+        with pytest.raises(InvalidArgumentError) as refused:
+            mode_from(**kwargs)
+        assert refused.value.field == field, kwargs
+    engines = OcclusionEngines(snapshot)
+    exact = engines.sweep(_image(4), EXACT_MODE, window=56, stride=48, outputs=("probability",))
+    fast = engines.sweep(_image(4), mode_from(engine="onnxruntime"), window=56, stride=48, outputs=("probability",))
+    assert (exact.mode, exact.engine, exact.precision) == ("exact", "onnxruntime", "fp32")
+    assert fast.mode == "onnxruntime-fp32"
+    np.testing.assert_allclose(exact.probability, fast.probability, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+def test_the_gate_passes_an_exact_equivalent_mode_and_stores_its_figures(snapshot, monkeypatch):
+    from zfserve.audit import gate
+    settings = gate.GateSettings(56, 48, images=6)
+    engines = OcclusionEngines(snapshot)
+    batched = mode_from(engine="onnxruntime")       # brute force on ONNX Runtime: agrees to float rounding
+    lines = []
+    choice = gate.choose(snapshot, settings, engines, modes=[batched], log=lines.append)
+    assert choice.mode == batched and "gate passed" in choice.note
+    f = choice.figures
+    assert f["images"] == 6 and f["location_agreement"] == f["hit_agreement"] == 1.0
+    assert f["pointing_game"]["mode"] == f["pointing_game"]["exact"]
+    doc = json.loads(gate.gate_path(snapshot).read_text())
+    (entry,) = [e for e in doc["entries"] if e["measured_on"] == settings.measured_on()]
+    assert entry["weights_sha256"] == snapshot.sha256 and len(entry["exact"]["evidence"]) == 6
+    assert entry["modes"][batched.name]["figures"]["location_agreement"] == 1.0
+    assert any("exact occlusion on synthetic seed 4, 6 images" in line for line in lines)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the stored figures should have been used")
+    monkeypatch.setattr(gate, "_sweep_all", no_measuring)
+    assert gate.choose(snapshot, settings, engines, modes=[batched]).mode == batched
+    # Other settings are another key: never measured, so the server-side lookup says exact and why.
+    other = gate.choose(snapshot, gate.GateSettings(64, 64, images=6), engines, modes=[batched],
+                        measure_missing=False)
+    assert other.mode == EXACT_MODE and "no gate measured for window 64, stride 64" in other.note
+
+
+def test_the_gate_refuses_a_mode_that_disagrees(snapshot):
+    from zfserve.audit import gate
+    settings = gate.GateSettings(48, 32, images=8)
+    # An absurd approximation: a lattice of every 16th position on a 7 x 7 grid is its four corners alone.
+    corners = mode_from(engine="onnxruntime", approximation="drilldown", coarse=16, refine=0)
+    choice = gate.choose(snapshot, settings, OcclusionEngines(snapshot), modes=[corners])
+    assert choice.mode == EXACT_MODE and "fallback: no fast mode passed the gate" in choice.note
+    assert "location agreement" in choice.note and corners.name in choice.table
+    assert gate.verdict(choice.table[corners.name], settings)
+    # An absurd threshold refuses even the exact-equivalent mode's perfect figures... of nothing: 1.0 is the top,
+    # so demand more of the pointing game instead (0 points apart is still met), and of agreement.
+    strict = gate.GateSettings(48, 32, images=8, min_agreement=1.0, max_pointing_delta=0.0)
+    assert not gate.verdict(gate.compare([{"x": 1, "y": 1, "hit": True, "drop": 0.1}],
+                                         [{"x": 1, "y": 1, "hit": True, "drop": 0.1}], 15), strict)
+    assert gate.verdict(gate.compare([{"x": 1, "y": 1, "hit": True, "drop": 0.1}],
+                                     [{"x": 90, "y": 1, "hit": False, "drop": 0.1}], 15), strict)
+
+
+def test_gate_settings_and_data_are_checked(snapshot):
+    from zfserve.audit import gate
+    for kwargs, field in (({"images": 0}, "gate_images"), ({"min_agreement": 1.5}, "min_agreement"),
+                          ({"stride": 60}, "stride")):
+        with pytest.raises(InvalidArgumentError) as refused:
+            gate.GateSettings(**{"window": 56, "stride": 48, **kwargs})
+        assert refused.value.field == field
+    import dataclasses
+    trained_on_4 = dataclasses.replace(snapshot, config=dataclasses.replace(
+        snapshot.config, provenance={"data": {"kind": "synthetic", "train_seed": 4}}))
+    with pytest.raises(InvalidArgumentError, match="training set"):
+        gate.held_out(trained_on_4, gate.GateSettings(56, 48, images=2))
+    with pytest.raises(InvalidArgumentError, match="gate-data"):
+        gate.held_out(snapshot, gate.GateSettings(56, 48, images=2, data="/nonexistent"))

@@ -1,0 +1,361 @@
+"""The occlusion agreement gate: a fast occlusion mode (:mod:`zfserve.engine.occlusion_modes`) becomes an
+audit's default only once it has been measured against the exact sweep, as int8 classification must first pass
+its accuracy gate.
+
+On held-out images (the synthetic set at seed 4 for models of the synthetic classes, or ``data``: an ImageFolder
+or a folder with ``annotations.json``), for the audit's window, stride and pointing tolerance, each candidate
+mode's evidence is compared with the exact sweep's, image by image, as the audit computes it
+(:mod:`zfserve.paper.localization`):
+- location: the centre of the largest drop lies within the tolerance of the exact one;
+- pointing-game hit (images with masks): the same hit or miss, and so the same ``evidence_off_object`` flag (the
+  audit's other flags come from classification, which no occlusion mode changes);
+- the pointing game over all images within ``max_pointing_delta`` points of the exact one.
+A mode passes when location, hit and flag agreement are each at least ``min_agreement``. The figures (and the
+exact sweep's per-image evidence, so that new candidates need not repeat it) are stored as JSON in
+``occlusion-gate.json`` beside the model's ONNX export (the model directory, or the cache for embedded and
+read-only models), keyed by the weights' SHA-256 and the settings; a mode's figures also record the graph it ran
+and its runtime (library version, CPU capabilities) and count only where those are the same.
+
+:func:`choose` returns the fastest mode that passes (candidates in order of their measured seconds per image,
+measured until one passes), or exact with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import _checks as checks
+from ..engine.occlusion_modes import EXACT_MODE, EXACT_NAME, OcclusionMode
+from ..engine.occlusion_plans import Approximation
+from ..errors import InvalidArgumentError, ZFServeError
+from ..paper.localization import distance_to_mask, drop_point
+from ..preprocess import mask_to_input, to_input
+from .defaults import DEFAULT_GATE_IMAGES, DEFAULT_MIN_AGREEMENT, DEFAULT_TOLERANCE
+
+GATE_FILE = "occlusion-gate.json"
+GATE_FORMAT = "1"
+GATE_SEED = 4                  # held out: training 1, validation 2, the audit's synthetic images 3, int8's 5
+DEFAULT_MAX_POINTING_DELTA = 1.0      # percentage points
+PROBE_IMAGES = 4               # images each candidate's speed is first measured on
+SWEEP_CHUNK = 8                # images per sweep_many call (as the audit batches them)
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What is measured (window, stride, tolerance, data, images) and what passes (the two thresholds)."""
+
+    window: int
+    stride: int
+    tolerance: int = DEFAULT_TOLERANCE
+    data: str = "synthetic"
+    images: int = DEFAULT_GATE_IMAGES
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    max_pointing_delta: float = DEFAULT_MAX_POINTING_DELTA
+
+    def __post_init__(self):
+        checks.integer(self.window, "window", 1, 224, label="--occlusion WINDOW")
+        checks.integer(self.stride, "stride", 1, self.window, label="--occlusion STRIDE")
+        checks.integer(self.tolerance, "tolerance", 0, 224, label="--tolerance")
+        checks.integer(self.images, "gate_images", 1, 100_000, label="--gate-images")
+        if not 0.0 <= float(self.min_agreement) <= 1.0:
+            raise InvalidArgumentError(f"--gate-min-agreement: {self.min_agreement}; accepted 0..1",
+                                       field="min_agreement")
+        if not 0.0 <= float(self.max_pointing_delta) <= 100.0:
+            raise InvalidArgumentError(f"max_pointing_delta: {self.max_pointing_delta}; accepted 0..100 points",
+                                       field="max_pointing_delta")
+
+    def measured_on(self) -> dict:
+        """The key of the stored figures (the thresholds are applied when deciding, not when measuring)."""
+        return {"window": int(self.window), "stride": int(self.stride), "tolerance": int(self.tolerance),
+                "data": self.data, "images": int(self.images), "fill": "mean"}
+
+
+@dataclass
+class GateChoice:
+    """What :func:`choose` decided: the mode, its figures (None for exact) and a one-line reason."""
+
+    mode: OcclusionMode
+    note: str
+    figures: dict | None = None
+    table: dict = field(default_factory=dict)       # every measured mode's figures, by name
+
+    @property
+    def name(self) -> str:
+        return self.mode.name
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode.name, "note": self.note, "figures": self.figures, "measured": self.table}
+
+
+def candidates(precisions=("int8", "bf16", "fp32")) -> list[OcclusionMode]:
+    """The fast modes this machine can run: int8 and bf16 on OpenVINO (when installed; bf16 where the CPU has
+    it), int8 on ONNX Runtime, and fp32 on ONNX Runtime with an approximation; each with every position and
+    with each approximation at its defaults."""
+    runtimes = []
+    if _openvino_capabilities() is not None:
+        caps = _openvino_capabilities()
+        runtimes += [("openvino", p) for p in ("int8", "bf16") if p in precisions and (p != "bf16" or "BF16" in caps)]
+    runtimes += [("onnxruntime", p) for p in ("int8", "fp32") if p in precisions]
+    # fp32 with every position on ONNX Runtime is brute force: exact, but slower than the exact mode.
+    return [OcclusionMode(engine, precision, Approximation(kind)) for engine, precision in runtimes
+            for kind in ("none", "drilldown", "early-stop") if (engine, precision, kind) != ("onnxruntime", "fp32", "none")]
+
+
+# ---------------------------------------------------------------------------------------------- storage
+_PATHS: dict[tuple[str, str], Path] = {}
+
+
+def gate_path(snapshot) -> Path:
+    """Where a model's gate figures live: beside its ONNX export (found once per process and weights: finding
+    the export reads its metadata)."""
+    key = (str(snapshot.source), snapshot.sha256)
+    if key not in _PATHS:
+        from ..export import ensure_onnx
+        _PATHS[key] = ensure_onnx(snapshot).parent / GATE_FILE
+    return _PATHS[key]
+
+
+def _read(path: Path) -> list[dict]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return doc.get("entries", []) if doc.get("format") == GATE_FORMAT else []
+
+
+def _entry(entries: list[dict], sha256: str, measured_on: dict) -> dict | None:
+    return next((e for e in entries if e["weights_sha256"] == sha256 and e["measured_on"] == measured_on), None)
+
+
+def _write(path: Path, entries: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"format": GATE_FORMAT, "entries": entries}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def stored(snapshot, settings: GateSettings) -> dict | None:
+    """The stored figures of this model and settings (None: never measured)."""
+    return _entry(_read(gate_path(snapshot)), snapshot.sha256, settings.measured_on())
+
+
+def _store(snapshot, settings: GateSettings, entry: dict) -> None:
+    path = gate_path(snapshot)
+    entries = [e for e in _read(path) if not (e["weights_sha256"] == snapshot.sha256
+                                              and e["measured_on"] == settings.measured_on())]
+    _write(path, entries + [entry])
+
+
+def _openvino_capabilities() -> str | None:
+    try:
+        from ..engine.backends import openvino_core
+        return " ".join(openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    except (ImportError, ZFServeError):
+        return None
+
+
+def runtime_of(mode: OcclusionMode) -> dict:
+    """The runtime a mode's figures hold for: the library and version, and OpenVINO's CPU capabilities."""
+    if mode.engine == "openvino":
+        import openvino
+        return {"library": f"openvino {openvino.__version__}", "cpu": _openvino_capabilities()}
+    import onnxruntime
+    return {"library": f"onnxruntime {onnxruntime.__version__}", "cpu": ""}
+
+
+def graph_sha256(engine) -> str:
+    """SHA-256 of the ONNX file a batched engine's classifier runs."""
+    return hashlib.sha256(Path(engine.classifier.onnx_path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- data
+@dataclass
+class _Images:
+    inputs: np.ndarray            # (N, 3, S, S)
+    targets: list[int | None]     # the label when the model's classes are the data's, else None (top-1)
+    masks: list[np.ndarray | None]   # in the input frame
+    description: str
+
+
+def held_out(snapshot, settings: GateSettings) -> _Images:
+    """The gate's images: ``synthetic`` (seed 4) or ``synthetic:SEED`` for models of the synthetic classes, or
+    a folder (ImageFolder, or annotations.json with masks)."""
+    from ..engine.quantize import _training_seeds
+    from ..paper.dataset import AnalysisData
+    config = snapshot.config
+    data = settings.data
+    if data == "synthetic" or data.startswith("synthetic:"):
+        seed = GATE_SEED if data == "synthetic" else checks.integer(
+            int(data.partition(":")[2]) if data.partition(":")[2].isdigit() else -1, "gate_data", 0,
+            label="--gate-data synthetic:SEED")
+        if seed in _training_seeds(config):
+            raise InvalidArgumentError(f"--gate-data: synthetic seed {seed} is the model's training set; use a held-out "
+                                       f"seed", field="gate_data")
+        source = AnalysisData("synthetic", seed=seed, n=settings.images)
+    elif Path(data).is_dir():
+        source = AnalysisData(data, n=settings.images)
+    else:
+        raise InvalidArgumentError(f"--gate-data: {data!r}; accepted: synthetic, synthetic:SEED or a folder of "
+                                   f"held-out images (ImageFolder, or annotations.json with masks)", field="gate_data")
+    match = list(config.class_names) == list(source.classes)
+    if not match and source.source == "synthetic":
+        raise InvalidArgumentError(f"--gate-data: the model's classes are not the synthetic set's; give a folder of "
+                                   f"held-out images of its own classes (--gate-data DIR)", field="gate_data")
+    items = [source.item(i) for i in range(len(source))]
+    return _Images(np.stack([to_input(it.image, config) for it in items]),
+                   [int(it.label) if match else None for it in items],
+                   [mask_to_input(it.mask, config) if it.mask is not None else None for it in items],
+                   source.describe())
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def _evidence(results, images: _Images, lo: int, tolerance: int, size: int) -> list[dict]:
+    out = []
+    for i, r in enumerate(results, lo):
+        cx, cy = drop_point(r, size)
+        mask = images.masks[i]
+        hit = None if mask is None else bool(distance_to_mask(mask, cx, cy) <= tolerance)
+        out.append({"target": int(r.target), "x": float(cx), "y": float(cy), "hit": hit,
+                    "drop": float(r.base_probability - np.min(np.where(r.evaluated, r.probability, np.inf)
+                                                              if r.evaluated is not None else r.probability))})
+    return out
+
+
+def _sweep_all(engines, mode: OcclusionMode, images: _Images, settings: GateSettings, count: int):
+    """(per-image evidence, seconds per image, forwards per image) of ``mode`` on the first ``count`` images."""
+    evidence, forwards, t0 = [], 0, time.perf_counter()
+    for lo in range(0, count, SWEEP_CHUNK):
+        hi = min(count, lo + SWEEP_CHUNK)
+        results = engines.sweep_many(list(images.inputs[lo:hi]), images.targets[lo:hi], mode,
+                                     window=settings.window, stride=settings.stride,
+                                     outputs=("probability",))
+        evidence += _evidence(results, images, lo, settings.tolerance, images.inputs.shape[-1])
+        forwards += sum(r.timings.get("forwards", len(r.starts) ** 2 + 1) for r in results)
+    return evidence, (time.perf_counter() - t0) / count, forwards / count
+
+
+def compare(exact: list[dict], fast: list[dict], tolerance: int) -> dict:
+    """Agreement figures of ``fast`` against ``exact`` evidence (same images, same order)."""
+    near = [np.hypot(e["x"] - f["x"], e["y"] - f["y"]) <= tolerance for e, f in zip(exact, fast)]
+    masked = [(e["hit"], f["hit"]) for e, f in zip(exact, fast) if e["hit"] is not None]
+    same_hit = [a == b for a, b in masked]
+    return {
+        "images": len(exact), "with_masks": len(masked),
+        "location_agreement": float(np.mean(near)) if near else None,
+        "hit_agreement": float(np.mean(same_hit)) if masked else None,
+        "flag_agreement": {"evidence_off_object": float(np.mean(same_hit)) if masked else None},
+        "pointing_game": {"exact": 100.0 * float(np.mean([a for a, _ in masked])) if masked else None,
+                          "mode": 100.0 * float(np.mean([b for _, b in masked])) if masked else None},
+        "mean_abs_drop_difference": float(np.mean([abs(e["drop"] - f["drop"]) for e, f in zip(exact, fast)])),
+        "disagreeing_images": [i for i, ok in enumerate(near) if not ok][:20],
+    }
+
+
+def verdict(figures: dict, settings: GateSettings) -> list[str]:
+    """Why ``figures`` fail the gate ([] when they pass)."""
+    reasons = []
+    need = settings.min_agreement
+    for name, value in (("location", figures["location_agreement"]), ("pointing hit", figures["hit_agreement"]),
+                        *((f"flag {k}", v) for k, v in figures["flag_agreement"].items())):
+        if value is not None and value < need:
+            reasons.append(f"{name} agreement {value:.1%} < {need:.0%}")
+    pg = figures["pointing_game"]
+    if pg["exact"] is not None and abs(pg["mode"] - pg["exact"]) > settings.max_pointing_delta:
+        reasons.append(f"pointing game {pg['mode']:.1f}% vs exact {pg['exact']:.1f}% (more than "
+                       f"{settings.max_pointing_delta:g} points apart)")
+    return reasons
+
+
+def _log(log, text: str) -> None:
+    if log is not None:
+        log(text)
+
+
+def measure(snapshot, settings: GateSettings, engines, modes: list[OcclusionMode], *, every: bool = False,
+            log=None) -> dict:
+    """Measure ``modes`` against exact (reusing what is stored) and store the figures; without ``every``, stop
+    at the first mode (fastest first) that passes. Returns the stored entry."""
+    entry = stored(snapshot, settings) or {"weights_sha256": snapshot.sha256, "model": snapshot.name,
+                                          "measured_on": settings.measured_on(), "modes": {}}
+    images = None
+    if "exact" not in entry:
+        images = held_out(snapshot, settings)
+        _log(log, f"gate: exact occlusion on {images.description} (window {settings.window}, stride "
+                  f"{settings.stride}; once per model and settings)")
+        evidence, seconds, _ = _sweep_all(engines, EXACT_MODE, images, settings, len(images.inputs))
+        entry["exact"] = {"evidence": evidence, "seconds_per_image": seconds, "data": images.description}
+        _store(snapshot, settings, entry)
+    todo = [m for m in modes if not _current(entry["modes"].get(m.name), m)]
+    if not todo:
+        return entry
+    images = images or held_out(snapshot, settings)
+    probe = min(PROBE_IMAGES, len(images.inputs))
+    speed = {}
+    for mode in todo:
+        _sweep_all(engines, mode, images, settings, min(probe, 1))          # builds and warms the engine
+        speed[mode.name] = _sweep_all(engines, mode, images, settings, probe)[1]
+    for mode in sorted(todo, key=lambda m: speed[m.name]):
+        evidence, seconds, forwards = _sweep_all(engines, mode, images, settings, len(images.inputs))
+        figures = compare(entry["exact"]["evidence"], evidence, settings.tolerance)
+        figures.update(seconds_per_image=seconds, forwards_per_image=forwards,
+                       speedup_vs_exact=entry["exact"]["seconds_per_image"] / seconds)
+        engine = engines.runtime_engine(mode.engine, mode.precision)
+        entry["modes"][mode.name] = {"mode": mode.to_json(), "runtime": runtime_of(mode),
+                                     "graph_sha256": graph_sha256(engine), "figures": figures}
+        _store(snapshot, settings, entry)
+        reasons = verdict(figures, settings)
+        _log(log, f"gate: {mode.name}: {'passed' if not reasons else 'refused: ' + '; '.join(reasons)} "
+                  f"({_summary(figures)})")
+        if not reasons and not every:
+            break
+    return entry
+
+
+def _current(record: dict | None, mode: OcclusionMode) -> bool:
+    return record is not None and record["runtime"] == runtime_of(mode)
+
+
+def _summary(f: dict) -> str:
+    parts = [f"location {f['location_agreement']:.1%}"]
+    if f["hit_agreement"] is not None:
+        pg = f["pointing_game"]
+        parts += [f"hit {f['hit_agreement']:.1%}", f"pointing game {pg['mode']:.1f}% vs {pg['exact']:.1f}%"]
+    parts.append(f"{f['seconds_per_image'] * 1e3:.0f} ms/image, {f['speedup_vs_exact']:.1f}x exact, "
+                 f"{f['images']} images")
+    return ", ".join(parts)
+
+
+def choose(snapshot, settings: GateSettings, engines, *, modes: list[OcclusionMode] | None = None,
+           measure_missing: bool = True, log=None) -> GateChoice:
+    """The fastest mode of ``modes`` (default :func:`candidates`) that passes the gate for ``settings``,
+    measuring what is missing when ``measure_missing``; else exact, with the reason."""
+    modes = candidates() if modes is None else modes
+    try:
+        entry = measure(snapshot, settings, engines, modes, log=log) if measure_missing else \
+            stored(snapshot, settings)
+    except InvalidArgumentError as exc:    # no held-out images for this model: exact, saying why
+        return GateChoice(EXACT_MODE, f"exact (no fast mode: {exc})")
+    if entry is None:
+        return GateChoice(EXACT_MODE, f"exact (no gate measured for window {settings.window}, stride "
+                                      f"{settings.stride}: zfserve occlusion-gate)")
+    table = {name: r["figures"] for name, r in entry["modes"].items()}
+    passing = [(r["figures"]["seconds_per_image"], m) for m in modes
+               if _current(r := entry["modes"].get(m.name), m) and not verdict(r["figures"], settings)]
+    if not passing:
+        refused = "; ".join(f"{m.name}: {', '.join(verdict(r['figures'], settings))}" for m in modes
+                            if _current(r := entry["modes"].get(m.name), m))
+        return GateChoice(EXACT_MODE, f"{EXACT_NAME} (fallback: no fast mode passed the gate"
+                                      f"{': ' + refused if refused else ''})", None, table)
+    _, mode = min(passing, key=lambda p: p[0])
+    figures = entry["modes"][mode.name]["figures"]
+    return GateChoice(mode, f"{mode.name} (gate passed: {_summary(figures)})", figures, table)
+
+
+__all__ = ["DEFAULT_GATE_IMAGES", "DEFAULT_MAX_POINTING_DELTA", "DEFAULT_MIN_AGREEMENT", "GATE_FILE", "GateChoice",
+           "GateSettings", "candidates", "choose", "compare", "gate_path", "held_out", "measure", "stored", "verdict"]
