@@ -219,6 +219,17 @@ def test_progress_cancel_deadline_and_position_cap(classifier):
         assert refused.value.field == field
 
 
+def test_the_exact_engine_gives_the_same_maps_on_parallel_workers(snapshot):
+    from zfserve.engine.occlusion import OcclusionEngine
+    model = snapshot.model()
+    image = _image(10)
+    one = OcclusionEngine(model, workers=1, batch_size=16).sweep(image, 56, 24)
+    two = OcclusionEngine(model, workers=2, batch_size=16).sweep(image, 56, 24)    # 7 batches, two at a time
+    for name in ("probability", "activity", "attribution"):
+        np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(two.argmax, one.argmax)
+
+
 def test_the_exact_engine_stops_on_cancel_and_deadline_too(snapshot):
     engines = OcclusionEngines(snapshot, batch_size=8)
     cancel = threading.Event()
@@ -291,13 +302,16 @@ def test_the_gate_refuses_a_mode_that_disagrees(snapshot):
     assert choice.mode == EXACT_MODE and "fallback: no fast mode passed the gate" in choice.note
     assert "location agreement" in choice.note and corners.name in choice.table
     assert gate.verdict(choice.table[corners.name], settings)
-    # An absurd threshold refuses even the exact-equivalent mode's perfect figures... of nothing: 1.0 is the top,
-    # so demand more of the pointing game instead (0 points apart is still met), and of agreement.
+    # The figures behind the verdict: a point far away is a disagreement unless its window ties with the largest
+    # drop (then rounding decides which of the two wins); a flipped hit always is.
+    exact = {"x": 16.0, "y": 16.0, "at": 0, "hit": True, "drop": 0.2, "ties": [0, 5]}
     strict = gate.GateSettings(48, 32, images=8, min_agreement=1.0, max_pointing_delta=0.0)
-    assert not gate.verdict(gate.compare([{"x": 1, "y": 1, "hit": True, "drop": 0.1}],
-                                         [{"x": 1, "y": 1, "hit": True, "drop": 0.1}], 15), strict)
-    assert gate.verdict(gate.compare([{"x": 1, "y": 1, "hit": True, "drop": 0.1}],
-                                     [{"x": 90, "y": 1, "hit": False, "drop": 0.1}], 15), strict)
+    assert not gate.verdict(gate.compare([exact], [{**exact, "x": 17.0}], 15), strict)
+    tied = gate.compare([exact], [{**exact, "x": 176.0, "at": 5}], 15)
+    assert tied["location_agreement"] == 1.0 and tied["strict_location_agreement"] == 0.0
+    far = gate.compare([exact], [{**exact, "x": 176.0, "at": 6, "hit": False}], 15)
+    assert far["location_agreement"] == far["hit_agreement"] == 0.0 and far["pointing_game"]["mode"] == 0.0
+    assert len(gate.verdict(far, strict)) == 4      # location, hit, the flag and the pointing game
 
 
 def test_gate_settings_and_data_are_checked(snapshot):
@@ -314,3 +328,60 @@ def test_gate_settings_and_data_are_checked(snapshot):
         gate.held_out(trained_on_4, gate.GateSettings(56, 48, images=2))
     with pytest.raises(InvalidArgumentError, match="gate-data"):
         gate.held_out(snapshot, gate.GateSettings(56, 48, images=2, data="/nonexistent"))
+
+
+# ---------------------------------------------------------------------------------------------- over the wire
+def test_a_result_crosses_the_wire_with_its_mode():
+    from zfserve import wire
+    engine = RuntimeOcclusionEngine(FakeClassifier(_bump(100, 60)))
+    result = engine.sweep(np.ones((3, 224, 224), np.float32), 48, 16, target=0,
+                          approximation=Approximation("drilldown"))
+    result.gate = "openvino-int8+drilldown(coarse 2, refine 3) (gate passed: ...)"
+    back = wire.occlusion_result(wire.occlusion_response("m", result, version="1+abc"))
+    assert (back.engine, back.precision, back.mode, back.gate) == (result.engine, "fp32", result.mode, result.gate)
+    np.testing.assert_array_equal(back.evaluated, result.evaluated)
+    np.testing.assert_array_equal(back.probability, result.probability)
+    request = wire.occlusion_request(b"x", mode={"engine": "openvino", "approximation": "drilldown", "coarse": 3})
+    assert wire.sweep_mode(request) == ({"engine": "openvino", "approximation": "drilldown", "coarse": 3}, False)
+    with pytest.raises(InvalidArgumentError) as refused:
+        wire.sweep_mode(wire.occlusion_request(b"x", mode={"gated": True, "precision": "int8"}))
+    assert refused.value.field == "gated"
+
+
+def test_the_server_sweeps_in_the_mode_asked_for_or_the_gated_one(model_dir, snapshot, classifier):
+    import grpc
+
+    from zfserve import wire
+    from zfserve._proto.v1 import zfserve_pb2 as pb
+    from zfserve._proto.v1 import zfserve_pb2_grpc as pb_grpc
+    from zfserve.audit import gate
+    from zfserve.server import BackgroundServer, ServerOptions
+    image = _image(8)
+    images = pb.Images(tensor=wire.array_to_tensor(image[None]))
+    with BackgroundServer(ServerOptions(port=0, model=str(model_dir))) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.ZFServeStub(channel)
+        exact = wire.occlusion_result(stub.OcclusionSweep(pb.OcclusionRequest(images=images, window=112, stride=112)))
+        assert (exact.mode, exact.engine, exact.gate) == ("exact", "onnxruntime", "")
+        asked = wire.occlusion_result(stub.OcclusionSweep(pb.OcclusionRequest(
+            images=images, window=48, stride=16, approximation="drilldown", coarse=3, outputs=["probability"])))
+        assert asked.mode == "onnxruntime-fp32+drilldown(coarse 3, refine 3)" and asked.evaluated is not None
+        local = RuntimeOcclusionEngine(classifier).sweep(image, 48, 16, approximation=Approximation("drilldown",
+                                                                                                   coarse=3))
+        np.testing.assert_allclose(asked.probability, local.probability, atol=1e-5)
+        # gated, nothing measured for these settings: exact, and why.
+        request = pb.OcclusionRequest(images=images, window=112, stride=112, gated=True)
+        unmeasured = wire.occlusion_result(stub.OcclusionSweep(request))
+        assert unmeasured.mode == "exact" and "no gate measured for window 112, stride 112" in unmeasured.gate
+        # Once measured (a drill-down on a 2 x 2 grid evaluates every position, so it agrees), the gated mode.
+        drill = mode_from(engine="onnxruntime", approximation="drilldown")
+        settings = gate.GateSettings(112, 112)
+        assert gate.choose(snapshot, settings, OcclusionEngines(snapshot), modes=[drill]).mode == drill
+        gated = wire.occlusion_result(stub.OcclusionSweep(request))
+        assert gated.mode == drill.name and "gate passed" in gated.gate
+        np.testing.assert_allclose(gated.probability, exact.probability, atol=1e-5)
+        for bad, field in ((dict(approximation="often"), "approximation"), (dict(precision="bf16"), "precision"),
+                           (dict(gated=True, engine="openvino"), "gated"), (dict(coarse=2), "coarse")):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.OcclusionSweep(pb.OcclusionRequest(images=images, window=112, stride=112, **bad))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in refused.value.details()

@@ -13,8 +13,9 @@ mode's evidence is compared with the exact sweep's, image by image, as the audit
 A mode passes when location, hit and flag agreement are each at least ``min_agreement``. The figures (and the
 exact sweep's per-image evidence, so that new candidates need not repeat it) are stored as JSON in
 ``occlusion-gate.json`` beside the model's ONNX export (the model directory, or the cache for embedded and
-read-only models), keyed by the weights' SHA-256 and the settings; a mode's figures also record the graph it ran
-and its runtime (library version, CPU capabilities) and count only where those are the same.
+read-only models; an embedded model may ship its own, read when none was measured here), keyed by the weights'
+SHA-256 and the settings; a mode's figures also record the graph it ran and its runtime (library version, CPU
+capabilities) and count only where those are the same.
 
 :func:`choose` returns the fastest mode that passes (candidates in order of their measured seconds per image,
 measured until one passes), or exact with the reason.
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _checks as checks
-from ..engine.occlusion_modes import EXACT_MODE, EXACT_NAME, OcclusionMode
+from ..engine.occlusion_modes import EXACT_MODE, OcclusionMode
 from ..engine.occlusion_plans import Approximation
 from ..errors import InvalidArgumentError, ZFServeError
 from ..paper.localization import distance_to_mask, drop_point
@@ -40,11 +41,12 @@ from ..preprocess import mask_to_input, to_input
 from .defaults import DEFAULT_GATE_IMAGES, DEFAULT_MIN_AGREEMENT, DEFAULT_TOLERANCE
 
 GATE_FILE = "occlusion-gate.json"
-GATE_FORMAT = "1"
+GATE_FORMAT = "2"
 GATE_SEED = 4                  # held out: training 1, validation 2, the audit's synthetic images 3, int8's 5
 DEFAULT_MAX_POINTING_DELTA = 1.0      # percentage points
-PROBE_IMAGES = 4               # images each candidate's speed is first measured on
+PROBE_IMAGES = 4               # images each candidate's speed is first measured on (CPU time: robust to load)
 SWEEP_CHUNK = 8                # images per sweep_many call (as the audit batches them)
+TIE = 1e-3                     # probability: windows whose drops differ by less are the same evidence
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,10 @@ class GateSettings:
 
 @dataclass
 class GateChoice:
-    """What :func:`choose` decided: the mode, its figures (None for exact) and a one-line reason."""
+    """What :func:`choose` decided: the mode, why (one line), its figures (None for exact)."""
 
     mode: OcclusionMode
-    note: str
+    reason: str
     figures: dict | None = None
     table: dict = field(default_factory=dict)       # every measured mode's figures, by name
 
@@ -90,22 +92,35 @@ class GateChoice:
     def name(self) -> str:
         return self.mode.name
 
+    @property
+    def note(self) -> str:
+        """The mode and why, as the audit prints it."""
+        return f"{self.mode.name} ({self.reason})"
+
     def to_json(self) -> dict:
-        return {"mode": self.mode.name, "note": self.note, "figures": self.figures, "measured": self.table}
+        return {"mode": self.mode.name, "reason": self.reason, "figures": self.figures, "measured": self.table}
+
+
+# The approximations a candidate may use: each at its defaults and at its cheapest sensible settings (one
+# neighbourhood refined; a lattice of every 4th position, for fine grids; refining only next to the largest drop
+# found so far).
+APPROXIMATION_CANDIDATES = (Approximation(), Approximation("drilldown"), Approximation("drilldown", refine=1),
+                            Approximation("drilldown", coarse=4), Approximation("early-stop"),
+                            Approximation("early-stop", margin=0.0))
 
 
 def candidates(precisions=("int8", "bf16", "fp32")) -> list[OcclusionMode]:
     """The fast modes this machine can run: int8 and bf16 on OpenVINO (when installed; bf16 where the CPU has
     it), int8 on ONNX Runtime, and fp32 on ONNX Runtime with an approximation; each with every position and
-    with each approximation at its defaults."""
+    with each of :data:`APPROXIMATION_CANDIDATES`."""
     runtimes = []
     if _openvino_capabilities() is not None:
         caps = _openvino_capabilities()
         runtimes += [("openvino", p) for p in ("int8", "bf16") if p in precisions and (p != "bf16" or "BF16" in caps)]
     runtimes += [("onnxruntime", p) for p in ("int8", "fp32") if p in precisions]
     # fp32 with every position on ONNX Runtime is brute force: exact, but slower than the exact mode.
-    return [OcclusionMode(engine, precision, Approximation(kind)) for engine, precision in runtimes
-            for kind in ("none", "drilldown", "early-stop") if (engine, precision, kind) != ("onnxruntime", "fp32", "none")]
+    return [OcclusionMode(engine, precision, a) for engine, precision in runtimes for a in APPROXIMATION_CANDIDATES
+            if not (engine == "onnxruntime" and precision == "fp32" and a.exact)]
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -141,8 +156,16 @@ def _write(path: Path, entries: list[dict]) -> None:
 
 
 def stored(snapshot, settings: GateSettings) -> dict | None:
-    """The stored figures of this model and settings (None: never measured)."""
-    return _entry(_read(gate_path(snapshot)), snapshot.sha256, settings.measured_on())
+    """The stored figures of this model and settings (None: never measured): those measured here, else those
+    shipped in the model's own directory (an embedded model's, measured when it was packaged)."""
+    paths = [gate_path(snapshot)]
+    if snapshot.directory is not None and (snapshot.directory / GATE_FILE).resolve() != paths[0].resolve():
+        paths.append(snapshot.directory / GATE_FILE)
+    for path in paths:
+        entry = _entry(_read(path), snapshot.sha256, settings.measured_on())
+        if entry is not None:
+            return entry
+    return None
 
 
 def _store(snapshot, settings: GateSettings, entry: dict) -> None:
@@ -216,20 +239,25 @@ def held_out(snapshot, settings: GateSettings) -> _Images:
 
 # ---------------------------------------------------------------------------------------------- measuring
 def _evidence(results, images: _Images, lo: int, tolerance: int, size: int) -> list[dict]:
+    """Per image: the target, the largest drop's centre (x, y), its position (flat index), the hit, the drop, and
+    the positions tied with it (their drop within :data:`TIE` of the largest)."""
     out = []
     for i, r in enumerate(results, lo):
         cx, cy = drop_point(r, size)
         mask = images.masks[i]
         hit = None if mask is None else bool(distance_to_mask(mask, cx, cy) <= tolerance)
-        out.append({"target": int(r.target), "x": float(cx), "y": float(cy), "hit": hit,
-                    "drop": float(r.base_probability - np.min(np.where(r.evaluated, r.probability, np.inf)
-                                                              if r.evaluated is not None else r.probability))})
+        measured = np.where(r.evaluated, r.probability, np.inf) if r.evaluated is not None else r.probability
+        at = int(np.argmin(measured))
+        ties = np.flatnonzero(measured <= measured.flat[at] + TIE)
+        out.append({"target": int(r.target), "x": float(cx), "y": float(cy), "at": at, "hit": hit,
+                    "drop": float(r.base_probability - measured.flat[at]), "ties": [int(t) for t in ties]})
     return out
 
 
 def _sweep_all(engines, mode: OcclusionMode, images: _Images, settings: GateSettings, count: int):
-    """(per-image evidence, seconds per image, forwards per image) of ``mode`` on the first ``count`` images."""
-    evidence, forwards, t0 = [], 0, time.perf_counter()
+    """(per-image evidence, seconds per image: wall and CPU, forwards per image) of ``mode`` on the first
+    ``count`` images."""
+    evidence, forwards, t0, c0 = [], 0, time.perf_counter(), time.process_time()
     for lo in range(0, count, SWEEP_CHUNK):
         hi = min(count, lo + SWEEP_CHUNK)
         results = engines.sweep_many(list(images.inputs[lo:hi]), images.targets[lo:hi], mode,
@@ -237,17 +265,23 @@ def _sweep_all(engines, mode: OcclusionMode, images: _Images, settings: GateSett
                                      outputs=("probability",))
         evidence += _evidence(results, images, lo, settings.tolerance, images.inputs.shape[-1])
         forwards += sum(r.timings.get("forwards", len(r.starts) ** 2 + 1) for r in results)
-    return evidence, (time.perf_counter() - t0) / count, forwards / count
+    seconds = {"wall": (time.perf_counter() - t0) / count, "cpu": (time.process_time() - c0) / count}
+    return evidence, seconds, forwards / count
 
 
 def compare(exact: list[dict], fast: list[dict], tolerance: int) -> dict:
-    """Agreement figures of ``fast`` against ``exact`` evidence (same images, same order)."""
-    near = [np.hypot(e["x"] - f["x"], e["y"] - f["y"]) <= tolerance for e, f in zip(exact, fast)]
+    """Agreement figures of ``fast`` against ``exact`` evidence (same images, same order). The location agrees
+    when the two centres lie within ``tolerance`` or the fast mode's window is one whose exact drop ties with
+    the largest (within :data:`TIE`: which of two such windows wins is decided by rounding, and even two fp32
+    engines may differ there); ``strict_location_agreement`` counts distance alone."""
+    strict = [np.hypot(e["x"] - f["x"], e["y"] - f["y"]) <= tolerance for e, f in zip(exact, fast)]
+    near = [ok or f["at"] in e["ties"] for ok, e, f in zip(strict, exact, fast)]
     masked = [(e["hit"], f["hit"]) for e, f in zip(exact, fast) if e["hit"] is not None]
     same_hit = [a == b for a, b in masked]
     return {
         "images": len(exact), "with_masks": len(masked),
         "location_agreement": float(np.mean(near)) if near else None,
+        "strict_location_agreement": float(np.mean(strict)) if strict else None,
         "hit_agreement": float(np.mean(same_hit)) if masked else None,
         "flag_agreement": {"evidence_off_object": float(np.mean(same_hit)) if masked else None},
         "pointing_game": {"exact": 100.0 * float(np.mean([a for a, _ in masked])) if masked else None,
@@ -289,22 +323,30 @@ def measure(snapshot, settings: GateSettings, engines, modes: list[OcclusionMode
         _log(log, f"gate: exact occlusion on {images.description} (window {settings.window}, stride "
                   f"{settings.stride}; once per model and settings)")
         evidence, seconds, _ = _sweep_all(engines, EXACT_MODE, images, settings, len(images.inputs))
-        entry["exact"] = {"evidence": evidence, "seconds_per_image": seconds, "data": images.description}
+        entry["exact"] = {"evidence": evidence, "seconds_per_image": seconds["wall"],
+                          "cpu_seconds_per_image": seconds["cpu"], "data": images.description}
         _store(snapshot, settings, entry)
     todo = [m for m in modes if not _current(entry["modes"].get(m.name), m)]
     if not todo:
         return entry
     images = images or held_out(snapshot, settings)
-    probe = min(PROBE_IMAGES, len(images.inputs))
-    speed = {}
+    probes = entry.setdefault("probes", {})      # CPU seconds per image on the first few images: the order
     for mode in todo:
-        _sweep_all(engines, mode, images, settings, min(probe, 1))          # builds and warms the engine
-        speed[mode.name] = _sweep_all(engines, mode, images, settings, probe)[1]
-    for mode in sorted(todo, key=lambda m: speed[m.name]):
+        if not _current(probes.get(mode.name), mode):
+            _sweep_all(engines, mode, images, settings, 1)          # builds and warms the engine
+            cpu = _sweep_all(engines, mode, images, settings, min(PROBE_IMAGES, len(images.inputs)))[1]["cpu"]
+            probes[mode.name] = {"runtime": runtime_of(mode), "cpu_seconds_per_image": cpu}
+            _store(snapshot, settings, entry)
+    best = min((r["figures"]["cpu_seconds_per_image"] for m in modes if _current(r := entry["modes"].get(m.name), m)
+                and not verdict(r["figures"], settings)), default=float("inf"))
+    for mode in sorted(todo, key=lambda m: probes[m.name]["cpu_seconds_per_image"]):
+        if not every and probes[mode.name]["cpu_seconds_per_image"] >= best:
+            break                          # slower than a mode that passed already: it could not be chosen
         evidence, seconds, forwards = _sweep_all(engines, mode, images, settings, len(images.inputs))
         figures = compare(entry["exact"]["evidence"], evidence, settings.tolerance)
-        figures.update(seconds_per_image=seconds, forwards_per_image=forwards,
-                       speedup_vs_exact=entry["exact"]["seconds_per_image"] / seconds)
+        figures.update(seconds_per_image=seconds["wall"], cpu_seconds_per_image=seconds["cpu"],
+                       forwards_per_image=forwards,
+                       speedup_vs_exact=entry["exact"]["cpu_seconds_per_image"] / seconds["cpu"])
         engine = engines.runtime_engine(mode.engine, mode.precision)
         entry["modes"][mode.name] = {"mode": mode.to_json(), "runtime": runtime_of(mode),
                                      "graph_sha256": graph_sha256(engine), "figures": figures}
@@ -312,8 +354,10 @@ def measure(snapshot, settings: GateSettings, engines, modes: list[OcclusionMode
         reasons = verdict(figures, settings)
         _log(log, f"gate: {mode.name}: {'passed' if not reasons else 'refused: ' + '; '.join(reasons)} "
                   f"({_summary(figures)})")
-        if not reasons and not every:
-            break
+        if not reasons:
+            best = min(best, seconds["cpu"])
+            if not every:
+                break
     return entry
 
 
@@ -326,35 +370,41 @@ def _summary(f: dict) -> str:
     if f["hit_agreement"] is not None:
         pg = f["pointing_game"]
         parts += [f"hit {f['hit_agreement']:.1%}", f"pointing game {pg['mode']:.1f}% vs {pg['exact']:.1f}%"]
-    parts.append(f"{f['seconds_per_image'] * 1e3:.0f} ms/image, {f['speedup_vs_exact']:.1f}x exact, "
+    parts.append(f"{f['cpu_seconds_per_image'] * 1e3:.0f} CPU-ms/image, {f['speedup_vs_exact']:.1f}x exact, "
                  f"{f['images']} images")
     return ", ".join(parts)
 
 
 def choose(snapshot, settings: GateSettings, engines, *, modes: list[OcclusionMode] | None = None,
            measure_missing: bool = True, log=None) -> GateChoice:
-    """The fastest mode of ``modes`` (default :func:`candidates`) that passes the gate for ``settings``,
-    measuring what is missing when ``measure_missing``; else exact, with the reason."""
-    modes = candidates() if modes is None else modes
+    """The fastest mode of ``modes`` that passes the gate for ``settings``, measuring what is missing when
+    ``measure_missing``; else exact, with the reason. ``modes`` default: :func:`candidates`, and when only
+    looking up, every mode stored for these settings too."""
+    if modes is None:
+        modes = candidates()
+        if not measure_missing:
+            measured = stored(snapshot, settings)
+            modes += [m for m in (OcclusionMode.from_json(r["mode"]) for r in (measured or {}).get("modes", {}).values())
+                      if m not in modes]
     try:
         entry = measure(snapshot, settings, engines, modes, log=log) if measure_missing else \
             stored(snapshot, settings)
     except InvalidArgumentError as exc:    # no held-out images for this model: exact, saying why
-        return GateChoice(EXACT_MODE, f"exact (no fast mode: {exc})")
+        return GateChoice(EXACT_MODE, f"no fast mode: {exc}")
     if entry is None:
-        return GateChoice(EXACT_MODE, f"exact (no gate measured for window {settings.window}, stride "
-                                      f"{settings.stride}: zfserve occlusion-gate)")
+        return GateChoice(EXACT_MODE, f"no gate measured for window {settings.window}, stride {settings.stride}: "
+                                      f"zfserve occlusion-gate")
     table = {name: r["figures"] for name, r in entry["modes"].items()}
-    passing = [(r["figures"]["seconds_per_image"], m) for m in modes
+    passing = [(r["figures"]["cpu_seconds_per_image"], m) for m in modes
                if _current(r := entry["modes"].get(m.name), m) and not verdict(r["figures"], settings)]
     if not passing:
         refused = "; ".join(f"{m.name}: {', '.join(verdict(r['figures'], settings))}" for m in modes
                             if _current(r := entry["modes"].get(m.name), m))
-        return GateChoice(EXACT_MODE, f"{EXACT_NAME} (fallback: no fast mode passed the gate"
-                                      f"{': ' + refused if refused else ''})", None, table)
+        return GateChoice(EXACT_MODE, f"fallback: no fast mode passed the gate{': ' + refused if refused else ''}",
+                          None, table)
     _, mode = min(passing, key=lambda p: p[0])
     figures = entry["modes"][mode.name]["figures"]
-    return GateChoice(mode, f"{mode.name} (gate passed: {_summary(figures)})", figures, table)
+    return GateChoice(mode, f"gate passed: {_summary(figures)}", figures, table)
 
 
 __all__ = ["DEFAULT_GATE_IMAGES", "DEFAULT_MAX_POINTING_DELTA", "DEFAULT_MIN_AGREEMENT", "GATE_FILE", "GateChoice",

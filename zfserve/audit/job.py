@@ -192,7 +192,7 @@ def _choose(model, backend, gate_settings, exact: bool, candidates, device: str,
     from .gate import GateChoice, choose
     t0 = time.perf_counter()
     if exact:
-        choice = GateChoice(EXACT_MODE, "exact (--exact)")
+        choice = GateChoice(EXACT_MODE, "--exact")
     else:
         snapshot = backend.snapshot if backend is not None else read_snapshot(model or default_model_name())
         engines = backend.engines if backend is not None else OcclusionEngines(snapshot, device=device)

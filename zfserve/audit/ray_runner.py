@@ -35,7 +35,8 @@ class RayAuditor:
         settings = AuditSettings(**{**settings, "occlusion": tuple(occlusion) if occlusion else None})
         # The driver's gate chose the occlusion mode: every actor sweeps in it, on the same engines as locally.
         mode = OcclusionMode.from_json(settings.occlusion_mode) if settings.occlusion_mode else None
-        self.auditor = Auditor(LocalBackend(model, device=device, mode=mode), settings, done=done,
+        # One thread: the actor holds one CPU (num_cpus=1), so its engines run single-threaded.
+        self.auditor = Auditor(LocalBackend(model, device=device, mode=mode, threads=1), settings, done=done,
                                heatmap_dir=heatmap_dir)
 
     def __call__(self, batch):

@@ -36,6 +36,7 @@ from ..errors import InvalidArgumentError
 from ..model import CONV_GEOMETRY, POOL_GEOMETRY, SPATIAL_LAYERS, ZFNet
 from .occlusion_fill import occluder
 from .occlusion_stages import OrtStages, TorchStages
+from .parallel import ordered_map
 from .results import DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult, window_starts
 
 BACKENDS = ("auto", "onnxruntime", "torch")
@@ -211,10 +212,12 @@ class OcclusionEngine:
     1024 on GPUs, where launches rather than FLOPs dominate). ``buckets``: groups of positions per axis, each
     with its own, smaller tile sizes (default 1: one tile shape for all; more buckets save ~10% of the FLOPs
     but measured slower with ONNX Runtime on CPUs, 625 positions: 1 bucket 8.2 s, 3: 8.9 s, 8: 15.8 s CPU).
+    ``workers``: tile batches computed at once with ONNX Runtime, each by single-threaded stages (default: PyTorch's
+    thread count, so one worker per core; 1 with PyTorch stages).
     """
 
     def __init__(self, model: ZFNet, *, device: str | torch.device = "cpu", batch_size: int | None = None,
-                 backend: str = "auto", buckets: int | None = None):
+                 backend: str = "auto", buckets: int | None = None, workers: int | None = None):
         self.device = checks.device(device)
         on_cpu = self.device.type == "cpu"
         self.batch_size = checks.integer((128 if on_cpu else 1024) if batch_size is None else batch_size,
@@ -231,8 +234,11 @@ class OcclusionEngine:
         self.sizes = model.spatial_sizes()
         self.channels = model.channels()
         self.num_classes = self.channels["fc8"]
+        self.workers = checks.integer(torch.get_num_threads() if workers is None else workers, "workers", 1) \
+            if backend == "onnxruntime" else 1
         with torch.no_grad():
-            self.stages = OrtStages(model) if backend == "onnxruntime" else TorchStages(model, self.device)
+            self.stages = OrtStages(model, threads=1 if self.workers > 1 else None) if backend == "onnxruntime" \
+                else TorchStages(model, self.device)
         self.stage_s: dict[str, float] = {}
         # Glue between stages in torch tensors (GPU) or numpy (CPU); tests flip it to run the GPU path on a CPU.
         self.tensor_glue = not on_cpu
@@ -369,16 +375,20 @@ class OcclusionEngine:
             if progress is not None:
                 progress(done, total)
 
+        batches = []
         for gy, plan_y in zip(groups, plans):
             for gx, plan_x in zip(groups, plans):
                 iy, ix = (a.reshape(-1) for a in np.meshgrid(np.arange(len(gy)), np.arange(len(gx)), indexing="ij"))
                 # Even batches: a group of 72 runs as 36 + 36, not 64 + 8.
                 for part in np.array_split(np.arange(len(iy)), -(-len(iy) // self.batch_size)):
-                    by, bx = iy[part], ix[part]
-                    got = self._tiles(base.caches, plan_y, plan_x, by, bx, layer, channel=base.channel)
-                    queue.append((gy[by], gx[bx], got["c5"], got.get("activity")))
-                    if sum(len(q[0]) for q in queue) >= self.batch_size:
-                        run_head()
+                    batches.append((gy[iy[part]], gx[ix[part]], plan_y, plan_x, iy[part], ix[part]))
+
+        def tiles(b):
+            return b, self._tiles(base.caches, b[2], b[3], b[4], b[5], layer, channel=base.channel)
+        for (rows, cols, *_), got in ordered_map(tiles, batches, self.workers):   # workers > 1: batches at once
+            queue.append((rows, cols, got["c5"], got.get("activity")))
+            if sum(len(q[0]) for q in queue) >= self.batch_size:
+                run_head()
         if queue:
             run_head()
         return logits, activity

@@ -125,20 +125,27 @@ class OcclusionEngines:
             if self._exact is None:
                 from .occlusion import OcclusionEngine
                 model = self._torch_model() if self._torch_model else self.snapshot.model(self.device)
-                self._exact = OcclusionEngine(model, device=self.device, batch_size=self.batch_size)
+                self._exact = OcclusionEngine(model, device=self.device, batch_size=self.batch_size,
+                                              workers=self.threads)
             return self._exact
 
     def runtime_engine(self, engine: str, precision: str) -> RuntimeOcclusionEngine:
+        """The batched engine of (engine, precision): on CPUs one single-threaded forward pass in flight per
+        thread (``threads``), on a reused classifier as many as its threads leave room for."""
         key = (engine, precision)
         with self._lock:
             if key not in self._runtime:
+                from .classifier import Classifier, available_threads
+                threads = self.threads or available_threads()
+                on_cpu = self.device == "cpu" or engine == "openvino"
                 classifier = self._classifiers.get(key)
                 if classifier is None:
-                    from .classifier import Classifier
-                    classifier = Classifier(self.snapshot, engine=engine, precision=precision, threads=self.threads,
+                    classifier = Classifier(self.snapshot, engine=engine, precision=precision,
+                                            threads=1 if on_cpu else threads, streams=threads if on_cpu else 1,
                                             device=self.device if engine == "onnxruntime" else "cpu",
                                             max_batch_size=max(64, self.batch_size or 0))
-                self._runtime[key] = RuntimeOcclusionEngine(classifier, batch_size=self.batch_size)
+                workers = max(1, threads // classifier.threads) if on_cpu else 1
+                self._runtime[key] = RuntimeOcclusionEngine(classifier, batch_size=self.batch_size, workers=workers)
             return self._runtime[key]
 
     def warm(self, mode: OcclusionMode) -> None:

@@ -6,9 +6,9 @@ A sweep's positions form an ``n x n`` grid (``n`` window starts per axis, :func:
 the engine batches a round's positions (across images, too) into full forward passes. Approximations:
 
 - ``drilldown`` (adaptive drill-down over full forward passes): a coarse lattice, every ``coarse``-th position
-  per axis (and the last, so the borders are covered), then every position within ``coarse - 1`` steps of
-  the ``refine`` lowest coarse probabilities (the largest drops). A fixed budget: about ``n^2 / coarse^2``
-  plus ``refine * (2 coarse - 1)^2`` positions.
+  per axis (and the last, so the borders are covered); then the step halves until it is 1, and each time the
+  positions one step away from the ``refine`` lowest probabilities so far (the largest drops) are evaluated.
+  About ``n^2 / coarse^2 + 8 * refine * log2(coarse)`` positions.
 - ``early-stop`` (stop when the evidence is decided): the same coarse lattice, then rounds: a position not yet
   evaluated is a candidate while some evaluated position within ``coarse`` steps of it shows a drop of the
   target's probability of at least ``1 - margin`` times the largest drop found so far (a window is assumed to
@@ -151,18 +151,25 @@ class DrillDown(_Coarse):
     def __init__(self, count: int, coarse: int, refine: int):
         super().__init__(count, coarse)
         self.refine = refine
+        self.step = coarse
 
     def _refine(self) -> np.ndarray:
-        if self.rounds > 2 or self.refine == 0 or self.coarse == 1:
-            return np.empty(0, np.int64)
-        lattice = np.flatnonzero(self.evaluated)
-        lowest = lattice[np.argsort(self.values.flat[lattice], kind="stable")[:self.refine]]
-        near = np.zeros_like(self.evaluated)
-        reach = self.coarse - 1
-        for flat in lowest:
-            r, c = divmod(int(flat), self.count)
-            near[max(0, r - reach):r + reach + 1, max(0, c - reach):c + reach + 1] = True
-        return np.flatnonzero(near & ~self.evaluated)
+        """Halve the step until 1: around each of the ``refine`` lowest probabilities so far, the positions one
+        new step away (the 3 x 3 block at that step)."""
+        while self.step > 1 and self.refine > 0:
+            self.step //= 2
+            evaluated = np.flatnonzero(self.evaluated)
+            lowest = evaluated[np.argsort(self.values.flat[evaluated], kind="stable")[:self.refine]]
+            near = np.zeros_like(self.evaluated)
+            for flat in lowest:
+                r, c = divmod(int(flat), self.count)
+                rows = np.clip(r + self.step * np.arange(-1, 2), 0, self.count - 1)
+                cols = np.clip(c + self.step * np.arange(-1, 2), 0, self.count - 1)
+                near[np.ix_(rows, cols)] = True
+            todo = np.flatnonzero(near & ~self.evaluated)
+            if len(todo):
+                return todo
+        return np.empty(0, np.int64)
 
 
 class EarlyStop(_Coarse):

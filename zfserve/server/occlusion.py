@@ -18,7 +18,7 @@ def resolve_mode(runtime, asked: dict, gated: bool, window, stride):
         return EXACT_MODE, ""          # the engine refuses these settings with its own message
     choice = choose(runtime.snapshot, GateSettings(int(window), int(stride)), runtime.occlusion_engines(),
                     measure_missing=False)
-    return choice.mode, choice.note
+    return choice.mode, choice.reason
 
 
 __all__ = ["resolve_mode"]

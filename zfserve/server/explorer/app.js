@@ -688,10 +688,10 @@
       $("occlusion-mode").textContent = "";
       return;
     }
-    const evaluated = mode.evaluated === null ? "" : ` (${mode.evaluated} of ${positions} positions evaluated, ` +
-      "the rest filled in from their neighbours)";
-    $("occlusion-mode").textContent = `Mode: ${mode.name} on ${mode.engine} ${mode.precision}${evaluated}.` +
-      (mode.gate ? ` ${mode.gate}.` : "");
+    const evaluated = mode.evaluated === null ? "every position evaluated" : `${mode.evaluated} of ${positions} ` +
+      "positions evaluated, the others filled in from their neighbours";
+    $("occlusion-mode").textContent = `Mode: ${mode.name} (${mode.engine} ${mode.precision}, ${evaluated}).` +
+      (mode.gate ? ` Why: ${mode.gate}.` : "");
   }
 
   function clearHeatmap() {
