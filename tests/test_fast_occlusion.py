@@ -385,3 +385,36 @@ def test_the_server_sweeps_in_the_mode_asked_for_or_the_gated_one(model_dir, sna
             with pytest.raises(grpc.RpcError) as refused:
                 stub.OcclusionSweep(pb.OcclusionRequest(images=images, window=112, stride=112, **bad))
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in refused.value.details()
+
+
+# ---------------------------------------------------------------------------------------------- the commands
+def test_occlude_and_occlusion_gate_commands(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from zfserve.cli import main
+    from zfserve.data import render
+    photo = tmp_path / "photo.png"
+    Image.fromarray(render(9, 2).image).save(photo)
+    out = tmp_path / "occ"
+    assert main(["occlude", str(photo), "--model", str(model_dir), "--window", "48", "--stride", "16",
+                 "--approximation", "drilldown", "--coarse", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "occlusion.json").read_text())
+    assert doc["mode"] == "onnxruntime-fp32+drilldown(coarse 4, refine 3)" and doc["engine"] == "onnxruntime"
+    assert 0 < doc["evaluated"] < 144 and f"mode: {doc['mode']}" in printed
+    assert np.load(out / "occlusion.npz")["evaluated"].sum() == doc["evaluated"]
+    assert main(["occlude", str(photo), "--model", str(model_dir), "--out", str(tmp_path / "x"), "--window", "112",
+                 "--stride", "112"]) == 0
+    assert json.loads((tmp_path / "x" / "occlusion.json").read_text())["mode"] == "exact"
+    capsys.readouterr()
+    for flags, field in ((["--precision", "bf16"], "bf16"), (["--coarse", "3"], "--approximation"),
+                         (["--approximation", "drilldown", "--margin", "3"], "--margin")):
+        assert main(["occlude", str(photo), "--model", str(model_dir), "--out", str(tmp_path / "y"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert field in err and len(err.strip().splitlines()) == 1, err
+    assert main(["occlusion-gate", "--model", str(model_dir), "--occlusion", "112,112", "--precisions", "fp32",
+                 "--gate-images", "4", "--all"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime-fp32+drilldown(coarse 2, refine 3)" in printed and "passes" in printed
+    assert "chosen: onnxruntime-fp32+" in printed and "occlusion-gate.json" in printed
+    assert main(["occlusion-gate", "--model", str(model_dir), "--precisions", "fp16"]) == 2

@@ -151,7 +151,7 @@ def _entry(entries: list[dict], sha256: str, measured_on: dict) -> dict | None:
 
 def _write(path: Path, entries: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"format": GATE_FORMAT, "entries": entries}, indent=1) + "\n")
+    tmp.write_text(json.dumps({"format": GATE_FORMAT, "entries": entries}, separators=(",", ":")) + "\n")
     tmp.replace(path)
 
 
