@@ -418,3 +418,39 @@ def test_occlude_and_occlusion_gate_commands(model_dir, tmp_path, capsys):
     assert "onnxruntime-fp32+drilldown(coarse 2, refine 3)" in printed and "passes" in printed
     assert "chosen: onnxruntime-fp32+" in printed and "occlusion-gate.json" in printed
     assert main(["occlusion-gate", "--model", str(model_dir), "--precisions", "fp16"]) == 2
+
+
+def test_the_gate_of_a_model_of_other_classes_uses_its_int8_calibration_folder(spread_model, tmp_path):
+    """No synthetic images for a model of its own classes: the gate takes the folder its int8 graph was
+    calibrated on, less the images calibration used."""
+    from PIL import Image
+
+    from zfserve.audit import gate
+    from zfserve.data import render
+    from zfserve.data.folders import folder_entries
+    from zfserve.engine.classifier import Classifier
+    from zfserve.engine.quantize import Int8Settings
+    from zfserve.preprocess import to_input
+    from zfserve.weights import read_snapshot, save_model
+    folder = tmp_path / "photos"
+    for label, name in enumerate(("cat", "dog")):
+        (folder / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(render(12, 2 * i + label).image).save(folder / name / f"{i}.png")
+    model = spread_model(seed=3, widths=WIDTHS, num_classes=2, fc_width=16)
+    snapshot = read_snapshot(save_model(model, tmp_path / "pets", class_names=["cat", "dog"], name="pets"))
+    settings = gate.GateSettings(112, 112, images=5)
+    with pytest.raises(InvalidArgumentError, match="not calibrated on a folder"):
+        gate.held_out(snapshot, settings)
+    Classifier(snapshot, precision="int8", int8=Int8Settings(calibration=str(folder), calibration_images=4,
+                                                               accuracy_images=8, max_accuracy_drop=100.0))
+    images = gate.held_out(snapshot, settings)
+    assert len(images.inputs) == 5 and images.description.endswith("(not the 4 int8 calibrated on)")
+    assert set(images.targets) <= {0, 1} and images.masks == [None] * 5
+    calibrated = {0, 4, 7, 11}       # np.linspace(0, 11, 4).round(): the images calibration took
+    rest = [i for i in range(12) if i not in calibrated]
+    picks = [rest[j] for j in (0, 2, 4, 5, 7)]          # 5 of the 8 others, spread evenly
+    entries, _ = folder_entries(folder)
+    for x, i in zip(images.inputs, picks):
+        np.testing.assert_array_equal(x, to_input(np.asarray(Image.open(entries[i].path).convert("RGB")),
+                                                  snapshot.config))

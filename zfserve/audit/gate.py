@@ -2,8 +2,9 @@
 audit's default only once it has been measured against the exact sweep, as int8 classification must first pass
 its accuracy gate.
 
-On held-out images (the synthetic set at seed 4 for models of the synthetic classes, or ``data``: an ImageFolder
-or a folder with ``annotations.json``), for the audit's window, stride and pointing tolerance, each candidate
+On held-out images (the synthetic set at seed 4 for models of the synthetic classes, else the folder the model's
+int8 graph was calibrated on, less the images calibration used; or ``data``: an ImageFolder or a folder with
+``annotations.json``), for the audit's window, stride and pointing tolerance, each candidate
 mode's evidence is compared with the exact sweep's, image by image, as the audit computes it
 (:mod:`zfserve.paper.localization`):
 - location: the centre of the largest drop lies within the tolerance of the exact one;
@@ -35,6 +36,7 @@ import numpy as np
 from .. import _checks as checks
 from ..engine.occlusion_modes import EXACT_MODE, OcclusionMode
 from ..engine.occlusion_plans import Approximation
+from ..data import CLASSES
 from ..errors import InvalidArgumentError, ZFServeError
 from ..paper.localization import distance_to_mask, drop_point
 from ..preprocess import mask_to_input, to_input
@@ -56,7 +58,7 @@ class GateSettings:
     window: int
     stride: int
     tolerance: int = DEFAULT_TOLERANCE
-    data: str = "synthetic"
+    data: str = "auto"
     images: int = DEFAULT_GATE_IMAGES
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     max_pointing_delta: float = DEFAULT_MAX_POINTING_DELTA
@@ -207,12 +209,16 @@ class _Images:
 
 
 def held_out(snapshot, settings: GateSettings) -> _Images:
-    """The gate's images: ``synthetic`` (seed 4) or ``synthetic:SEED`` for models of the synthetic classes, or
-    a folder (ImageFolder, or annotations.json with masks)."""
+    """The gate's images: ``auto`` (the synthetic set at seed 4 for models of the synthetic classes, else the
+    folder the model's int8 graph was calibrated on, without the images calibration used), ``synthetic`` /
+    ``synthetic:SEED``, or a folder (ImageFolder, or annotations.json with masks)."""
     from ..engine.quantize import _training_seeds
     from ..paper.dataset import AnalysisData
     config = snapshot.config
-    data = settings.data
+    data, skip = settings.data, 0
+    if data == "auto":
+        calibrated = None if list(config.class_names) == list(CLASSES) else _calibration_folder(snapshot)
+        data, skip = calibrated or ("synthetic", 0)
     if data == "synthetic" or data.startswith("synthetic:"):
         seed = GATE_SEED if data == "synthetic" else checks.integer(
             int(data.partition(":")[2]) if data.partition(":")[2].isdigit() else -1, "gate_data", 0,
@@ -222,19 +228,45 @@ def held_out(snapshot, settings: GateSettings) -> _Images:
                                        f"seed", field="gate_data")
         source = AnalysisData("synthetic", seed=seed, n=settings.images)
     elif Path(data).is_dir():
-        source = AnalysisData(data, n=settings.images)
+        source = AnalysisData(data, n=1 << 30)
     else:
-        raise InvalidArgumentError(f"--gate-data: {data!r}; accepted: synthetic, synthetic:SEED or a folder of "
+        raise InvalidArgumentError(f"--gate-data: {data!r}; accepted: auto, synthetic, synthetic:SEED or a folder of "
                                    f"held-out images (ImageFolder, or annotations.json with masks)", field="gate_data")
     match = list(config.class_names) == list(source.classes)
     if not match and source.source == "synthetic":
-        raise InvalidArgumentError(f"--gate-data: the model's classes are not the synthetic set's; give a folder of "
-                                   f"held-out images of its own classes (--gate-data DIR)", field="gate_data")
-    items = [source.item(i) for i in range(len(source))]
+        raise InvalidArgumentError("--gate-data: the model's classes are not the synthetic set's and its int8 graph "
+                                   "was not calibrated on a folder; give a folder of held-out images of its own "
+                                   "classes (--gate-data DIR)", field="gate_data")
+    indices = _spread(len(source), settings.images, skip)
+    items = [source.item(int(i)) for i in indices]
+    what = source.describe() if source.source == "synthetic" else \
+        f"{data}, {len(items)} of {len(source)} images" + (f" (not the {skip} int8 calibrated on)" if skip else "")
     return _Images(np.stack([to_input(it.image, config) for it in items]),
                    [int(it.label) if match else None for it in items],
-                   [mask_to_input(it.mask, config) if it.mask is not None else None for it in items],
-                   source.describe())
+                   [mask_to_input(it.mask, config) if it.mask is not None else None for it in items], what)
+
+
+def _calibration_folder(snapshot) -> tuple[str, int] | None:
+    """(the folder the model's int8 graph was calibrated on, how many of its images calibration took), if any."""
+    from ..engine.quantize import INT8_FILE, META_CALIBRATION
+    from ..export import read_metadata
+    path = gate_path(snapshot).parent / INT8_FILE
+    record = json.loads(read_metadata(path).get(META_CALIBRATION, "{}")) if path.is_file() else {}
+    source = record.get("source")
+    return (source, int(record.get("images", 0))) if source and Path(source).is_dir() else None
+
+
+def _spread(count: int, wanted: int, skip: int) -> np.ndarray:
+    """``wanted`` indices spread evenly over ``0..count-1``, leaving out the ``skip`` that int8 calibration took
+    (spread the same way, :func:`zfserve.engine.quantize.held_out_data`)."""
+    if count <= wanted and not skip:
+        return np.arange(count)
+    taken = np.unique(np.linspace(0, count - 1, skip).round().astype(int)) if skip else np.empty(0, int)
+    rest = np.setdiff1d(np.arange(count), taken)
+    if not len(rest):
+        raise InvalidArgumentError(f"--gate-data: every one of the {count} images was used for int8 calibration; "
+                                   f"give a folder of other held-out images", field="gate_data")
+    return rest[np.unique(np.linspace(0, len(rest) - 1, min(wanted, len(rest))).round().astype(int))]
 
 
 # ---------------------------------------------------------------------------------------------- measuring

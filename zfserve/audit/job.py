@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import asdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import _checks as checks

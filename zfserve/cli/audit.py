@@ -63,8 +63,10 @@ def add_gate_options(p) -> None:
     g = p.add_argument_group("agreement gate (fast occlusion modes against exact)")
     g.add_argument("--gate-images", type=int, default=DEFAULT_GATE_IMAGES,
                    help=f"held-out images it compares on (default {DEFAULT_GATE_IMAGES})")
-    g.add_argument("--gate-data", default="synthetic", help="held-out images: synthetic (seed 4, for models of the "
-                   "synthetic classes), synthetic:SEED, or a folder (ImageFolder, or annotations.json with masks)")
+    g.add_argument("--gate-data", default="auto", help="held-out images: auto (default: the synthetic set, seed 4, "
+                   "for models of its classes, else the folder the model's int8 graph was calibrated on, less the "
+                   "images calibration used), synthetic[:SEED], or a folder (ImageFolder, or annotations.json for "
+                   "masks)")
     g.add_argument("--gate-min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT,
                    help=f"the share of images on which a mode's evidence location, pointing hit and flag must agree "
                         f"with exact (default {DEFAULT_MIN_AGREEMENT})")

@@ -137,6 +137,8 @@ class RuntimeOcclusionEngine:
         """Sweep several images at once: each round's positions of every image share the forward batches.
         ``progress(done, total)`` counts positions over all images."""
         outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        if not len(images):
+            return []
         targets = [None] * len(images) if targets is None else list(targets)
         if len(targets) != len(images):
             raise InvalidArgumentError(f"targets: {len(targets)} given for {len(images)} images", field="target")
