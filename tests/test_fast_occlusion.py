@@ -454,3 +454,31 @@ def test_the_gate_of_a_model_of_other_classes_uses_its_int8_calibration_folder(s
     for x, i in zip(images.inputs, picks):
         np.testing.assert_array_equal(x, to_input(np.asarray(Image.open(entries[i].path).convert("RGB")),
                                                   snapshot.config))
+
+
+def test_a_gated_int8_mode_waits_for_its_graph_on_a_server(spread_model, tmp_path):
+    """The server never calibrates int8 inside a request: while the model's int8 graph is not made, a gated
+    sweep uses the fastest other mode that passed (here a drill-down in fp32), and says why."""
+    from types import SimpleNamespace
+
+    from zfserve.audit import gate
+    from zfserve.server.occlusion import resolve_mode
+    from zfserve.weights import read_snapshot, save_model
+    model = spread_model(seed=11, widths=WIDTHS, num_classes=len(CLASSES), fc_width=16)
+    snapshot = read_snapshot(save_model(model, tmp_path / "m", class_names=list(CLASSES), name="m"))
+    engines = OcclusionEngines(snapshot)
+    settings = gate.GateSettings(112, 112)           # what a server looks up
+    drill = mode_from(engine="onnxruntime", approximation="drilldown")
+    gate.choose(snapshot, settings, engines, modes=[drill])
+    # An int8 mode's record, written here from the fp32 one (measuring it would make the graph), twice as fast.
+    entry = gate.stored(snapshot, settings)
+    int8 = mode_from(engine="onnxruntime", precision="int8", approximation="drilldown")
+    record = entry["modes"][drill.name]
+    entry["modes"][int8.name] = {**record, "mode": int8.to_json(), "runtime": gate.runtime_of(int8), "figures": {
+        **record["figures"], "cpu_seconds_per_image": record["figures"]["cpu_seconds_per_image"] / 2}}
+    gate._store(snapshot, settings, entry)
+    assert gate.choose(snapshot, settings, engines, modes=[drill, int8], measure_missing=False).mode == int8
+    runtime = SimpleNamespace(snapshot=snapshot, engine="onnxruntime", precision="fp32", input_size=224,
+                              occlusion_engines=lambda: engines)
+    mode, why = resolve_mode(runtime, {}, True, 112, 112)
+    assert mode == drill and why.startswith("gate passed") and "int8 graph is not made yet" in why

@@ -89,6 +89,7 @@ class GateChoice:
     reason: str
     figures: dict | None = None
     table: dict = field(default_factory=dict)       # every measured mode's figures, by name
+    measured: list = field(default_factory=list)    # the modes measured on this runtime (chosen among)
 
     @property
     def name(self) -> str:
@@ -427,16 +428,16 @@ def choose(snapshot, settings: GateSettings, engines, *, modes: list[OcclusionMo
         return GateChoice(EXACT_MODE, f"no gate measured for window {settings.window}, stride {settings.stride}: "
                                       f"zfserve occlusion-gate")
     table = {name: r["figures"] for name, r in entry["modes"].items()}
-    passing = [(r["figures"]["cpu_seconds_per_image"], m) for m in modes
-               if _current(r := entry["modes"].get(m.name), m) and not verdict(r["figures"], settings)]
+    measured = [m for m in modes if _current(entry["modes"].get(m.name), m)]
+    passing = [m for m in measured if not verdict(entry["modes"][m.name]["figures"], settings)]
     if not passing:
-        refused = "; ".join(f"{m.name}: {', '.join(verdict(r['figures'], settings))}" for m in modes
-                            if _current(r := entry["modes"].get(m.name), m))
+        refused = "; ".join(f"{m.name}: {', '.join(verdict(entry['modes'][m.name]['figures'], settings))}"
+                            for m in measured)
         return GateChoice(EXACT_MODE, f"fallback: no fast mode passed the gate{': ' + refused if refused else ''}",
-                          None, table)
-    _, mode = min(passing, key=lambda p: p[0])
+                          None, table, measured)
+    mode = min(passing, key=lambda m: entry["modes"][m.name]["figures"]["cpu_seconds_per_image"])
     figures = entry["modes"][mode.name]["figures"]
-    return GateChoice(mode, f"gate passed: {_summary(figures)}", figures, table)
+    return GateChoice(mode, f"gate passed: {_summary(figures)}", figures, table, measured)
 
 
 __all__ = ["DEFAULT_GATE_IMAGES", "DEFAULT_MAX_POINTING_DELTA", "DEFAULT_MIN_AGREEMENT", "GATE_FILE", "GateChoice",
