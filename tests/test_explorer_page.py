@@ -316,11 +316,41 @@ def test_upload_shows_predictions_and_the_occlusion_map(browser, server, photo, 
     assert heat["distinct"] > 10 and heat["alpha"] > 0, heat
     assert "window 32 px, stride 8 px, 25×25 positions" in text_of(browser, "occlusion-summary")
     assert text_of(browser, "occlusion-label") == "Map: occlusion sensitivity: drop of the target class's probability."
+    # No agreement gate measured for the tiny model: the exact mode, named beside the map with the reason.
+    assert text_of(browser, "occlusion-mode") == ("Mode: exact (onnxruntime fp32, every position evaluated). Why: no "
+                                                  "gate measured for window 32, stride 8: zfserve occlusion-gate.")
     assert hash_params(browser)["occlusion"] == "1"
     by_id(browser, "map-kind").send_keys("per-pixel attribution")
     wait(browser, lambda d: hash_params(d).get("map") == "attribution")
     assert canvas_pixels(browser, "heatmap")["distinct"] > 10
     assert not by_id(browser, "error").is_displayed()
+    assert script_errors(browser) == []
+
+
+def test_a_gated_fast_mode_draws_the_map_and_the_page_says_so(browser, server, photo, models):
+    """Once `zfserve occlusion-gate` has passed a fast mode for the page's window and stride, the page's sweeps
+    run in it and name it; the map equals that mode's sweep computed here."""
+    from zfserve.audit import gate
+    from zfserve.engine.occlusion_modes import OcclusionEngines, mode_from
+    from zfserve.preprocess import load_image
+    from zfserve.weights import read_snapshot
+    snapshot = read_snapshot(models / "tiny")
+    engines = OcclusionEngines(snapshot)
+    # On a 3 x 3 grid the lattice and three refined neighbourhoods cover every position: it agrees with exact.
+    drill = mode_from(engine="onnxruntime", approximation="drilldown")
+    assert gate.choose(snapshot, gate.GateSettings(112, 56), engines, modes=[drill]).mode == drill
+    _page_with_photo(browser, server, photo)
+    wait(browser, lambda d: text_of(d, "sweep-status") in ("done", "failed"), "the first sweep did not end")
+    for field, value in (("window", "112"), ("stride", "56")):
+        by_id(browser, field).clear()
+        by_id(browser, field).send_keys(value)
+    by_id(browser, "run-sweep").click()
+    wait(browser, lambda d: "3×3 positions" in text_of(d, "occlusion-summary"), "the 112/56 sweep did not finish")
+    shown = text_of(browser, "occlusion-mode")
+    assert shown.startswith(f"Mode: {drill.name} (onnxruntime fp32, every position evaluated). Why: gate passed: "
+                            f"location 100.0%"), shown
+    expected = engines.sweep(load_image(photo.read_bytes(), snapshot.config), drill, window=112, stride=56)
+    assert f"{expected.probability.min():.3f} at the worst" in text_of(browser, "occlusion-summary")
     assert script_errors(browser) == []
 
 

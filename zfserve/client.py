@@ -91,15 +91,18 @@ class Client:
                 target: int | None = None, outputs: Iterable[str] | None = None, layer: str | None = None,
                 channel: int | None = None, attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
                 timeout: float | None = None, fill_in_pixels: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> OcclusionResult:
+                progress: Callable[[int, int], None] | None = None, mode: dict | None = None) -> OcclusionResult:
         """One image's occlusion maps (as ``OcclusionEngine.sweep``; ``png`` holds the server's pictures with
         ``return_png``). The result carries what reproduces it: ``window``, ``stride``, ``fill`` / ``fill_units``,
-        ``target``, ``attribution_on`` ("probability" or "logit") and ``model_version`` (the served version). With
-        ``progress(done, total)`` the streaming RPC is used."""
+        ``target``, ``attribution_on`` ("probability" or "logit") and ``model_version`` (the served version), and
+        what drew it (``engine``, ``precision``, ``mode``). ``mode``: the occlusion mode's fields (``engine``,
+        ``precision``, ``approximation``, ``coarse``, ``refine``, ``margin``; unset: exact), or ``{"gated": True}``
+        for the fastest mode that passed the server's stored gate. With ``progress(done, total)`` the streaming
+        RPC is used."""
         request = wire.occlusion_request(image, window=window, stride=stride, fill=fill, target=target,
                                          outputs=outputs, layer=layer, channel=channel,
                                          attribution_on_logits=attribution_on_logits, return_png=return_png,
-                                         model=model, fill_in_pixels=fill_in_pixels)
+                                         model=model, fill_in_pixels=fill_in_pixels, mode=mode)
         if progress is None:
             return wire.occlusion_result(self._call(self._stub.OcclusionSweep, request, timeout))
         try:
@@ -154,6 +157,7 @@ class RemoteAuditBackend:
         self.class_names = list(info.class_names)
         self.preprocess = PreprocessConfig(**json.loads(info.preprocess_json))
         self._seconds = {"classify": 0.0}
+        self.gated = False     # the audit sets it: sweep in the server's gated fast mode (rows say which)
 
     def classify(self, images: list[bytes]) -> list:
         import re
@@ -179,7 +183,8 @@ class RemoteAuditBackend:
 
     def occlude(self, image: bytes, *, window: int, stride: int, target: int) -> OcclusionResult:
         return self.client.occlude(image, window=window, stride=stride, target=target,
-                                   outputs=("probability", "attribution"), model=self.name)
+                                   outputs=("probability", "attribution"), model=self.name,
+                                   mode={"gated": True} if self.gated else None)
 
     def take_seconds(self) -> dict:
         seconds, self._seconds = self._seconds, {"classify": 0.0}

@@ -252,11 +252,18 @@ def projections(response: pb.DeconvResponse) -> list[UnitProjection]:
 def occlusion_request(image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean",
                       target: int | None = None, outputs=None, layer: str | None = None, channel: int | None = None,
                       attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
-                      fill_in_pixels: bool = False) -> pb.OcclusionRequest:
+                      fill_in_pixels: bool = False, mode: dict | None = None) -> pb.OcclusionRequest:
+    """``mode``: the occlusion mode's request fields (:data:`MODE_FIELDS`, those given), or ``{"gated": True}``."""
     request = pb.OcclusionRequest(model=model, images=images_message(image), window=window, stride=stride,
                                   outputs=list(outputs or ()), activity_layer=layer or "",
                                   attribution_on_logits=attribution_on_logits, return_png=return_png,
                                   fill_in_pixels=fill_in_pixels)
+    for key, value in (mode or {}).items():
+        if key not in (*MODE_FIELDS, "gated"):
+            raise InvalidArgumentError(f"mode: {key!r} not accepted; accepted: {', '.join(MODE_FIELDS)}, gated",
+                                       field="mode")
+        if value is not None:
+            setattr(request, key, value)
     if target is not None:
         request.target = int(target)
     if channel is not None:
@@ -296,6 +303,19 @@ def sweep_arguments(request: pb.OcclusionRequest) -> dict:
     return args
 
 
+MODE_FIELDS = ("engine", "precision", "approximation", "coarse", "refine", "margin")
+
+
+def sweep_mode(request: pb.OcclusionRequest) -> tuple[dict, bool]:
+    """The occlusion mode a request asks for: (the fields of :data:`MODE_FIELDS` that are set, ``gated``)."""
+    asked = {key: getattr(request, key) for key in MODE_FIELDS
+             if (request.HasField(key) if key in ("coarse", "refine", "margin") else getattr(request, key))}
+    if request.gated and asked:
+        raise InvalidArgumentError(f"gated: the gate chooses the mode; leave {', '.join(asked)} unset",
+                                   field="gated")
+    return asked, bool(request.gated)
+
+
 def occlusion_response(model: str, result: OcclusionResult, version: str = "",
                        ood_note: str = "") -> pb.OcclusionResponse:
     """A sweep's result (with its ``png`` pictures when rendered) as an OcclusionResponse, with the settings used,
@@ -309,12 +329,15 @@ def occlusion_response(model: str, result: OcclusionResult, version: str = "",
         window=int(result.window), stride=int(result.stride),
         fill=[float(v) for v in np.asarray(result.fill).reshape(-1)], fill_units=result.fill_units,
         attribution_on=result.attribution_on, backend=result.backend, seconds=result.seconds, png=result.png,
-        model_version=version or result.model_version, ood_note=ood_note)
+        model_version=version or result.model_version, ood_note=ood_note, engine=result.engine,
+        precision=result.precision, mode=result.mode, gate=result.gate)
     if result.ood is not None:
         response.ood.CopyFrom(ood_message(result.ood))
     for name, arr in result.arrays().items():
         arr = np.asarray(arr).astype(np.int64 if name == "argmax" else np.float32, copy=False)
         getattr(response, name).CopyFrom(array_to_tensor(arr))
+    if result.evaluated is not None:
+        response.evaluated.CopyFrom(array_to_tensor(np.asarray(result.evaluated, dtype=np.uint8)))
     return response
 
 
@@ -328,7 +351,10 @@ def occlusion_result(r: pb.OcclusionResponse) -> OcclusionResult:
         base_probability=r.base_probability, base_activity=r.base_activity,
         **{name: _optional_array(getattr(r, name)) for name in OUTPUTS},
         timings={"base_s": 0.0, "sweep_s": r.seconds}, backend=r.backend, png=dict(r.png),
-        model_version=r.model_version, ood=ood_score(r.ood) if r.HasField("ood") else None)
+        model_version=r.model_version, ood=ood_score(r.ood) if r.HasField("ood") else None, engine=r.engine,
+        precision=r.precision or "fp32", mode=r.mode or "exact",
+        evaluated=None if (evaluated := _optional_array(r.evaluated)) is None else evaluated.astype(bool),
+        gate=r.gate)
 
 
 # ---------------------------------------------------------------------------------------------- OIP

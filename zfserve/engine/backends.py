@@ -107,11 +107,12 @@ class OnnxRuntimeBackend:
 class OpenVinoBackend:
     """An OpenVINO CPU compiled model: one stream of ``threads`` threads (latency first, as ONNX Runtime's
     session), the inference precision pinned (``f32`` for fp32 and the float parts of int8, ``bf16`` for bf16).
-    Infer requests are pooled, one per concurrent caller."""
+    Infer requests are pooled, one per concurrent caller. ``streams`` > 1: that many requests run at once, each
+    on its own ``threads`` (for callers that keep several in flight, as the occlusion engine does)."""
 
     engine = "openvino"
 
-    def __init__(self, onnx_bytes: bytes, *, threads: int, precision: str = "fp32"):
+    def __init__(self, onnx_bytes: bytes, *, threads: int, precision: str = "fp32", streams: int = 1):
         core = openvino_core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise InvalidArgumentError("precision 'bf16': this CPU has no bf16 support (OpenVINO's CPU "
@@ -119,7 +120,8 @@ class OpenVinoBackend:
         try:
             model = core.read_model(onnx_bytes)
             self.compiled = core.compile_model(model, "CPU", {
-                "INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": int(threads) * int(streams), "NUM_STREAMS": int(streams),
+                "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
                 "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"})
         except RuntimeError as exc:   # OpenVINO reports conversion and compilation failures as RuntimeError
             raise ModelLoadError(f"OpenVINO cannot compile the model ({str(exc).splitlines()[0]})") from None

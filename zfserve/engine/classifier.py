@@ -53,7 +53,8 @@ class Classifier:
     :meth:`end_profiling`. ``precision``: ``"fp32"``, ``"int8"`` (made on first use from held-out calibration
     images, see :func:`zfserve.engine.quantize.ensure_int8`; ``int8`` settings choose the calibration) or
     ``"bf16"`` (OpenVINO only); ``engine``: ``"onnxruntime"`` or ``"openvino"``. Both default to the model's
-    config.json (``precision``, ``engine``), else fp32 on ONNX Runtime.
+    config.json (``precision``, ``engine``), else fp32 on ONNX Runtime. ``streams``: OpenVINO runs that many
+    calls at once, ``threads`` each (an ONNX Runtime session runs concurrent calls as they come).
 
     ``ood``: score every image against the model's out-of-distribution statistics (``ood_detector``; None, with
     the reason in ``ood_note``, when there are none); False leaves the score off.
@@ -64,7 +65,7 @@ class Classifier:
 
     def __init__(self, model=None, *, device: str = "cpu", max_batch_size: int = 64, threads: int | None = None,
                  warmup: bool = True, profile_prefix: str | None = None, precision: str | None = None,
-                 engine: str | None = None, int8=None, ood: bool = True):
+                 engine: str | None = None, int8=None, ood: bool = True, streams: int = 1):
         import onnxruntime as ort
 
         checks.choice(device, "device", checks.DEVICE_TYPES)
@@ -102,7 +103,8 @@ class Classifier:
             raise ModelLoadError(f"{self.onnx_path}: changed on disk while the model was loading; load it again")
         try:
             if self.engine == "openvino":
-                self.backend = OpenVinoBackend(onnx_bytes, threads=self.threads, precision=self.precision)
+                self.backend = OpenVinoBackend(onnx_bytes, threads=self.threads, precision=self.precision,
+                                               streams=checks.integer(streams, "streams", 1, 64))
             else:
                 self.backend = OnnxRuntimeBackend(onnx_bytes, threads=self.threads, device=device,
                                                   profile_prefix=profile_prefix)

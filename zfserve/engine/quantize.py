@@ -396,17 +396,28 @@ def is_current_int8(path: Path, fp32_sha256: str, settings: Int8Settings | None 
     return all(recorded.get(k) == v for k, v in settings.calibration_record().items())
 
 
+def _int8_places(fp32_path, config: ModelConfig, settings: Int8Settings | None) -> tuple[Path | None, list[Path]]:
+    """(a current int8 file for the fp32 export at ``fp32_path``, or None; where one may be written)."""
+    from ..export import cache_root
+    fp32_path = Path(fp32_path)
+    digest = hashlib.sha256(fp32_path.read_bytes()).hexdigest()
+    candidates = [fp32_path.parent / INT8_FILE, cache_root() / f"{config.name}-int8-{digest[:16]}" / INT8_FILE]
+    return next((p for p in candidates if is_current_int8(p, digest, settings)), None), candidates
+
+
+def find_int8(fp32_path: str | Path, config: ModelConfig) -> Path | None:
+    """The current int8 file for the fp32 export at ``fp32_path`` when one has been made (nothing is made)."""
+    return _int8_places(fp32_path, config, None)[0]
+
+
 def ensure_int8(fp32_path: str | Path, config: ModelConfig, settings: Int8Settings | None = None) -> Path:
     """The path of a current int8 file for the fp32 export at ``fp32_path``: ``model.int8.onnx`` beside it (or,
     where that folder is not writable, in the user cache), made only when missing, made from another fp32 file
     (the weights changed), or made with other calibration settings than ``settings`` (when given; None: any)."""
-    from ..export import ExportError, _writable, cache_root
-    fp32_path = Path(fp32_path)
-    digest = hashlib.sha256(fp32_path.read_bytes()).hexdigest()
-    candidates = [fp32_path.parent / INT8_FILE, cache_root() / f"{config.name}-int8-{digest[:16]}" / INT8_FILE]
-    for path in candidates:
-        if is_current_int8(path, digest, settings):
-            return path
+    from ..export import ExportError, _writable
+    found, candidates = _int8_places(fp32_path, config, settings)
+    if found is not None:
+        return found
     for path in candidates:
         if _writable(path.parent):
             quantize_int8(fp32_path, path, config, settings)

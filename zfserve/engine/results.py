@@ -136,6 +136,20 @@ class OcclusionResult:
     model_version: str = ""
     # The unoccluded image's out-of-distribution verdict (None: not scored, or the model has no statistics).
     ood: OodScore | None = None
+    # What drew it (:mod:`zfserve.engine.occlusion_modes`): the runtime that ran the forward passes ("onnxruntime",
+    # "openvino" or "torch"; default: ``backend``), its precision, and the mode: "exact" or the batched engine
+    # with its approximation, e.g. "openvino-int8+drilldown(coarse 2, refine 3)".
+    engine: str = ""
+    precision: str = "fp32"
+    mode: str = "exact"
+    # (ny, nx) bool: the positions whose occluded image was evaluated; None when all were. An approximation
+    # evaluates fewer and fills the others from evaluated neighbours (see :mod:`zfserve.engine.occlusion_plans`).
+    evaluated: np.ndarray | None = None
+    # Why this mode was used, when it was chosen for the caller (an audit's or the explorer's gate verdict).
+    gate: str = ""
+
+    def __post_init__(self):
+        self.engine = self.engine or self.backend
 
     @property
     def shape(self) -> tuple[int, int]:

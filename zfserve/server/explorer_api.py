@@ -204,8 +204,9 @@ class ExplorerApi:
 
     async def occlusion(self, request):
         doc = await _request_json(request)
+        # gated: the fastest mode that passed the model's agreement gate for these settings, else exact.
         req = pb.OcclusionRequest(images=self.images(doc), model=str(doc.get("model") or ""),
-                                  outputs=["probability", "attribution"])
+                                  outputs=["probability", "attribution"], gated=True)
         for key in ("window", "stride", "target"):
             if _optional_int(doc, key) is not None:
                 setattr(req, key, doc[key])
@@ -293,6 +294,9 @@ def _sweep_result(response: pb.OcclusionResponse, names: list[str]) -> dict:
             "positions": list(result.shape), "starts": [int(s) for s in result.starts],
             "probability": np.round(result.probability.astype(np.float64), 6).tolist(),
             "base_probability": result.base_probability, "min_probability": float(result.probability.min()),
+            "mode": {"name": result.mode, "engine": result.engine, "precision": result.precision,
+                     "gate": result.gate, "evaluated": None if result.evaluated is None else
+                     int(np.count_nonzero(result.evaluated))},
             "attribution": np.round(result.attribution.astype(np.float64), 6).tolist()}
 
 

@@ -106,12 +106,19 @@ class Runtime:
                 self._deconv = DeconvEngine(model, self.device)
             return self._deconv
 
-    def occlusion_engine(self):
-        model = self.torch_model()
+    def occlusion_engines(self):
+        """The occlusion engines (:class:`~zfserve.engine.occlusion_modes.OcclusionEngines`): the incremental one
+        on the PyTorch model above, batched ones reusing the served classifier for its engine and precision
+        and building others with the heavy work's thread count."""
         with self._lock:
             if self._occlusion is None:
-                from ..engine.occlusion import OcclusionEngine
-                self._occlusion = OcclusionEngine(model, device=self.device)
+                import torch
+
+                from ..engine.occlusion_modes import OcclusionEngines
+                served = {(self.classifier.engine, self.classifier.precision): self.classifier} \
+                    if self.device == "cpu" else {}
+                self._occlusion = OcclusionEngines(self.snapshot, device=self.device, threads=torch.get_num_threads(),
+                                                   classifiers=served, torch_model=self.torch_model)
             return self._occlusion
 
 

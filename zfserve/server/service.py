@@ -18,6 +18,7 @@ from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K, TopK
 from ..errors import InvalidArgumentError
 from ..preprocess import to_display
 from .handlers import deadline_of, peer_of, server_stream, unary
+from .occlusion import resolve_mode
 
 # Most occluder positions one sweep may take (64 x 64; the default 32/8 sweep is 25 x 25).
 DEFAULT_MAX_OCCLUSION_POSITIONS = 4096
@@ -118,13 +119,16 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         model = self._model(request.model, context)
         args = wire.sweep_arguments(request)
         args["max_positions"] = self.state.options.max_occlusion_positions
+        asked, gated = wire.sweep_mode(request)
         images = await self._images(request.images, model, context, exactly_one=True)
         _, deadline_mono = deadline_of(context)
 
         def work(job):
-            engine = model.occlusion_engine()
+            mode, note = resolve_mode(model, asked, gated, args["window"], args["stride"])
+            engines = model.occlusion_engines()
             job.check()
-            result = engine.sweep(images[0], progress=job.progress, **args)
+            result = engines.sweep(images[0], mode, progress=job.progress, **args)
+            result.gate = note
             scores = model.ood_of(images[:1])
             result.ood = scores[0] if scores else None
             if request.return_png:   # rendering is CPU work too: keep it on this worker, off the event loop

@@ -161,7 +161,7 @@ class DeconvResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., projections: _Optional[_Iterable[_Union[Projection, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., interpretation: _Optional[str] = ..., ood: _Optional[_Iterable[_Union[OutOfDistribution, _Mapping]]] = ..., ood_note: _Optional[str] = ...) -> None: ...
 
 class OcclusionRequest(_message.Message):
-    __slots__ = ("model", "images", "window", "stride", "fill_value", "fill_per_channel", "fill_in_pixels", "target", "outputs", "activity_layer", "activity_channel", "attribution_on_logits", "return_png")
+    __slots__ = ("model", "images", "window", "stride", "fill_value", "fill_per_channel", "fill_in_pixels", "target", "outputs", "activity_layer", "activity_channel", "attribution_on_logits", "return_png", "engine", "precision", "approximation", "coarse", "refine", "margin", "gated")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,13 @@ class OcclusionRequest(_message.Message):
     ACTIVITY_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_ON_LOGITS_FIELD_NUMBER: _ClassVar[int]
     RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    APPROXIMATION_FIELD_NUMBER: _ClassVar[int]
+    COARSE_FIELD_NUMBER: _ClassVar[int]
+    REFINE_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    GATED_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: Images
     window: int
@@ -188,10 +195,17 @@ class OcclusionRequest(_message.Message):
     activity_channel: int
     attribution_on_logits: bool
     return_png: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill_value: _Optional[float] = ..., fill_per_channel: _Optional[_Union[Tensor, _Mapping]] = ..., fill_in_pixels: _Optional[bool] = ..., target: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., attribution_on_logits: _Optional[bool] = ..., return_png: _Optional[bool] = ...) -> None: ...
+    engine: str
+    precision: str
+    approximation: str
+    coarse: int
+    refine: int
+    margin: float
+    gated: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill_value: _Optional[float] = ..., fill_per_channel: _Optional[_Union[Tensor, _Mapping]] = ..., fill_in_pixels: _Optional[bool] = ..., target: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., attribution_on_logits: _Optional[bool] = ..., return_png: _Optional[bool] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., approximation: _Optional[str] = ..., coarse: _Optional[int] = ..., refine: _Optional[int] = ..., margin: _Optional[float] = ..., gated: _Optional[bool] = ...) -> None: ...
 
 class OcclusionResponse(_message.Message):
-    __slots__ = ("model", "target", "positions_y", "positions_x", "probability", "argmax", "activity", "attribution", "activity_layer", "activity_channel", "png", "base_probability", "base_activity", "starts", "window", "stride", "fill", "fill_units", "attribution_on", "backend", "seconds", "model_version", "ood", "ood_note")
+    __slots__ = ("model", "target", "positions_y", "positions_x", "probability", "argmax", "activity", "attribution", "activity_layer", "activity_channel", "png", "base_probability", "base_activity", "starts", "window", "stride", "fill", "fill_units", "attribution_on", "backend", "seconds", "model_version", "ood", "ood_note", "engine", "precision", "mode", "evaluated", "gate")
     class PngEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +237,11 @@ class OcclusionResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     OOD_FIELD_NUMBER: _ClassVar[int]
     OOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     target: int
     positions_y: int
@@ -247,7 +266,12 @@ class OcclusionResponse(_message.Message):
     model_version: str
     ood: OutOfDistribution
     ood_note: str
-    def __init__(self, model: _Optional[str] = ..., target: _Optional[int] = ..., positions_y: _Optional[int] = ..., positions_x: _Optional[int] = ..., probability: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., activity: _Optional[_Union[Tensor, _Mapping]] = ..., attribution: _Optional[_Union[Tensor, _Mapping]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., png: _Optional[_Mapping[str, bytes]] = ..., base_probability: _Optional[float] = ..., base_activity: _Optional[float] = ..., starts: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill: _Optional[_Iterable[float]] = ..., fill_units: _Optional[str] = ..., attribution_on: _Optional[str] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ..., model_version: _Optional[str] = ..., ood: _Optional[_Union[OutOfDistribution, _Mapping]] = ..., ood_note: _Optional[str] = ...) -> None: ...
+    engine: str
+    precision: str
+    mode: str
+    evaluated: Tensor
+    gate: str
+    def __init__(self, model: _Optional[str] = ..., target: _Optional[int] = ..., positions_y: _Optional[int] = ..., positions_x: _Optional[int] = ..., probability: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., activity: _Optional[_Union[Tensor, _Mapping]] = ..., attribution: _Optional[_Union[Tensor, _Mapping]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., png: _Optional[_Mapping[str, bytes]] = ..., base_probability: _Optional[float] = ..., base_activity: _Optional[float] = ..., starts: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill: _Optional[_Iterable[float]] = ..., fill_units: _Optional[str] = ..., attribution_on: _Optional[str] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ..., model_version: _Optional[str] = ..., ood: _Optional[_Union[OutOfDistribution, _Mapping]] = ..., ood_note: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., mode: _Optional[str] = ..., evaluated: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("done", "total")

@@ -703,7 +703,20 @@
     $("occlusion-summary").textContent = `Target ${s.target_name} (class ${s.target}): probability ` +
       `${result.base_probability.toFixed(3)} unoccluded, ${result.min_probability.toFixed(3)} at the worst ` +
       `position; window ${s.window} px, stride ${s.stride} px, ${rows}×${cols} positions, fill ${s.fill}.`;
+    showMode(result.mode, rows * cols);
     drawHeatmap();
+  }
+
+  // Which engine, precision and approximation drew the map, and the agreement gate's verdict behind the choice.
+  function showMode(mode, positions) {
+    if (!mode) {
+      $("occlusion-mode").textContent = "";
+      return;
+    }
+    const evaluated = mode.evaluated === null ? "every position evaluated" : `${mode.evaluated} of ${positions} ` +
+      "positions evaluated, the others filled in from their neighbours";
+    $("occlusion-mode").textContent = `Mode: ${mode.name} (${mode.engine} ${mode.precision}, ${evaluated}).` +
+      (mode.gate ? ` Why: ${mode.gate}.` : "");
   }
 
   function clearHeatmap() {
@@ -712,6 +725,7 @@
     canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
     $("heatmap-legend").hidden = true;
     $("occlusion-summary").textContent = "";
+    $("occlusion-mode").textContent = "";
     setSweepStatus("");
   }
 
