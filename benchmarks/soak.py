@@ -73,14 +73,18 @@ def make_images(folder: Path) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------------------ the server
 class Server:
-    """`zfserve serve` in its own process; RSS and CPU sampled from /proc every 50 ms."""
+    """`zfserve serve` in its own process (``extra``: more flags; ``stderr``: where its log goes); RSS and CPU
+    sampled from /proc every 50 ms. ``http_port`` is the HTTP side's port, with ``--http-port``."""
 
-    def __init__(self, model: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "zfserve.cli", "serve", "--port", "0", "--model", model],
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    def __init__(self, model: str, *extra: str, stderr=subprocess.DEVNULL):
+        self.proc = subprocess.Popen([sys.executable, "-m", "zfserve.cli", "serve", "--port", "0", "--model", model,
+                                      *extra], stdout=subprocess.PIPE, stderr=stderr, text=True)
+        self.http_port = None
         for line in self.proc.stdout:
             if line.startswith("zfserve: listening on"):
                 self.target = line.split()[-1]
+            if line.startswith("zfserve: http on"):
+                self.http_port = int(line.split()[-1].rsplit(":", 1)[1])
             if line.startswith("zfserve: ready"):
                 break
         self.samples: list[tuple[float, float, float]] = []   # (time, rss MB, cpu s)

@@ -126,3 +126,67 @@ def test_occlusion_cpu_vs_captum(benchmark):
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def test_occlusion_cuda_vs_captum(benchmark):
     _compare(benchmark, "cuda", naive=False)
+
+
+# ------------------------------------------------------------------------------------- exact and gated, zfnet-demo
+RUNS = 3
+
+
+def test_exact_and_gated_vs_captum_on_the_embedded_model(bench_note):
+    """The embedded model on 3 held-out synthetic images (seed 3, the audit's), window 32, stride 8 (625
+    positions), one run per image, one after another: exact occlusion (the incremental engine), the fastest mode
+    that passed the agreement gate for these settings (measured first if missing; minutes, untimed) and Captum
+    ``Occlusion`` at its best ``perturbations_per_eval``; ratios Captum / ours per run. Exact's attribution is
+    checked against Captum's (1e-5) and the gated mode's largest drop against exact's before figures count.
+
+        ZFSERVE_BENCH_RESULTS=benchmarks/results .venv/bin/pytest benchmarks/test_occlusion.py -q -s -k embedded
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from zfserve.audit.gate import GateSettings, choose
+    from zfserve.data import render
+    from zfserve.engine.occlusion_modes import EXACT_MODE, OcclusionEngines
+    from zfserve.paper.localization import drop_point
+    from zfserve.preprocess import to_input
+    from zfserve.weights import read_snapshot
+    snapshot = read_snapshot("zfnet-demo")
+    model = snapshot.model().eval()
+    engines = OcclusionEngines(snapshot)
+    start = time.perf_counter()
+    choice = choose(snapshot, GateSettings(WINDOW, STRIDE), engines, log=print)
+    gate_s = time.perf_counter() - start
+    assert not choice.mode.exact, f"no fast mode passed the gate, nothing to compare: {choice.note}"
+    engines.warm(EXACT_MODE)
+    engines.warm(choice.mode)
+    images = [to_input(render(3, i).image, snapshot.config) for i in range(RUNS)]
+    calibration = {ppe: _timed(lambda: _captum(model, torch.from_numpy(images[0]), 16, ppe, 0))[0] for ppe in PPE}
+    best_ppe = min(calibration, key=calibration.get)
+    runs = []
+    for image in images:
+        sweep = lambda mode: engines.sweep(image, mode, window=WINDOW, stride=STRIDE,  # noqa: E731
+                                           outputs=("probability", "attribution"))
+        exact_s, exact = _timed(lambda: sweep(EXACT_MODE))
+        fast_s, fast = _timed(lambda: sweep(choice.mode))
+        captum_s, theirs = _timed(lambda: _captum(model, torch.from_numpy(image), STRIDE, best_ppe, exact.target))
+        exact_s = statistics.median([exact_s, _timed(lambda: sweep(EXACT_MODE))[0]])
+        fast_s = statistics.median([fast_s, _timed(lambda: sweep(choice.mode))[0]])
+        np.testing.assert_allclose(exact.attribution, theirs[0, 0].numpy(), rtol=0, atol=1e-5)
+        (ex, ey), (fx, fy) = drop_point(exact, 224), drop_point(fast, 224)
+        runs.append({"exact_s": exact_s, "fast_s": fast_s, "captum_s": captum_s, "exact_x": captum_s / exact_s,
+                     "fast_x": captum_s / fast_s, "fast_over_exact": exact_s / fast_s,
+                     "drop_point_distance_px": float(np.hypot(ex - fx, ey - fy)),
+                     "fast_positions_evaluated": int(fast.timings.get("forwards", 626)) - 1})
+    bench_note(f"occlusion on zfnet-demo, 625 positions, Captum ppe {best_ppe}; gated mode {choice.mode.name} "
+               f"(gate {gate_s:.0f} s, once)")
+    for i, r in enumerate(runs, 1):
+        bench_note(f"  run {i}: exact {r['exact_s']:.2f} s ({r['exact_x']:.1f}x Captum), {choice.mode.name} "
+                   f"{r['fast_s']:.2f} s ({r['fast_x']:.1f}x Captum, {r['fast_positions_evaluated']} positions, "
+                   f"largest drop {r['drop_point_distance_px']:.0f} px from exact's), Captum {r['captum_s']:.2f} s")
+    out = os.environ.get("ZFSERVE_BENCH_RESULTS")
+    if out:
+        path = Path(out) / f"cpu-{os.cpu_count()}core-{time.strftime('%Y-%m-%d')}-occlusion-modes.json"
+        path.write_text(json.dumps({"what": test_exact_and_gated_vs_captum_on_the_embedded_model.__doc__.split(
+            "\n\n")[0], "load_average": os.getloadavg()[0], "gated_mode": choice.mode.name, "gate": choice.figures,
+            "captum_ppe": best_ppe, "captum_calibration_s": calibration, "runs": runs}, indent=2) + "\n")

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -49,8 +50,20 @@ def requests() -> dict[str, bytes]:
     infer.inputs.add(name="image", datatype="FP32", shape=[1, 3, 8, 8])
     infer_bytes = oip.ModelInferRequest(model_name="m-bytes", raw_input_contents=[wire.encode_bytes_elements([b"ab"])])
     infer_bytes.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+    # REST infer bodies (kind 4: the next byte, when below 128, is the JSON header's length) and a JSON body.
+    flat = json.dumps({"id": "a", "parameters": {"timeout": 5}, "inputs": [
+        {"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8], "data": x.ravel().tolist()}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    nested = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8],
+                                     "data": x.tolist()}]}).encode()
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 3, 8, 8],
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    rest = {"rest_json": b"\x04\xff" + flat, "rest_nested": b"\x04\xff" + nested,
+            "rest_binary": b"\x04" + bytes([len(header)]) + header + x.tobytes(),
+            "json_control": b"\x05" + json.dumps({"parameters": {"unload_dependents": False},
+                                                  "data": list(range(40))}).encode()}
     # The first byte picks the message kind in fuzz/requests.py (index into its KINDS).
-    return {"classify": b"\x00" + wire.classify_request(x, top_k=3).SerializeToString(),
+    return {**rest, "classify": b"\x00" + wire.classify_request(x, top_k=3).SerializeToString(),
             "deconv": b"\x01" + deconv.SerializeToString(), "occlusion": b"\x02" + occlusion.SerializeToString(),
             "infer": b"\x03" + infer.SerializeToString(), "infer_bytes": b"\x03" + infer_bytes.SerializeToString(),
             "empty_occlusion": b"\x02" + pb.OcclusionRequest().SerializeToString()}

@@ -78,7 +78,8 @@ def _rows(out) -> list[dict]:
 def audited(corpus, model_dir, tmp_path_factory):
     from zfserve import audit
     out = tmp_path_factory.mktemp("audit")
-    summary = audit.run(str(corpus), out, model=str(model_dir), occlusion=FAST, low_confidence=0.9, quiet=True)
+    summary = audit.run(str(corpus), out, model=str(model_dir), occlusion=FAST, low_confidence=0.9, quiet=True,
+                        exact=True)
     return out, summary, _rows(out)
 
 
@@ -159,7 +160,8 @@ def test_manifest_with_masks_gives_evidence_on_the_mask(manifest, model_dir, tmp
     from zfserve.paper.localization import distance_to_mask, drop_point
     from zfserve.preprocess import load_image, mask_to_input
     from zfserve.weights import load_model
-    summary = audit.run(str(manifest / "list.csv"), tmp_path, model=str(model_dir), occlusion=FAST, quiet=True)
+    summary = audit.run(str(manifest / "list.csv"), tmp_path, model=str(model_dir), occlusion=FAST, quiet=True,
+                        exact=True)
     rows = _rows(tmp_path)
     assert summary["rows"] == 4 and summary["status"]["ok"] == 4
     assert sum(r["path"].startswith("file://") for r in rows) == 1   # read through pyarrow's filesystem
@@ -188,7 +190,7 @@ def test_synthetic_summary_agrees_with_the_report(model_dir, tmp_path):
     from zfserve.paper.localization import pointing_game
     from zfserve.weights import load_model
     n = 6
-    summary = audit.run(f"synthetic:{n}", tmp_path, model=str(model_dir), quiet=True)
+    summary = audit.run(f"synthetic:{n}", tmp_path, model=str(model_dir), quiet=True, exact=True)
     data = AnalysisData("synthetic", seed=3, n=n)
     report = pointing_game(load_model(str(model_dir)), data, range(n), window=48, stride=32)
     assert summary["pointing_game"]["hit_rate"] == report["hit_rate"] and summary["pointing_game"]["images"] == n
@@ -201,7 +203,7 @@ def test_synthetic_summary_agrees_with_the_report(model_dir, tmp_path):
 
 def _audit_command(source, out, model_dir, *extra):
     return [sys.executable, "-m", "zfserve.cli", "audit", source, "--out", str(out), "--model", str(model_dir),
-            "--occlusion", "112,112", "--batch-size", "2", "--quiet", *extra]
+            "--occlusion", "112,112", "--batch-size", "2", "--quiet", "--exact", *extra]
 
 
 def _stop_after_first_parts(cmd, sig, parts_dir, minimum=2, timeout=180):
@@ -226,7 +228,8 @@ def test_interrupted_audit_resumes_to_one_row_per_input(model_dir, tmp_path, sig
         assert "interrupted" in err and "run the same command again" in err and len(err.strip().splitlines()) == 1
     before = pq.read_table(tmp_path / "results.parquet").to_pylist()   # readable after the interruption
     assert 2 <= len(before) < 12
-    summary = audit.run("synthetic:12", tmp_path, model=str(model_dir), occlusion=FAST, batch_size=2, quiet=True)
+    summary = audit.run("synthetic:12", tmp_path, model=str(model_dir), occlusion=FAST, batch_size=2, quiet=True,
+                        exact=True)
     rows = _rows(tmp_path)
     assert len(rows) == 12 and len({r["path"] for r in rows}) == 12 and summary["missing"] == 0
     assert summary["this_run"]["skipped_done"] == len(before)
@@ -238,10 +241,10 @@ def test_changed_file_is_redone_and_stays_one_row(corpus, model_dir, tmp_path):
     folder = tmp_path / "corpus"
     shutil.copytree(corpus, folder)
     out = tmp_path / "out"
-    audit.run(str(folder), out, model=str(model_dir), occlusion=FAST, quiet=True)
+    audit.run(str(folder), out, model=str(model_dir), occlusion=FAST, quiet=True, exact=True)
     changed = folder / "unknown-class" / "x.png"
     changed.write_bytes(_encoded(render(4, 9).image, "PNG"))
-    summary = audit.run(str(folder), out, model=str(model_dir), occlusion=FAST, quiet=True)
+    summary = audit.run(str(folder), out, model=str(model_dir), occlusion=FAST, quiet=True, exact=True)
     assert summary["this_run"]["rows_written"] == 1 and summary["rows"] == summary["inputs"] == 11
     (row,) = [r for r in _rows(out) if r["path"] == str(changed)]
     import hashlib
@@ -284,50 +287,116 @@ def test_a_server_gives_the_same_rows(corpus, audited, model_dir, tmp_path):
     _same_rows(_rows(tmp_path), local)
 
 
-def _ray(*args, timeout=120):
+def _ray(*args, env=None, timeout=120):
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    return subprocess.run([ray_bin, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([ray_bin, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _processes_of(marker: str) -> list[int]:
+    """The processes of the cluster this test started: those whose environment holds ``marker`` (every process
+    `ray start` launches inherits it; this test's own process does not), and their descendants."""
+    parents, marked = {}, set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if marker.encode() in fh.read().split(b"\0"):
+                    marked.add(int(entry))
+        except (OSError, ValueError):
+            continue
+    found = set(marked)
+    while True:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        if not children:
+            return sorted(found - {os.getpid()})
+        found |= children
+
+
+def _stop_cluster(marker: str, grace_s: float = 10.0) -> None:
+    """SIGTERM to the cluster's own processes (by id), SIGKILL to those still there after ``grace_s``. Never
+    ``ray stop``: it stops every Ray process of the machine, a cluster of the user's included."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = _processes_of(marker)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        give_up = time.monotonic() + wait_s
+        while _processes_of(marker) and time.monotonic() < give_up:
+            time.sleep(0.2)
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path, monkeypatch):
-    """A real Ray cluster on loopback: a head and a second node, one CPU each, separate custom resources, with
-    token authentication (Ray's default for local clusters since 2.59): the nodes and this test's driver share
-    one token through the environment."""
+def two_node_cluster(monkeypatch):
+    """A real Ray cluster on loopback, this test's own: a head and a second node, one CPU each, separate custom
+    resources, its own temporary directory and ports (none of Ray's fixed defaults, so a cluster of the user's
+    on this machine is neither reached nor disturbed), token authentication (Ray's default for local clusters
+    since 2.59) with a token the nodes and this test's driver share through the environment. Stopped by
+    :func:`_stop_cluster`, which ends only the processes this cluster started."""
     import secrets
-    import socket
+    import tempfile
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
-    head = _ray("start", "--head", "--port", str(port), "--include-dashboard", "false", "--resources",
-                '{"node_a": 1}', *common)
-    assert head.returncode == 0, head.stderr[-3000:]
+    marker = f"ZFSERVE_TEST_RAY_CLUSTER={secrets.token_hex(8)}"
+    env = dict(os.environ, **dict([marker.split("=")]))
+    temp = tempfile.mkdtemp(prefix="zfray-", dir="/tmp")   # short: Ray's socket paths live under it
+    head_port, *ports = _free_ports(15)
+    address = f"127.0.0.1:{head_port}"
+
+    def node(*args, own):
+        agent, grpc_agent, runtime_env, metrics, manager, objects = own
+        return _ray("start", *args, "--temp-dir", temp, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                    "--disable-usage-stats", "--dashboard-agent-listen-port", str(agent),
+                    "--dashboard-agent-grpc-port", str(grpc_agent), "--runtime-env-agent-port", str(runtime_env),
+                    "--metrics-export-port", str(metrics), "--node-manager-port", str(manager),
+                    "--object-manager-port", str(objects), env=env)
     try:
-        worker = _ray("start", "--address", address, "--resources", '{"node_b": 1}', *common)
+        head = node("--head", "--port", str(head_port), "--include-dashboard", "false", "--dashboard-port",
+                    str(ports[0]), "--ray-client-server-port", str(ports[1]), "--resources", '{"node_a": 1}',
+                    own=ports[2:8])
+        assert head.returncode == 0, head.stderr[-3000:]
+        worker = node("--address", address, "--resources", '{"node_b": 1}', own=ports[8:14])
         assert worker.returncode == 0, worker.stderr[-3000:]
         yield address
     finally:
-        _ray("stop", "--force")
+        _stop_cluster(marker)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_on_a_two_node_cluster_gives_the_same_rows(two_node_cluster, model_dir, tmp_path):
+    """The same engines on Ray: the driver's gate chooses a batched mode and every actor sweeps in it."""
     import ray
     from zfserve import audit
+    from zfserve.engine.occlusion_modes import mode_from
     local = tmp_path / "local"
-    audit.run("synthetic:6", local, model=str(model_dir), occlusion=FAST, batch_size=2, quiet=True)
+    fast = dict(candidates=[mode_from(engine="onnxruntime", approximation="drilldown")], gate={"images": 4})
+    audit.run("synthetic:6", local, model=str(model_dir), occlusion=(48, 32), batch_size=2, quiet=True, **fast)
     try:
-        summary = audit.run("synthetic:6", tmp_path / "ray", model=str(model_dir), occlusion=FAST, batch_size=2,
-                            workers=2, ray=two_node_cluster, quiet=True)
+        summary = audit.run("synthetic:6", tmp_path / "ray", model=str(model_dir), occlusion=(48, 32), batch_size=2,
+                            workers=2, ray=two_node_cluster, quiet=True, **fast)
         nodes = [n for n in ray.nodes() if n["Alive"]]
         assert len(nodes) == 2 and {"node_a", "node_b"} <= {k for n in nodes for k in n["Resources"]}
     finally:
         ray.shutdown()
     assert summary["rows"] == 6 and summary["this_run"]["runner"].startswith("ray")
-    _same_rows(_rows(tmp_path / "ray"), _rows(local))
+    rows = _rows(tmp_path / "ray")
+    assert {r["occlusion_mode"] for r in rows} == {summary["occlusion_mode"]["mode"]}
+    _same_rows(rows, _rows(local))
 
 
 def test_bad_options_and_mixed_resumes_are_refused(model_dir, corpus, tmp_path, capsys):
@@ -348,8 +417,53 @@ def test_bad_options_and_mixed_resumes_are_refused(model_dir, corpus, tmp_path, 
     with pytest.raises(InvalidArgumentError, match="twice"):
         audit.run(str(tmp_path / "dup.csv"), tmp_path / "o2")
     out = tmp_path / "o3"
-    audit.run("synthetic:2", out, model=str(model_dir), occlusion=FAST, quiet=True)
+    audit.run("synthetic:2", out, model=str(model_dir), occlusion=FAST, quiet=True, exact=True)
     with pytest.raises(InvalidArgumentError, match="another --out"):
-        audit.run("synthetic:2", out, occlusion=FAST, quiet=True)          # the embedded model: other rows
+        audit.run("synthetic:2", out, occlusion=FAST, quiet=True, exact=True)    # the embedded model: other rows
     with pytest.raises(InvalidArgumentError, match="another --out"):
-        audit.run("synthetic:2", out, model=str(model_dir), occlusion=(56, 56), quiet=True)
+        audit.run("synthetic:2", out, model=str(model_dir), occlusion=(56, 56), quiet=True, exact=True)
+
+
+# ---------------------------------------------------------------------------------------------------- the gate
+def test_a_gated_mode_draws_every_row_and_says_so(model_dir, tmp_path, capsys):
+    """A mode that agrees with exact (brute force on ONNX Runtime) passes the gate: every row and the summary
+    name it, and the evidence equals the exact audit's."""
+    from zfserve import audit
+    from zfserve.cli import main
+    from zfserve.engine.occlusion_modes import mode_from
+    exact = audit.run("synthetic:4", tmp_path / "exact", model=str(model_dir), occlusion=(56, 48), quiet=True,
+                      exact=True)
+    assert exact["occlusion_mode"]["mode"] == "exact" and exact["occlusion_mode"]["note"] == "exact (--exact)"
+    batched = mode_from(engine="onnxruntime")
+    lines = []
+    fast = audit.run("synthetic:4", tmp_path / "fast", model=str(model_dir), occlusion=(56, 48), quiet=True,
+                     candidates=[batched], gate={"images": 4}, log=lines.append)
+    assert fast["occlusion_mode"]["mode"] == batched.name and fast["occlusion_mode"]["gate"]["images"] == 4
+    assert fast["occlusion_mode"]["rows_by_mode"] == {batched.name: 4}
+    assert any(line.startswith(f"occlusion: {batched.name} (gate passed") for line in lines)
+    assert set(fast["setup_s"]) >= {"load", "gate", "run"} and set(fast["seconds"]) >= {"read", "classify", "occlusion"}
+    rows = _rows(tmp_path / "fast")
+    assert {r["occlusion_mode"] for r in rows} == {batched.name}
+    _same_rows([{**r, "occlusion_mode": None} for r in rows],
+               [{**r, "occlusion_mode": None} for r in _rows(tmp_path / "exact")])
+    # The CLI prints which mode it used, from the stored gate (measured above for the same settings).
+    assert main(["audit", "synthetic:4", "--out", str(tmp_path / "cli"), "--model", str(model_dir), "--occlusion",
+                 "56,48", "--engine", "onnxruntime", "--precision", "fp32", "--approximation", "none",
+                 "--gate-images", "4", "--quiet"]) == 0
+    assert f"occlusion: {batched.name} (gate passed" in capsys.readouterr().out
+
+
+def test_a_mode_that_disagrees_is_refused_and_the_audit_falls_back_to_exact(model_dir, tmp_path, capsys):
+    from zfserve.cli import main
+    # An absurd approximation: on the 7 x 7 grid of window 48 / stride 32, a lattice of every 16th position is
+    # the four corners alone, so the largest drop is found in the wrong place.
+    assert main(["audit", "synthetic:3", "--out", str(tmp_path), "--model", str(model_dir), "--engine", "onnxruntime",
+                 "--approximation", "drilldown", "--coarse", "16", "--refine", "0", "--gate-images", "12"]) == 0
+    captured = capsys.readouterr()
+    assert "refused: location agreement" in captured.err
+    assert "occlusion: exact (fallback: no fast mode passed the gate" in captured.out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["occlusion_mode"]["mode"] == "exact" and "fallback" in summary["occlusion_mode"]["note"]
+    assert {r["occlusion_mode"] for r in _rows(tmp_path)} == {"exact"}
+    assert main(["audit", "synthetic:3", "--out", str(tmp_path), "--exact", "--approximation", "drilldown"]) == 2
+    assert "--exact and the mode options" in capsys.readouterr().err

@@ -96,6 +96,15 @@ def test_every_subcommand_has_working_help(capsys):
         assert name in capsys.readouterr().out
 
 
+def test_deconv_says_what_its_projections_are(capsys):
+    """The label the page, the API and the report give a projection, in the command's own help too."""
+    from zfserve.engine.results import DECONV_INTERPRETATION
+    for argv in (["deconv", "--help"], ["--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert DECONV_INTERPRETATION in " ".join(capsys.readouterr().out.split()), argv
+
+
 def test_every_package_directory_is_listed_in_pyproject():
     """A sub-package missing from [tool.setuptools] packages works in an editable install but not in a wheel."""
     tomllib = pytest.importorskip("tomllib")

@@ -97,6 +97,8 @@ class ExplorerServer:
         """(status, JSON body) of an /api/v1 call made outside the browser."""
         request = urllib.request.Request(f"http://{self.http}/api/v1/{path}", data=data,
                                          method="POST" if data is not None else "GET")
+        if data is not None:   # urllib's default (a form's type) is refused on routes that change state
+            request.add_header("Content-Type", "application/octet-stream")
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
@@ -314,11 +316,41 @@ def test_upload_shows_predictions_and_the_occlusion_map(browser, server, photo, 
     assert heat["distinct"] > 10 and heat["alpha"] > 0, heat
     assert "window 32 px, stride 8 px, 25×25 positions" in text_of(browser, "occlusion-summary")
     assert text_of(browser, "occlusion-label") == "Map: occlusion sensitivity: drop of the target class's probability."
+    # No agreement gate measured for the tiny model: the exact mode, named beside the map with the reason.
+    assert text_of(browser, "occlusion-mode") == ("Mode: exact (onnxruntime fp32, every position evaluated). Why: no "
+                                                  "gate measured for window 32, stride 8: zfserve occlusion-gate.")
     assert hash_params(browser)["occlusion"] == "1"
     by_id(browser, "map-kind").send_keys("per-pixel attribution")
     wait(browser, lambda d: hash_params(d).get("map") == "attribution")
     assert canvas_pixels(browser, "heatmap")["distinct"] > 10
     assert not by_id(browser, "error").is_displayed()
+    assert script_errors(browser) == []
+
+
+def test_a_gated_fast_mode_draws_the_map_and_the_page_says_so(browser, server, photo, models):
+    """Once `zfserve occlusion-gate` has passed a fast mode for the page's window and stride, the page's sweeps
+    run in it and name it; the map equals that mode's sweep computed here."""
+    from zfserve.audit import gate
+    from zfserve.engine.occlusion_modes import OcclusionEngines, mode_from
+    from zfserve.preprocess import load_image
+    from zfserve.weights import read_snapshot
+    snapshot = read_snapshot(models / "tiny")
+    engines = OcclusionEngines(snapshot)
+    # On a 3 x 3 grid the lattice and three refined neighbourhoods cover every position: it agrees with exact.
+    drill = mode_from(engine="onnxruntime", approximation="drilldown")
+    assert gate.choose(snapshot, gate.GateSettings(112, 56), engines, modes=[drill]).mode == drill
+    _page_with_photo(browser, server, photo)
+    wait(browser, lambda d: text_of(d, "sweep-status") in ("done", "failed"), "the first sweep did not end")
+    for field, value in (("window", "112"), ("stride", "56")):
+        by_id(browser, field).clear()
+        by_id(browser, field).send_keys(value)
+    by_id(browser, "run-sweep").click()
+    wait(browser, lambda d: "3×3 positions" in text_of(d, "occlusion-summary"), "the 112/56 sweep did not finish")
+    shown = text_of(browser, "occlusion-mode")
+    assert shown.startswith(f"Mode: {drill.name} (onnxruntime fp32, every position evaluated). Why: gate passed: "
+                            f"location 100.0%"), shown
+    expected = engines.sweep(load_image(photo.read_bytes(), snapshot.config), drill, window=112, stride=56)
+    assert f"{expected.probability.min():.3f} at the worst" in text_of(browser, "occlusion-summary")
     assert script_errors(browser) == []
 
 
@@ -492,6 +524,42 @@ def test_a_server_with_a_token_asks_for_it(browser, secured_server):
     browser.find_elements("css selector", "#examples .example")[0].click()
     wait(browser, lambda d: len(predictions(d)) == 5, "no predictions with the token")
     assert secured_server.api("models")[0] == 401 and secured_server.api("models", token=TOKEN)[0] == 200
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """The embedded model, whose out-of-distribution statistics ship beside it."""
+    srv = ExplorerServer(["--model", "zfnet-demo"],
+                         env={"ZFSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("explorer-demo-cache"))})
+    yield srv
+    srv.stop()
+
+
+def test_the_page_says_when_an_image_is_outside_the_model(browser, demo_server):
+    """A photo shipped inside matplotlib gets the notice above its predictions; a bundled synthetic example does
+    not. The page says what the model was trained on."""
+    from zfserve.data.probes import photo_files
+    photo = next(p for p in photo_files() if p.name == "grace_hopper.jpg")
+    open_page(browser, demo_server.url)
+    assert text_of(browser, "model-name") == "zfnet-demo"
+    assert text_of(browser, "model-data").startswith("zfnet-demo was trained on synthetic images of 11 shapes")
+    assert "real photos need a model trained on them" in text_of(browser, "model-data")
+    upload(browser, photo)
+    wait(browser, lambda d: len(predictions(d)) == 5, "no predictions for the photo")
+    wait(browser, lambda d: by_id(d, "ood-notice").is_displayed(), "no out-of-distribution notice for the photo")
+    notice = by_id(browser, "ood-notice")
+    assert "This image is unlike anything zfnet-demo was fitted on" in notice.text
+    assert notice.location["y"] < by_id(browser, "predictions").location["y"]     # above the predictions
+    _, body = demo_server.api("models")
+    threshold = body["models"][0]["ood"]["threshold"]
+    score = float(re.search(r"score (\S+) > threshold", notice.text).group(1))
+    assert score > threshold
+    browser.find_element("css selector", '#examples .example[data-name="star"]').click()
+    wait(browser, lambda d: "like the images this model knows" in text_of(d, "ood-status"),
+         "no in-distribution score for the synthetic example")
+    assert not by_id(browser, "ood-notice").is_displayed()
+    assert [name for _, name, _ in predictions(browser)][0] == "star"
+    assert script_errors(browser) == []
 
 
 # ---------------------------------------------------------------------------------------------------- screenshot

@@ -168,6 +168,8 @@ def test_decode_stage_budget_lanes_and_deadline():
                 await stage.decode([large], None, field="images")
             assert "--decode-workers" in str(info.value)
             assert (await stage.decode([small], None, field="images")).shape == (1, 3, 224, 224)   # ... not the small
+            with pytest.raises(Unavailable):   # lanes go by a request's pixels in all: 40 small images are large work
+                await stage.decode([small] * 40, None, field="images")
             gate.set()
             await busy
             aborted = stage.large.aborted
@@ -179,6 +181,41 @@ def test_decode_stage_budget_lanes_and_deadline():
             stage.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_a_pool_starts_jobs_in_fair_order_by_work():
+    """A client with one small job waits behind the job running, not behind another client's queued large
+    ones; a job whose caller leaves while it waits never starts, and gives its place back."""
+    from zfserve.server.pools import BoundedPool
+
+    async def scenario():
+        pool = BoundedPool(1, 8, name="fair-test")
+        gate, order = threading.Event(), []
+
+        def job(name):
+            def run(_):
+                gate.wait(10)
+                order.append(name)
+            return run
+        try:
+            running = asyncio.ensure_future(pool.run(job("running"), client="a", work=1))
+            await asyncio.sleep(0.05)
+            hogs = [asyncio.ensure_future(pool.run(job(f"large{i}"), client="hog", work=4_000_000))
+                    for i in range(3)]
+            leaving = asyncio.ensure_future(pool.run(job("left"), client="b", work=1))
+            await asyncio.sleep(0.01)
+            small = asyncio.ensure_future(pool.run(job("small"), client="c", work=65_536))
+            await asyncio.sleep(0.01)
+            leaving.cancel()
+            await asyncio.sleep(0.01)
+            gate.set()
+            await asyncio.gather(running, small, *hogs)
+            return order, pool.admitted, pool.aborted
+        finally:
+            pool.shutdown()
+
+    order, admitted, aborted = asyncio.run(scenario())
+    assert order == ["running", "small", "large0", "large1", "large2"] and admitted == 0 and aborted == 1
 
 
 # ------------------------------------------------------------------------------------------------ servers

@@ -156,6 +156,37 @@ BAD_REQUESTS = [
     ("unknown model", {"inputs": []}, {"model": "nope"}, 404, "model_name"),
     ("unknown version", {"inputs": []}, {"model": "tiny/versions/77"}, 404, "model_version"),
     ("bad timeout", {"parameters": {"timeout": "soon"}, "inputs": []}, {}, 400, "parameters.timeout"),
+    # Each of these was a 500 with a traceback once.
+    ("nested 100,000 deep", b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400,
+     "nested deeper than 32 levels"),
+    ("shape above int64", {"inputs": [{"name": "image", "datatype": "FP32", "shape": [2 ** 64], "data": [1]}]}, {},
+     400, "inputs[0].shape"),
+    ("negative shape", {"inputs": [{"name": "image", "datatype": "FP32", "shape": [-1], "data": [1]}]}, {}, 400,
+     "inputs[0].shape"),
+    ("INT64 value above int64", {"inputs": [{"name": "image", "datatype": "INT64", "shape": [1],
+                                             "data": [2 ** 63]}]}, {}, 400, "inputs[0].data"),
+    ("INT64 value above int64 in a long array", {"inputs": [{"name": "image", "datatype": "INT64", "shape": [40],
+                                                             "data": [1] * 39 + [2 ** 64]}]}, {}, 400,
+     "inputs[0].data: a value is out of range"),
+    ("timeout above int64", {"parameters": {"timeout": 2 ** 63}, "inputs": []}, {}, 400, "parameters.timeout"),
+    ("parameters a list", {"parameters": [1], "inputs": []}, {}, 400, "parameters: must be a JSON object"),
+    ("input parameters a list", {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [1],
+                                             "parameters": [1]}]}, {}, 400, "inputs[0].parameters"),
+    ("outputs an object", {"inputs": [], "outputs": {"name": "probabilities"}}, {}, 400, "outputs"),
+    ("output parameters a list", {"inputs": [], "outputs": [{"name": "x", "parameters": [1]}]}, {}, 400,
+     "outputs[0].parameters"),
+    ("id not a string", {"id": [1], "inputs": []}, {}, 400, "id: must be a string"),
+    ("name not a string", {"inputs": [{"name": 7, "datatype": "FP32", "shape": [1], "data": [1]}]}, {}, 400,
+     "inputs[0].name"),
+    ("NaN", b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [NaN]}]}', {}, 400,
+     "NaN is not JSON"),
+    ("boolean data", {"inputs": [{"name": "image", "datatype": "FP32", "shape": [2], "data": [True, 1]}]}, {}, 400,
+     "inputs[0].data: not a (nested) list of numbers"),
+    ("trailing comma in a long array", b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [40], "data": ['
+     + b"1," * 40 + b"]}]}", {}, 400, "inputs[0].data: not a list of numbers"),
+    ("not UTF-8", b'{"id": "\xff\xfe", "inputs": []}', {}, 400, "not UTF-8"),
+    ("too many values", b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [3000000], "data": ['
+     + b"0," * 3_000_000 + b"0]}]}", {}, 413, "--http-max-json-values"),
 ]
 
 
@@ -173,6 +204,15 @@ def test_bad_requests_get_a_4xx_naming_the_field(web, what, body, extra, status,
     r = _infer(web, body, model=model, headers=headers)
     assert r.status_code == status, (r.status_code, r.text)
     assert r.headers["content-type"].startswith("application/json") and named in r.json()["error"], r.text
+
+
+def test_bad_requests_leave_no_traceback_in_the_log(web, caplog):
+    import logging
+    with caplog.at_level(logging.DEBUG):
+        for what, body, extra, status, _ in BAD_REQUESTS:
+            if extra == {}:
+                assert _infer(web, body).status_code == status, what
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], caplog.text[-2000:]
 
 
 def test_size_limit_method_and_unknown_route(web):

@@ -220,3 +220,103 @@ def test_arbitrary_request_bytes(kind, data, input_name):
         parse(request)
     except ZFServeError as exc:
         assert exc.field
+
+
+# ------------------------------------------------------------------------------------------------ HTTP bodies
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=False,
+                                                                                                allow_infinity=False),
+                         st.text(max_size=12))
+JSON = st.recursive(JSON_SCALARS | st.lists(st.floats(-1e6, 1e6), min_size=20, max_size=60),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                max_size=4), max_leaves=40)
+
+
+def _same(got, expected) -> None:
+    """``got`` (load_json's, long number arrays kept as text) equals ``expected`` (json.loads')."""
+    from zfserve.server.http_body import NumberArray
+    if isinstance(got, NumberArray):
+        np.testing.assert_array_equal(got.to_array(np.float64, "x"), np.array(expected, np.float64))
+    elif isinstance(got, dict):
+        assert isinstance(expected, dict) and got.keys() == expected.keys()
+        for key in got:
+            _same(got[key], expected[key])
+    elif isinstance(got, list):
+        assert isinstance(expected, list) and len(got) == len(expected)
+        for a, b in zip(got, expected):
+            _same(a, b)
+    else:
+        assert type(got) is type(expected) and got == expected
+
+
+@BOUNDED
+@given(JSON, st.sampled_from([None, 2]))
+def test_json_bodies_read_as_json_loads_reads_them(value, indent):
+    """Within the limits, load_json gives what json.loads gives (long number arrays kept as text and converted
+    piece by piece to the same float64 values)."""
+    import json
+
+    from zfserve.server.http_body import load_json
+    text = json.dumps(value, indent=indent).encode()
+    _same(load_json(text), json.loads(text))
+
+
+def _refused_or_parsed(body: bytes, header_length):
+    from zfserve.server.http import parse_infer
+    from zfserve.server.http_body import HttpError
+    try:
+        request, _ = parse_infer(body, header_length, "m", "", max_json_values=4096)
+    except HttpError as exc:
+        assert 400 <= exc.status < 500 and exc.field, (exc.status, exc.message)
+        return None
+    request.SerializeToString()   # every value fits its protobuf field
+    return request
+
+
+@BOUNDED
+@given(JSON, st.sampled_from(["image", "image_bytes"]), st.sampled_from(["FP32", "INT64", "BYTES", "UINT8", 7]),
+       st.one_of(st.lists(st.integers(-(1 << 65), 1 << 65), max_size=4), JSON), st.booleans())
+def test_rest_infer_bodies_of_any_shape(data, name, datatype, shape, nested):
+    """Any JSON a client sends as an infer body: a request the gRPC handler takes, or a 4xx naming the field
+    (values beyond int64, lists where objects go, strings where numbers go ...), never another exception."""
+    import json
+    tensor = {"name": name, "datatype": datatype, "shape": shape, "data": [data] if nested else data}
+    for doc in ({"inputs": [tensor]}, {"inputs": [tensor], "parameters": data, "outputs": data},
+                {"inputs": data, "id": data}, data):
+        _refused_or_parsed(json.dumps(doc).encode(), None)
+
+
+@BOUNDED
+@given(st.binary(max_size=600), st.one_of(st.none(), st.integers(-5, 700).map(str), st.text(max_size=4)))
+def test_rest_infer_arbitrary_bytes(body, header_length):
+    _refused_or_parsed(body, header_length)
+
+
+@BOUNDED
+@given(st.integers(1, 200), st.sampled_from([b"[", b'{"a":', b'[{"a":']))
+def test_nesting_is_limited_before_parsing(depth, opener):
+    from zfserve.server.http_body import MAX_DEPTH, HttpError, load_json
+    closer = {b"[": b"]", b'{"a":': b"}", b'[{"a":': b"}]"}[opener]
+    levels = len(opener.replace(b'"a":', b""))
+    body = opener * depth + b"1" + closer * depth
+    try:
+        load_json(body)
+        assert depth * levels <= MAX_DEPTH
+    except HttpError as exc:
+        assert depth * levels > MAX_DEPTH and exc.status == 400 and "nested deeper" in exc.message
+
+
+@BOUNDED
+@given(st.lists(st.tuples(st.sampled_from([b"host", b"origin", b"authorization", b"content-type",
+                                           b"sec-fetch-site", b"x-other"]), st.binary(max_size=40)), max_size=6),
+       st.sampled_from(["GET", "POST", "HEAD", "PUT"]), st.text(max_size=20))
+def test_any_request_head_is_admitted_or_refused_with_a_4xx(headers, method, path):
+    from zfserve.server.http_body import HttpError
+    from zfserve.server.http_guard import HttpPolicy
+    policy = HttpPolicy(b"t" * 20, ("named.example",), protected=lambda p: p.startswith("/v2"))
+    verdict = policy.admit({"type": "http", "method": method, "path": "/" + path, "scheme": "http",
+                            "headers": headers})
+    if isinstance(verdict, HttpError):
+        assert verdict.status in (401, 403, 415) and verdict.field
+    else:
+        limit, flag = verdict
+        assert limit >= 0 and flag

@@ -438,7 +438,7 @@ def test_deadline_shorter_than_the_work_is_never_computed(server, stub, oip_stub
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(stub.Classify, pb.ClassifyRequest(images=_tensor_images(blocker_images)))
         deadline = time.monotonic() + 30
-        while batcher.in_flight != 32 and time.monotonic() < deadline:  # the blocker holds the engine
+        while batcher.in_flight != 16 and time.monotonic() < deadline:  # the blocker's first part holds the engine
             time.sleep(0.002)
         before = (batcher.stats.images_computed, batcher.stats.submitted)
         err = _status(stub.Classify, pb.ClassifyRequest(images=_tensor_images(_images(1, seed=20))), timeout=0.05)
@@ -509,10 +509,17 @@ def test_auth_token_required_except_health(guarded):
         assert len(right.classify(x)[0]) == 5
     import tritonclient.grpc as tc
     client = tc.InferenceServerClient(guarded.target)
+    # The OIP's liveness and readiness are health checks: exempt, as gRPC health is (and as over HTTP).
+    assert client.is_server_live() and client.is_server_ready()
     with pytest.raises(Exception) as info:
-        client.is_server_live()
+        client.get_model_metadata("tiny")
     assert "UNAUTHENTICATED" in str(info.value)
-    assert client.is_server_live(headers={"authorization": f"Bearer {TOKEN}"})
+    assert client.get_model_metadata("tiny", headers={"authorization": f"Bearer {TOKEN}"}).name == "tiny"
+    # Two authorization values, the right one first: refused (HTTP refuses two headers alike).
+    with grpc.insecure_channel(guarded.target) as channel:
+        err = _status(pb_grpc.ZFServeStub(channel).ListModels, pb.ListModelsRequest(),
+                      metadata=(("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer other-token-00000")))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "2 values; send exactly one" in err.details()
 
 
 def test_busy_heavy_worker_answers_unavailable_at_once(guarded):
@@ -641,9 +648,21 @@ def test_mutual_tls(model_dir, tmp_path):
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=tmp_path)
     p = lambda name: str(tmp_path / name)  # noqa: E731
-    running = RunningServer(ServerOptions(port=0, model=str(model_dir), tls_cert=p("server.pem"),
+    running = RunningServer(ServerOptions(port=0, http_port=0, model=str(model_dir), tls_cert=p("server.pem"),
                                           tls_key=p("server.key"), tls_client_ca=p("ca.pem")))
     try:
+        import httpx
+        import ssl
+        https = f"https://127.0.0.1:{running.server.http_port}"
+        context = ssl.create_default_context(cafile=p("ca.pem"))
+        context.load_cert_chain(p("client.pem"), p("client.key"))
+        with httpx.Client(base_url=https, verify=context) as web:   # the HTTP side: the same TLS and mTLS
+            assert web.get("/v2/health/ready").status_code == 200
+            r = web.post("/v2/repository/index", headers={"Origin": https})   # its own origin is https://
+            assert r.status_code == 200 and r.headers["content-security-policy"]
+        with pytest.raises(httpx.HTTPError):
+            with httpx.Client(base_url=https, verify=ssl.create_default_context(cafile=p("ca.pem"))) as no_cert:
+                no_cert.get("/v2/health/ready")
         x = _images(1, seed=27)
         with Client(running.target, tls_ca=p("ca.pem"), tls_cert=p("client.pem"), tls_key=p("client.key"),
                     timeout=30) as client:

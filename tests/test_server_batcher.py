@@ -84,19 +84,99 @@ def test_batches_respect_max_batch_size_in_arrival_order(np_rng):
         assert out[0, 0] == pytest.approx(float(x.sum()), rel=1e-5)
 
 
-def test_a_request_larger_than_max_batch_runs_alone(np_rng):
+def test_a_request_larger_than_max_batch_is_split_and_comes_back_in_order(np_rng):
     engine = Engine()
     big, small = _rows(np_rng, 9), _rows(np_rng, 1)
 
     async def main():
         b = await _started(engine, BatcherConfig(max_batch_size=4, max_queue_delay_us=50_000))
-        outs = await asyncio.gather(b.submit(small), b.submit(big))
+        outs = await asyncio.gather(b.submit(small, client="a"), b.submit(big, client="b"))
         await b.close()
         return outs
 
     outs = _run(main())
-    assert sorted(engine.sizes) == [1, 9]
-    assert outs[1].shape == (9, 1)
+    assert max(engine.sizes) <= 4 and sum(engine.sizes) == 10
+    np.testing.assert_allclose(outs[1][:, 0], big.reshape(9, -1).sum(1), rtol=1e-5)   # rows in order
+    assert outs[0].shape == (1, 1)
+
+
+def test_a_split_request_of_scored_batches_is_joined_row_for_row(np_rng):
+    """The server's engine returns ScoredBatch (probabilities + each image's out-of-distribution verdict): the
+    parts of a split request come back joined in order, verdicts beside their rows."""
+    from zfserve.engine.results import OodScore, ScoredBatch
+    engine = Engine()
+
+    def scored(x):
+        sums = engine(x)
+        return ScoredBatch(sums, [OodScore(float(v), 0.0, bool(v > 0)) for v in sums[:, 0]])
+
+    big = _rows(np_rng, 7)
+
+    async def main():
+        b = DynamicBatcher(scored, BatcherConfig(max_batch_size=3, max_queue_delay_us=1000),
+                           join=ScoredBatch.concatenate)
+        b.start()
+        out = await b.submit(big)
+        await b.close()
+        return out
+
+    out = _run(main())
+    want = big.reshape(7, -1).sum(1)
+    assert engine.sizes == [3, 3, 1]
+    np.testing.assert_allclose(out.probabilities[:, 0], want, rtol=1e-5)
+    assert [v.score for v in out.ood] == pytest.approx(want.tolist(), rel=1e-5)
+    assert [v.out_of_distribution for v in out.ood] == [bool(v > 0) for v in want]
+
+
+def test_a_single_image_caller_is_served_next_behind_large_requests(np_rng):
+    """Fair queuing in images: 3 clients queue 64-image requests (parts of 8); a single-image request from a
+    fourth client, arriving last, goes into the first batch after the one already running."""
+    engine = Engine()
+    engine.gate.clear()
+    probe = _rows(np_rng, 1)
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=8, max_queue_delay_us=0))
+        running = asyncio.ensure_future(b.submit(_rows(np_rng, 8), client="first"))
+        await asyncio.sleep(0.05)   # in the engine
+        hogs = [asyncio.ensure_future(b.submit(_rows(np_rng, 64), client=f"hog{i}")) for i in range(3)]
+        await asyncio.sleep(0.01)
+        probing = asyncio.ensure_future(b.submit(probe, client="probe"))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await asyncio.gather(running, probing, *hogs)
+        await b.close()
+
+    _run(main())
+    assert sum(engine.sizes) == 8 + 3 * 64 + 1
+    position = next(i for i, batch in enumerate(engine.batches) if any(np.array_equal(r, probe[0]) for r in batch))
+    assert position == 1, engine.sizes
+
+
+def test_a_full_image_queue_sheds_the_largest_client_for_a_small_one(np_rng):
+    engine = Engine()
+    engine.gate.clear()
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=8, max_queue_delay_us=0, max_queue_images=16))
+        running = asyncio.ensure_future(b.submit(_rows(np_rng, 8), client="hog"))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(b.submit(_rows(np_rng, 8), client="hog")) for _ in range(2)]
+        await asyncio.sleep(0.01)   # 16 images waiting: the queue is full
+        with pytest.raises(QueueFull, match="--max-queue-images 16"):
+            await b.submit(_rows(np_rng, 8), client="hog")          # the hog itself: refused
+        small = asyncio.ensure_future(b.submit(_rows(np_rng, 1), client="small"))
+        await asyncio.sleep(0.01)
+        assert queued[1].done() and not queued[0].done()            # the hog's newest request made room
+        with pytest.raises(QueueFull, match="shed"):
+            await queued[1]
+        engine.gate.set()
+        await asyncio.gather(running, queued[0], small)
+        await b.close()
+        return b.stats
+
+    stats = _run(main())
+    assert stats.shed == 1 and stats.rejected_full == 1 and stats.completed == 3 and stats.submitted == 5
 
 
 def test_full_queue_rejects_at_once_and_counts_add_up(np_rng):

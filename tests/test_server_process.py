@@ -44,6 +44,12 @@ def _start(model_dir, *extra):
         match = re.match(r"zfserve: listening on 127\.0\.0\.1:(\d+)", line)
         if match:
             port = int(match.group(1))
+        match = re.match(r"zfserve: http on 127\.0\.0\.1:(\d+)$", line)
+        if match:
+            proc.http_port = int(match.group(1))
+        match = re.match(r"zfserve: explorer page at (\S+)$", line)
+        if match:
+            proc.page_url = match.group(1)
         if line.startswith("zfserve: ready"):
             return proc, port
     proc.kill()
@@ -101,5 +107,59 @@ def test_serve_rejects_bad_options_with_one_line(model_dir, tmp_path, capsys):
              (["--model", "no-such-model"], "model")]
     for args, named in cases:
         assert main(["serve", "--port", "0", *args]) == 2, args
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0], (args, lines)
+
+
+def test_model_control_explicit_from_the_command_line(model_dir):
+    """`serve --model-control explicit` reaches the server: unload and load over gRPC and over REST; two SIGHUPs
+    50 ms apart rebuild nothing twice (reloads run one at a time, the second finds the files unchanged)."""
+    import httpx
+
+    from zfserve._proto.inference import grpc_service_pb2 as oip
+    from zfserve._proto.inference import grpc_service_pb2_grpc as oip_grpc
+    proc, port = _start(model_dir, "--model-control", "explicit", "--http-port", "0")
+    try:
+        assert proc.page_url == f"http://127.0.0.1:{proc.http_port}/"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = oip_grpc.GRPCInferenceServiceStub(channel)
+            stub.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name="tiny"))
+            assert not stub.ModelReady(oip.ModelReadyRequest(name="tiny")).ready
+            stub.RepositoryModelLoad(oip.RepositoryModelLoadRequest(model_name="tiny"))
+            assert stub.ModelReady(oip.ModelReadyRequest(name="tiny")).ready
+        with httpx.Client(base_url=f"http://127.0.0.1:{proc.http_port}", timeout=60) as web:
+            assert web.post("/v2/repository/models/tiny/unload").status_code == 200
+            assert web.get("/v2/models/tiny/ready").status_code == 400
+            assert web.post("/v2/repository/models/tiny/load").status_code == 200
+            assert web.get("/v2/models/tiny/ready").status_code == 200
+        from zfserve.model import ZFNet
+        from zfserve.weights import read_snapshot, save_model
+        before = read_snapshot(str(model_dir)).version
+        torch.manual_seed(4)
+        save_model(ZFNet(num_classes=10, fc_width=64).eval(), model_dir, name="tiny")   # new weights
+        after = read_snapshot(str(model_dir)).version
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        reloads = []
+        while len(reloads) < 2:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            if line.startswith("zfserve: reloaded"):
+                reloads.append(line.strip())
+        assert reloads == [f"zfserve: reloaded (tiny: {before} -> {after})", "zfserve: reloaded (tiny: unchanged)"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+
+
+def test_bad_http_options_are_one_line(model_dir, capsys):
+    from zfserve.cli import main
+    for args, named in ((["--http-header-timeout-s", "0"], "--http-header-timeout-s"),
+                        (["--http-max-connections", "0"], "--http-max-connections"),
+                        (["--http-max-buffered-bytes", "10"], "--http-max-buffered-bytes"),
+                        (["--max-queue-images", "-1"], "--max-queue-images")):
+        assert main(["serve", "--port", "0", "--model", str(model_dir), *args]) == 2, args
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and named in lines[0], (args, lines)

@@ -66,8 +66,9 @@ class Client:
     # ------------------------------------------------------------------------------------------ API
     def classify(self, images, *, top_k: int = DEFAULT_TOP_K, model: str = "", timeout: float | None = None,
                  return_probabilities: bool = False):
-        """Top-k predictions per image (list of lists of Prediction); with ``return_probabilities`` also the
-        (N, C) probabilities: ``(predictions, probabilities)``."""
+        """Top-k predictions per image (lists of Prediction, each a :class:`~zfserve.engine.results.TopK` whose
+        ``.ood`` is the image's out-of-distribution score, None when the model has no statistics); with
+        ``return_probabilities`` also the (N, C) probabilities: ``(predictions, probabilities)``."""
         request = wire.classify_request(images, top_k=top_k, model=model, return_probabilities=return_probabilities)
         response = self._call(self._stub.Classify, request, timeout)
         preds: list[list[Prediction]] = wire.predictions(response)
@@ -90,15 +91,18 @@ class Client:
                 target: int | None = None, outputs: Iterable[str] | None = None, layer: str | None = None,
                 channel: int | None = None, attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
                 timeout: float | None = None, fill_in_pixels: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> OcclusionResult:
+                progress: Callable[[int, int], None] | None = None, mode: dict | None = None) -> OcclusionResult:
         """One image's occlusion maps (as ``OcclusionEngine.sweep``; ``png`` holds the server's pictures with
         ``return_png``). The result carries what reproduces it: ``window``, ``stride``, ``fill`` / ``fill_units``,
-        ``target``, ``attribution_on`` ("probability" or "logit") and ``model_version`` (the served version). With
-        ``progress(done, total)`` the streaming RPC is used."""
+        ``target``, ``attribution_on`` ("probability" or "logit") and ``model_version`` (the served version), and
+        what drew it (``engine``, ``precision``, ``mode``). ``mode``: the occlusion mode's fields (``engine``,
+        ``precision``, ``approximation``, ``coarse``, ``refine``, ``margin``; unset: exact), or ``{"gated": True}``
+        for the fastest mode that passed the server's stored gate. With ``progress(done, total)`` the streaming
+        RPC is used."""
         request = wire.occlusion_request(image, window=window, stride=stride, fill=fill, target=target,
                                          outputs=outputs, layer=layer, channel=channel,
                                          attribution_on_logits=attribution_on_logits, return_png=return_png,
-                                         model=model, fill_in_pixels=fill_in_pixels)
+                                         model=model, fill_in_pixels=fill_in_pixels, mode=mode)
         if progress is None:
             return wire.occlusion_result(self._call(self._stub.OcclusionSweep, request, timeout))
         try:
@@ -153,6 +157,7 @@ class RemoteAuditBackend:
         self.class_names = list(info.class_names)
         self.preprocess = PreprocessConfig(**json.loads(info.preprocess_json))
         self._seconds = {"classify": 0.0}
+        self.gated = False     # the audit sets it: sweep in the server's gated fast mode (rows say which)
 
     def classify(self, images: list[bytes]) -> list:
         import re
@@ -161,8 +166,8 @@ class RemoteAuditBackend:
         out, pending = [None] * len(images), list(range(len(images)))
         while pending:
             try:
-                _, probs = self.client.classify([images[i] for i in pending], top_k=1, model=self.name,
-                                                return_probabilities=True)
+                preds, probs = self.client.classify([images[i] for i in pending], top_k=1, model=self.name,
+                                                    return_probabilities=True)
             except ServerError as exc:
                 bad = re.match(r"images\.encoded\[(\d+)\]", exc.details or "")
                 if exc.code != grpc.StatusCode.INVALID_ARGUMENT or bad is None or int(bad.group(1)) >= len(pending):
@@ -170,15 +175,16 @@ class RemoteAuditBackend:
                 index = pending.pop(int(bad.group(1)))   # that image alone fails; the others are sent again
                 out[index] = ZFServeError(exc.details.replace(bad.group(0), "image", 1), field="image")
                 continue
-            for i, p in zip(pending, probs):
-                out[i] = p
+            for i, p, top in zip(pending, probs, preds):
+                out[i] = (p, top.ood)
             break
         self._seconds["classify"] += time.perf_counter() - t0
         return out
 
     def occlude(self, image: bytes, *, window: int, stride: int, target: int) -> OcclusionResult:
         return self.client.occlude(image, window=window, stride=stride, target=target,
-                                   outputs=("probability", "attribution"), model=self.name)
+                                   outputs=("probability", "attribution"), model=self.name,
+                                   mode={"gated": True} if self.gated else None)
 
     def take_seconds(self) -> dict:
         seconds, self._seconds = self._seconds, {"classify": 0.0}

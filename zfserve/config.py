@@ -326,3 +326,22 @@ class TrainConfig:
             if not ok:
                 raise InvalidArgumentError(f"{name}={getattr(self, name)!r} is out of range; accepted: {accepted}",
                                            field=name)
+
+
+def training_data(config: ModelConfig) -> str:
+    """What a model was trained on, in plain words, from its provenance (``zfserve info``, ModelInfo, the explorer):
+    a ``training_data`` note when its packager wrote one, else what ``zfserve train`` recorded."""
+    provenance = config.provenance or {}
+    if provenance.get("training_data"):
+        return str(provenance["training_data"])
+    data = provenance.get("data")
+    if isinstance(data, dict) and data.get("kind") == "synthetic":
+        count = f"{data['train_n']:,} training images" if is_integer(data.get("train_n")) else "training images"
+        return (f"synthetic images of {config.num_classes} shapes ({', '.join(config.class_names)}), one per image on a "
+                f"cluttered background, drawn by zfserve's generator ({count}, seed {data.get('train_seed')}); "
+                f"photographs are outside it: real photos need a model trained on them (your own)")
+    if isinstance(data, str) and data:
+        return f"the images of {data} (an ImageFolder: {config.num_classes} classes)"
+    if str(provenance.get("source", "")).startswith("built-in"):
+        return "none: untrained (the paper's initialisation); its answers mean nothing"
+    return "not recorded in its provenance"

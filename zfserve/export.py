@@ -3,7 +3,8 @@ cached ``model.onnx`` of a model.
 
 The graph has one input, ``image`` (float32 N x 3 x S x S, preprocessed, dynamic N), and the outputs
 ``logits``, ``probabilities`` (softmax inside the graph) and, when asked, named intermediate activations
-(``conv5``, ``pool5``, ``conv5_3``, ... the model's own layer names, taken by ``LayeredCNN.trace``).
+(``conv5``, ``pool5``, ``conv5_3``, ... the model's own layer names, taken by ``LayeredCNN.trace``) and the
+features the out-of-distribution score reads (:mod:`zfserve.engine.ood_features`; the cached export has them).
 
 Local response normalization is written as ONNX ops chosen for ONNX Runtime's CPU speed (see
 :func:`lrn_to_onnx`, which the occlusion engine's stage graphs use too); every ONNX Runtime session is made by
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from . import __version__
 from . import _checks as checks
 from .config import SERVING_KEYS, ModelConfig
+from .engine.ood_features import FeatureSpec, feature_spec, feature_tensors
 from .errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .model import LayeredCNN
 from .weights import EMBEDDED_DIR, ONNX_FILE, WEIGHTS_FILE, state_dict_hash
@@ -41,7 +43,7 @@ LOGITS = "logits"
 PROBABILITIES = "probabilities"
 MIN_OPSET, MAX_OPSET = 17, 20
 # Bump when the exported graph changes shape or semantics, so cached files are re-exported.
-EXPORT_FORMAT = "1"
+EXPORT_FORMAT = "2"     # 2: the out-of-distribution features are outputs
 # Metadata keys written into every exported file.
 META_CLASS_NAMES = "zfserve.class_names"
 META_PREPROCESS = "zfserve.preprocess"
@@ -51,6 +53,7 @@ META_WEIGHTS_HASH = "zfserve.weights_sha256"
 META_WEIGHTS_SOURCE = "zfserve.weights_source"
 META_CONFIG_HASH = "zfserve.config_sha256"
 META_OUTPUTS = "zfserve.outputs"
+META_OOD_FEATURES = "zfserve.ood_features"
 META_FORMAT = "zfserve.export_format"
 META_EXPORTER = "zfserve.exporter"
 
@@ -160,20 +163,25 @@ class _ExportLRN(nn.Module):
 
 
 class _ExportGraph(nn.Module):
-    """The exported function: image -> logits, probabilities, requested activations."""
+    """The exported function: image -> logits, probabilities, requested activations, out-of-distribution
+    features (with ``features``)."""
 
-    def __init__(self, model: LayeredCNN, extra_outputs: tuple[str, ...]):
+    def __init__(self, model: LayeredCNN, extra_outputs: tuple[str, ...], features: FeatureSpec | None = None):
         super().__init__()
         self.model = model
         self.extra_outputs = extra_outputs
+        self.features = features
 
     def forward(self, image):
-        if self.extra_outputs:
-            trace = self.model.trace(image, layers=self.extra_outputs)
-            logits, extras = trace.logits, [trace.activations[name] for name in self.extra_outputs]
-        else:
-            logits, extras = self.model(image), []
-        return (logits, torch.softmax(logits, dim=1), *extras)
+        layers = self.extra_outputs + (self.features.layers if self.features else ())
+        if not layers:
+            logits = self.model(image)
+            return logits, torch.softmax(logits, dim=1)
+        trace = self.model.trace(image, layers=layers)
+        extras = [trace.activations[name] for name in self.extra_outputs]
+        if self.features:
+            extras += feature_tensors(trace.activations, self.features)
+        return (trace.logits, torch.softmax(trace.logits, dim=1), *extras)
 
 
 def _export_copy(model: LayeredCNN) -> LayeredCNN:
@@ -208,8 +216,10 @@ def _check_extra_outputs(model: LayeredCNN, extra_outputs) -> tuple[str, ...]:
 
 
 def export_onnx(model: LayeredCNN, path: str | Path, *, extra_outputs=(), opset: int = 17, check: bool = True,
-                weights_sha256: str | None = None, weights_source: str = "state_dict") -> Path:
-    """Export ``model`` to ``path`` (written atomically) and return the path.
+                weights_sha256: str | None = None, weights_source: str = "state_dict",
+                ood_features: bool = False) -> Path:
+    """Export ``model`` to ``path`` (written atomically) and return the path. ``ood_features``: add the outputs
+    the out-of-distribution score reads (:func:`zfserve.engine.ood_features.feature_spec`).
 
     ``weights_sha256`` identifies the source weights in the metadata (default: :func:`state_dict_hash` of
     ``model``; :func:`ensure_onnx` passes the hash of the directory's weights file). With ``check`` (default)
@@ -225,8 +235,13 @@ def export_onnx(model: LayeredCNN, path: str | Path, *, extra_outputs=(), opset:
     path = Path(path)
     config = model.config
     size = model.input_size
-    output_names = [LOGITS, PROBABILITIES, *extra]
-    graph = _ExportGraph(_export_copy(model), extra)
+    features = feature_spec(model) if ood_features else None
+    clash = sorted(set(extra) & set(features.outputs if features else ()))
+    if clash:
+        raise InvalidArgumentError(f"extra_outputs: {clash} are out-of-distribution feature outputs already",
+                                   field="extra_outputs")
+    output_names = [LOGITS, PROBABILITIES, *extra, *(features.outputs if features else ())]
+    graph = _ExportGraph(_export_copy(model), extra, features)
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * _input_spread(config)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
@@ -247,6 +262,7 @@ def export_onnx(model: LayeredCNN, path: str | Path, *, extra_outputs=(), opset:
         META_WEIGHTS_SOURCE: weights_source,
         META_CONFIG_HASH: config_hash(config),
         META_OUTPUTS: json.dumps(output_names),
+        META_OOD_FEATURES: json.dumps(features.outputs if features else []),
         META_FORMAT: EXPORT_FORMAT,
         META_EXPORTER: f"zfserve {__version__}, torch {torch.__version__}, opset {opset}",
     }
@@ -258,7 +274,8 @@ def export_onnx(model: LayeredCNN, path: str | Path, *, extra_outputs=(), opset:
     data = proto.SerializeToString()
     del proto
     return write_checked(data, path, "export",
-                         verify=(lambda tmp: check_parity(tmp, model, extra_outputs=extra)) if check else None,
+                         verify=(lambda tmp: check_parity(tmp, model, extra_outputs=extra, features=features))
+                         if check else None,
                          check=check)
 
 
@@ -302,7 +319,7 @@ def write_checked(data: bytes, path: Path, what: str, *, verify=None, check: boo
 
 
 def check_parity(onnx_path: str | Path, model: LayeredCNN, *, extra_outputs=(), batch: int = PARITY_BATCH,
-                 seed: int = 1) -> float:
+                 seed: int = 1, features: FeatureSpec | None = None) -> float:
     """Run the ONNX file under ONNX Runtime and eager PyTorch on one random batch; raise ExportError unless
     probabilities agree within 1e-5 absolute and every other output within 1e-4 of its largest magnitude.
     Returns the largest probability difference."""
@@ -318,10 +335,13 @@ def check_parity(onnx_path: str | Path, model: LayeredCNN, *, extra_outputs=(), 
     model.eval()
     try:
         with torch.inference_mode():
-            trace = model.trace(x, layers=extra)
+            trace = model.trace(x, layers=extra + (features.layers if features else ()))
     finally:
         model.train(was_training)
-    expected = {LOGITS: trace.logits, PROBABILITIES: torch.softmax(trace.logits, dim=1), **trace.activations}
+    expected = {LOGITS: trace.logits, PROBABILITIES: torch.softmax(trace.logits, dim=1),
+                **{name: trace.activations[name] for name in extra}}
+    if features:
+        expected.update(zip(features.outputs, feature_tensors(trace.activations, features)))
     worst = 0.0
     for name, reference in expected.items():
         reference = reference.float().cpu().numpy()
@@ -430,6 +450,7 @@ def ensure_onnx(model=None) -> Path:
             return folder / ONNX_FILE
     for folder in candidates:
         if _writable(folder):
-            return export_onnx(build(), folder / ONNX_FILE, weights_sha256=source, weights_source=source_kind)
+            return export_onnx(build(), folder / ONNX_FILE, weights_sha256=source, weights_source=source_kind,
+                               ood_features=True)
     raise ModelLoadError(f"cannot write {ONNX_FILE}: neither {candidates[0]} nor the cache directory "
                          f"{candidates[-1]} is writable (set ZFSERVE_CACHE_DIR)")

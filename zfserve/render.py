@@ -352,20 +352,25 @@ def write_occlusion(out, result, *, model: str, image: str, class_names, picture
     for name, data in pngs.items():
         files[name] = f"{name}.png"
         (out / files[name]).write_bytes(data)
-    np.savez(out / "occlusion.npz", **result.arrays(), starts=result.starts)
+    evaluated = {} if result.evaluated is None else {"evaluated": np.asarray(result.evaluated)}
+    np.savez(out / "occlusion.npz", **result.arrays(), starts=result.starts, **evaluated)
     doc = {"model": model, "model_version": result.model_version, "image": str(image), "window": result.window,
            "stride": result.stride, "positions": list(result.shape), "fill": np.asarray(result.fill).tolist(),
            "fill_units": result.fill_units, "target": result.target, "target_name": class_names[result.target],
            "attribution_on": result.attribution_on, "unoccluded_probability": result.base_probability}
-    if result.probability is not None:
-        low = np.unravel_index(int(np.argmin(result.probability)), result.probability.shape)
-        doc.update(min_probability=float(result.probability.min()),
+    if result.probability is not None:   # the lowest among the evaluated positions (an approximation fills others)
+        measured = result.probability if result.evaluated is None else \
+            np.where(result.evaluated, result.probability, np.inf)
+        low = np.unravel_index(int(np.argmin(measured)), measured.shape)
+        doc.update(min_probability=float(measured[low]),
                    min_probability_window={"y": int(result.starts[low[0]]), "x": int(result.starts[low[1]])})
     doc["activity"] = {"layer": result.layer, "channel": result.channel, "unoccluded": result.base_activity}
     if result.activity is not None:
         doc["activity"].update(min=float(result.activity.min()), max=float(result.activity.max()))
     if result.argmax is not None:
         doc["argmax_classes"] = sorted({class_names[int(c)] for c in np.unique(result.argmax)})
-    doc.update(backend=result.backend, seconds=round(result.seconds, 3), files={**files, "arrays": "occlusion.npz"})
+    doc.update(backend=result.backend, engine=result.engine, precision=result.precision, mode=result.mode,
+               evaluated=None if result.evaluated is None else int(np.count_nonzero(result.evaluated)),
+               seconds=round(result.seconds, 3), files={**files, "arrays": "occlusion.npz"})
     (out / OCCLUSION_JSON).write_text(json.dumps(doc, indent=2))
     return doc

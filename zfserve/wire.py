@@ -23,7 +23,7 @@ import numpy as np
 
 from ._proto.v1 import zfserve_pb2 as pb
 from .engine.results import (DECONV_INTERPRETATION, DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult,
-                             Prediction, UnitProjection)
+                             OodScore, Prediction, TopK, UnitProjection)
 from .errors import InvalidArgumentError
 
 # zfserve.v1 Tensor dtypes (little-endian on the wire).
@@ -150,6 +150,16 @@ def images_message(images) -> pb.Images:
     return pb.Images(encoded=encoded)
 
 
+# ---------------------------------------------------------------------------------------------- ood
+def ood_message(score: OodScore) -> pb.OutOfDistribution:
+    return pb.OutOfDistribution(score=score.score, threshold=score.threshold,
+                                out_of_distribution=score.out_of_distribution)
+
+
+def ood_score(message: pb.OutOfDistribution) -> OodScore:
+    return OodScore(float(message.score), float(message.threshold), bool(message.out_of_distribution))
+
+
 # ---------------------------------------------------------------------------------------------- classify
 def classify_request(images, *, top_k: int | None = None, model: str = "", return_probabilities: bool = False):
     """``top_k`` None: unset, the server's default."""
@@ -161,19 +171,24 @@ def classify_request(images, *, top_k: int | None = None, model: str = "", retur
 
 
 def classify_response(model: str, version: str, predictions: list[list[Prediction]],
-                      probabilities: np.ndarray | None = None) -> pb.ClassifyResponse:
-    """Top-k predictions per image and, when given, the (N, C) float32 probabilities."""
-    response = pb.ClassifyResponse(model=model, model_version=version)
+                      probabilities: np.ndarray | None = None, ood_note: str = "") -> pb.ClassifyResponse:
+    """Top-k predictions per image (with each :class:`TopK`'s out-of-distribution score, when it has one) and,
+    when given, the (N, C) float32 probabilities; ``ood_note`` says why there is no score."""
+    response = pb.ClassifyResponse(model=model, model_version=version, ood_note=ood_note)
     for preds in predictions:
-        response.predictions.add(classes=[pb.ClassScore(index=int(p.index), name=p.name,
-                                                        probability=float(p.probability)) for p in preds])
+        entry = response.predictions.add(classes=[pb.ClassScore(index=int(p.index), name=p.name,
+                                                                probability=float(p.probability)) for p in preds])
+        if getattr(preds, "ood", None) is not None:
+            entry.ood.CopyFrom(ood_message(preds.ood))
     if probabilities is not None:
         response.probabilities.CopyFrom(array_to_tensor(np.asarray(probabilities, dtype=np.float32)))
     return response
 
 
-def predictions(response: pb.ClassifyResponse) -> list[list[Prediction]]:
-    return [[Prediction(c.index, c.name, c.probability) for c in p.classes] for p in response.predictions]
+def predictions(response: pb.ClassifyResponse) -> list[TopK]:
+    """The response's top-k lists, each with its out-of-distribution score as ``.ood`` (None without one)."""
+    return [TopK([Prediction(c.index, c.name, c.probability) for c in p.classes],
+                 ood_score(p.ood) if p.HasField("ood") else None) for p in response.predictions]
 
 
 def probabilities(response: pb.ClassifyResponse) -> np.ndarray | None:
@@ -203,11 +218,13 @@ def deconv_arguments(request: pb.DeconvRequest) -> dict:
                 units=[(u.channel, u.y, u.x) for u in request.units] or None, maps=list(request.maps) or None)
 
 
-def deconv_response(model: str, units: list[UnitProjection], *, tensor: bool,
-                    version: str = "") -> pb.DeconvResponse:
+def deconv_response(model: str, units: list[UnitProjection], *, tensor: bool, version: str = "",
+                    ood: list[OodScore] | None = None, ood_note: str = "") -> pb.DeconvResponse:
     """The projections (with their ``png`` / ``patch_png`` when rendered) and, with ``tensor``, the stacked
-    float32 (K, 3, S, S) projections; labelled with the model ``version`` and what a projection is."""
-    response = pb.DeconvResponse(model=model, model_version=version, interpretation=DECONV_INTERPRETATION)
+    float32 (K, 3, S, S) projections; labelled with the model ``version``, what a projection is, and each image's
+    out-of-distribution score (``ood``, or ``ood_note`` saying why there is none)."""
+    response = pb.DeconvResponse(model=model, model_version=version, interpretation=DECONV_INTERPRETATION,
+                                 ood=[ood_message(score) for score in ood or ()], ood_note=ood_note)
     for unit in units:
         x0, y0, x1, y1 = unit.box
         response.projections.add(image_index=unit.image_index, layer=unit.layer,
@@ -223,20 +240,30 @@ def projections(response: pb.DeconvResponse) -> list[UnitProjection]:
     """A DeconvResponse as the engine's UnitProjections (``projection`` None unless the tensor was sent;
     ``patch`` None: the server sends the patch only as a PNG)."""
     stack = _optional_array(response.tensor)
+    scores = [ood_score(message) for message in response.ood]
     return [UnitProjection(p.image_index, p.layer, p.unit.channel, p.unit.y, p.unit.x, p.activation,
                            (p.box.x0, p.box.y0, p.box.x1, p.box.y1), None if stack is None else stack[i], None,
-                           p.png, p.patch_png, response.model_version) for i, p in enumerate(response.projections)]
+                           p.png, p.patch_png, response.model_version,
+                           scores[p.image_index] if p.image_index < len(scores) else None)
+            for i, p in enumerate(response.projections)]
 
 
 # ---------------------------------------------------------------------------------------------- occlusion
 def occlusion_request(image, *, window: int = DEFAULT_WINDOW, stride: int = DEFAULT_STRIDE, fill="mean",
                       target: int | None = None, outputs=None, layer: str | None = None, channel: int | None = None,
                       attribution_on_logits: bool = False, return_png: bool = False, model: str = "",
-                      fill_in_pixels: bool = False) -> pb.OcclusionRequest:
+                      fill_in_pixels: bool = False, mode: dict | None = None) -> pb.OcclusionRequest:
+    """``mode``: the occlusion mode's request fields (:data:`MODE_FIELDS`, those given), or ``{"gated": True}``."""
     request = pb.OcclusionRequest(model=model, images=images_message(image), window=window, stride=stride,
                                   outputs=list(outputs or ()), activity_layer=layer or "",
                                   attribution_on_logits=attribution_on_logits, return_png=return_png,
                                   fill_in_pixels=fill_in_pixels)
+    for key, value in (mode or {}).items():
+        if key not in (*MODE_FIELDS, "gated"):
+            raise InvalidArgumentError(f"mode: {key!r} not accepted; accepted: {', '.join(MODE_FIELDS)}, gated",
+                                       field="mode")
+        if value is not None:
+            setattr(request, key, value)
     if target is not None:
         request.target = int(target)
     if channel is not None:
@@ -276,9 +303,24 @@ def sweep_arguments(request: pb.OcclusionRequest) -> dict:
     return args
 
 
-def occlusion_response(model: str, result: OcclusionResult, version: str = "") -> pb.OcclusionResponse:
-    """A sweep's result (with its ``png`` pictures when rendered) as an OcclusionResponse, with the settings used
-    and the model ``version`` (default: the result's own)."""
+MODE_FIELDS = ("engine", "precision", "approximation", "coarse", "refine", "margin")
+
+
+def sweep_mode(request: pb.OcclusionRequest) -> tuple[dict, bool]:
+    """The occlusion mode a request asks for: (the fields of :data:`MODE_FIELDS` that are set, ``gated``)."""
+    asked = {key: getattr(request, key) for key in MODE_FIELDS
+             if (request.HasField(key) if key in ("coarse", "refine", "margin") else getattr(request, key))}
+    if request.gated and asked:
+        raise InvalidArgumentError(f"gated: the gate chooses the mode; leave {', '.join(asked)} unset",
+                                   field="gated")
+    return asked, bool(request.gated)
+
+
+def occlusion_response(model: str, result: OcclusionResult, version: str = "",
+                       ood_note: str = "") -> pb.OcclusionResponse:
+    """A sweep's result (with its ``png`` pictures when rendered) as an OcclusionResponse, with the settings used,
+    the model ``version`` (default: the result's own) and the image's out-of-distribution score (``result.ood``,
+    or ``ood_note`` saying why there is none)."""
     ny, nx = result.shape
     response = pb.OcclusionResponse(
         model=model, target=int(result.target), positions_y=ny, positions_x=nx, activity_layer=result.layer,
@@ -287,10 +329,15 @@ def occlusion_response(model: str, result: OcclusionResult, version: str = "") -
         window=int(result.window), stride=int(result.stride),
         fill=[float(v) for v in np.asarray(result.fill).reshape(-1)], fill_units=result.fill_units,
         attribution_on=result.attribution_on, backend=result.backend, seconds=result.seconds, png=result.png,
-        model_version=version or result.model_version)
+        model_version=version or result.model_version, ood_note=ood_note, engine=result.engine,
+        precision=result.precision, mode=result.mode, gate=result.gate)
+    if result.ood is not None:
+        response.ood.CopyFrom(ood_message(result.ood))
     for name, arr in result.arrays().items():
         arr = np.asarray(arr).astype(np.int64 if name == "argmax" else np.float32, copy=False)
         getattr(response, name).CopyFrom(array_to_tensor(arr))
+    if result.evaluated is not None:
+        response.evaluated.CopyFrom(array_to_tensor(np.asarray(result.evaluated, dtype=np.uint8)))
     return response
 
 
@@ -304,7 +351,10 @@ def occlusion_result(r: pb.OcclusionResponse) -> OcclusionResult:
         base_probability=r.base_probability, base_activity=r.base_activity,
         **{name: _optional_array(getattr(r, name)) for name in OUTPUTS},
         timings={"base_s": 0.0, "sweep_s": r.seconds}, backend=r.backend, png=dict(r.png),
-        model_version=r.model_version)
+        model_version=r.model_version, ood=ood_score(r.ood) if r.HasField("ood") else None, engine=r.engine,
+        precision=r.precision or "fp32", mode=r.mode or "exact",
+        evaluated=None if (evaluated := _optional_array(r.evaluated)) is None else evaluated.astype(bool),
+        gate=r.gate)
 
 
 # ---------------------------------------------------------------------------------------------- OIP

@@ -2,9 +2,11 @@
 audit summarises the whole corpus, not the last run).
 
 summary.json: inputs and rows, counts per status and flag, accuracy over the images whose label the model
-knows, the pointing-game rate over the images with a mask (plain hit rate, the report's figure, and the mean
-over classes), images per second and wall time of the run, the time per stage, the model and version, the
-settings. index.html: an offline page (no script, no network) with that summary, a gallery of the worst
+knows and how many rows that is (``labels``: rows with a label, those whose label is one of the model's classes,
+and the labels that match no class, with their counts), the out-of-distribution score (images scored and flagged,
+the threshold; or that the model has no statistics), the pointing-game rate over the images with a mask (plain hit
+rate, the report's figure, and the mean over classes), images per second and wall time of the run, the time per
+stage, the model and version, the settings. index.html: an offline page (no script, no network) with that summary, a gallery of the worst
 offenders (the image beside its evidence overlay, the prediction, why it was flagged) and the failures with
 their reasons.
 """
@@ -17,13 +19,33 @@ from pathlib import Path
 
 SUMMARY_FILE = "summary.json"
 INDEX_FILE = "index.html"
-FLAGS = ("failed", "misclassified", "low_confidence", "evidence_off_object")
+FLAGS = ("failed", "misclassified", "low_confidence", "evidence_off_object", "out_of_distribution")
 GALLERY_LIMIT = 100        # worst offenders shown on the page (all of them are in results.parquet)
 
 
 def _rate(values) -> float | None:
     values = [bool(v) for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def label_coverage(ok: list[dict]) -> dict:
+    """Of the readable rows: how many carry a label, how many of those labels are the model's classes (what the
+    accuracy covers), and the labels that are not, with their counts."""
+    labelled = [r for r in ok if r.get("label") is not None]
+    unknown: dict[str, int] = {}
+    for r in labelled:
+        if r.get("correct") is None:
+            unknown[r["label"]] = unknown.get(r["label"], 0) + 1
+    return {"rows_with_label": len(labelled), "matching_a_class": len(labelled) - sum(unknown.values()),
+            "unknown": dict(sorted(unknown.items()))}
+
+
+def ood_summary(ok: list[dict]) -> dict:
+    """How many readable images were scored and flagged out of distribution, and the threshold(s) used."""
+    scored = [r for r in ok if r.get("ood_score") is not None]
+    return {"scored": len(scored), "flagged": sum(bool(r.get("out_of_distribution")) for r in scored),
+            "thresholds": sorted({round(float(r["ood_threshold"]), 6) for r in scored}),
+            "note": "" if scored or not ok else "not scored: the model has no out-of-distribution statistics"}
 
 
 def summarize(rows: list[dict], *, inputs: int, run: dict) -> dict:
@@ -40,6 +62,8 @@ def summarize(rows: list[dict], *, inputs: int, run: dict) -> dict:
         "flags": {flag: sum(bool(r.get(flag)) for r in rows) for flag in FLAGS},
         "accuracy": _rate(r.get("correct") for r in ok),
         "labelled": sum(r.get("correct") is not None for r in ok),
+        "labels": label_coverage(ok),
+        "out_of_distribution": ood_summary(ok),
         "pointing_game": {"hit_rate": _rate(r["pointing_hit"] for r in with_mask), "images": len(with_mask),
                           "class_mean": (sum(sum(v) / len(v) for v in per_class.values()) / len(per_class))
                           if per_class else None,
@@ -57,14 +81,18 @@ def write_summary(out: Path, summary: dict) -> Path:
 
 
 def severity(row: dict) -> tuple:
-    """Sort key of the gallery, worst first: confident mistakes, then evidence off the object, then doubt."""
-    return (not row.get("misclassified"), not row.get("evidence_off_object"),
+    """Sort key of the gallery, worst first: images outside the model's world (any answer is noise there), then
+    confident mistakes, then evidence off the object, then doubt."""
+    return (not row.get("out_of_distribution"), not row.get("misclassified"), not row.get("evidence_off_object"),
             -(row.get("probability") or 0.0) if row.get("misclassified") else (row.get("probability") or 0.0),
             row["path"])
 
 
 def _why(row: dict) -> str:
     reasons = []
+    if row.get("out_of_distribution"):
+        reasons.append(f"out of distribution: unlike the model's data (score {row['ood_score']:.2f} > threshold "
+                       f"{row['ood_threshold']:.2f}); the prediction means little")
     if row.get("misclassified"):
         reasons.append(f"misclassified: label {row['label']}")
     if row.get("evidence_off_object"):
@@ -75,6 +103,29 @@ def _why(row: dict) -> str:
     return "; ".join(reasons)
 
 
+def accuracy_text(summary: dict) -> str:
+    labels = summary["labels"]
+    if summary["accuracy"] is None:
+        return f"- (none of {summary['rows']} rows has a label that is one of the model's classes)"
+    return (f"{summary['accuracy']:.1%} over {summary['labelled']} of {summary['rows']} rows (those whose label is one "
+            f"of the model's classes; {labels['rows_with_label']} have a label)")
+
+
+def unknown_labels_text(labels: dict) -> str:
+    unknown = labels["unknown"]
+    if not unknown:
+        return "none"
+    return (f"{len(unknown)} label(s) on {sum(unknown.values())} rows match no class of the model, so the accuracy "
+            f"leaves them out: " + ", ".join(f"{name} ({count})" for name, count in unknown.items()))
+
+
+def ood_text(ood: dict) -> str:
+    if not ood["scored"]:
+        return ood["note"] or "-"
+    return (f"{ood['flagged']} of {ood['scored']} images are unlike the model's data (score above "
+            f"{', '.join(f'{t:g}' for t in ood['thresholds'])}); their predictions mean little")
+
+
 def write_index(out: Path, rows: list[dict], summary: dict) -> Path:
     e = html.escape
     flagged = sorted((r for r in rows if r["status"] == "ok" and any(r.get(f) for f in FLAGS)), key=severity)
@@ -82,8 +133,9 @@ def write_index(out: Path, rows: list[dict], summary: dict) -> Path:
     pg = summary["pointing_game"]
     facts = [("images", summary["rows"]), ("ok", summary["status"]["ok"]), ("failed", summary["status"]["failed"]),
              *((f"flag: {k}", v) for k, v in summary["flags"].items()),
-             ("accuracy", "-" if summary["accuracy"] is None else f"{summary['accuracy']:.1%} of "
-              f"{summary['labelled']} labelled"),
+             ("accuracy", accuracy_text(summary)),
+             ("labels matching no class", unknown_labels_text(summary["labels"])),
+             ("out of distribution", ood_text(summary["out_of_distribution"])),
              ("pointing game", "-" if pg["hit_rate"] is None else f"{pg['hit_rate']:.1%} of {pg['images']} with "
               f"masks ({pg['tolerance_px']} px)"),
              ("model", f"{summary['model']} {', '.join(summary['model_versions'])}"),
@@ -116,4 +168,5 @@ def write_index(out: Path, rows: list[dict], summary: dict) -> Path:
     return path
 
 
-__all__ = ["FLAGS", "INDEX_FILE", "SUMMARY_FILE", "severity", "summarize", "write_index", "write_summary"]
+__all__ = ["FLAGS", "INDEX_FILE", "SUMMARY_FILE", "accuracy_text", "label_coverage", "ood_summary", "ood_text",
+           "severity", "summarize", "unknown_labels_text", "write_index", "write_summary"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import _checks as checks
@@ -102,14 +103,21 @@ def _run_local(auditor: Auditor, store: ResultStore, inputs, batch_size: int, wo
 def run(source: str, out: str | Path, *, model: str | None = None, backend=None, top_k: int = 5,
         occlusion: tuple[int, int] | None = DEFAULT_OCCLUSION, batch_size: int = DEFAULT_BATCH_SIZE, workers: int = 1,
         limit: int | None = None, ray: bool | str | None = None, low_confidence: float = DEFAULT_LOW_CONFIDENCE,
-        tolerance: int = DEFAULT_TOLERANCE, heatmaps: bool = True, device: str = "cpu", quiet: bool = False) -> dict:
+        tolerance: int = DEFAULT_TOLERANCE, heatmaps: bool = True, device: str = "cpu", quiet: bool = False,
+        exact: bool = False, candidates=None, gate: dict | None = None, log=None) -> dict:
     """Audit every input of ``source`` into ``out`` (results.parquet, heatmaps/, summary.json, index.html) and
     return the summary. ``backend``: where the model runs (default: :class:`~zfserve.audit.backends.LocalBackend`
     of ``model``; the CLI passes a server's for ``--server``). ``ray``: True for a local Ray instance, or a
-    cluster address; ``workers`` is then the number of actors (one CPU each), else the reading threads."""
+    cluster address; ``workers`` is then the number of actors (one CPU each), else the reading threads.
+
+    Occlusion runs in the fastest mode that passes the agreement gate (:mod:`.gate`; measured on first use for
+    these settings), else exact; ``exact`` forces exact, ``candidates`` (OcclusionModes) limits the modes
+    tried, ``gate`` holds GateSettings' other fields (``images``, ``data``, ``min_agreement``). ``log``: where
+    the gate's lines and the chosen mode go (default: nowhere). A server backend uses its own stored gate."""
     settings = AuditSettings(top_k=top_k, occlusion=tuple(occlusion) if occlusion else None,
                              low_confidence=low_confidence, tolerance=tolerance, heatmaps=heatmaps)
     _check(settings, batch_size, workers, limit)
+    gate_settings = _gate_settings(settings, gate or {}) if settings.occlusion else None
     if ray and backend is not None:
         raise InvalidArgumentError("--ray and --server: choose one (Ray actors load the model themselves)",
                                    field="ray")
@@ -117,20 +125,37 @@ def run(source: str, out: str | Path, *, model: str | None = None, backend=None,
     out = Path(out)
     store = ResultStore(out)
     started = time.perf_counter()
+    choice, setup = None, {}
     if ray:
         from .ray_runner import model_facts, run_on_ray
         name, version, classes = model_facts(model)
         checks.integer(top_k, "top_k", 1, classes, label="--top-k")
         _check_consistent(store, name, version, settings)
+        if gate_settings is not None:
+            choice, setup["gate"] = _choose(model, None, gate_settings, exact, candidates, device, log)
+            settings.occlusion_mode = choice.mode.to_json()
         written, skipped, times = run_on_ray(ray, model, device, settings, inputs, store.done(), store,
                                              out / HEATMAPS_DIR, batch_size, workers, quiet)
     else:
         from .backends import LocalBackend
+        t0 = time.perf_counter()
+        local = backend is None
         backend = backend or LocalBackend(model, device=device, batch_size=batch_size)
+        setup["load"] = time.perf_counter() - t0
         checks.integer(top_k, "top_k", 1, len(backend.class_names), label="--top-k")
         _check_consistent(store, backend.name, backend.version, settings)
+        if gate_settings is not None and local:
+            choice, setup["gate"] = _choose(model, backend, gate_settings, exact, candidates, device, log)
+            backend.mode = choice.mode
+            t0 = time.perf_counter()
+            backend.engines.warm(choice.mode)
+            setup["load"] += time.perf_counter() - t0
+        elif gate_settings is not None and hasattr(backend, "gated"):
+            backend.gated = not exact      # a server chooses by its own stored gate; rows say what it used
         auditor = Auditor(backend, settings, done=store.done(), heatmap_dir=out / HEATMAPS_DIR)
+        t0 = time.perf_counter()
         written = _run_local(auditor, store, inputs, batch_size, workers, quiet)
+        setup["run"] = time.perf_counter() - t0
         skipped, times = auditor.skipped, {k: round(v, 3) for k, v in auditor.times.seconds.items()}
     wall = time.perf_counter() - started
     store.compact()
@@ -141,11 +166,55 @@ def run(source: str, out: str | Path, *, model: str | None = None, backend=None,
         "this_run": {"rows_written": written, "skipped_done": skipped, "wall_s": round(wall, 3),
                      "runner": f"ray ({ray})" if ray else "local", "workers": workers, "batch_size": batch_size},
         "images_per_second": written / wall if wall > 0 else 0.0, "wall_s": round(wall, 3), "seconds": times,
+        "setup_s": {k: round(v, 3) for k, v in setup.items()},
+        "occlusion_mode": _mode_summary(choice, rows, gate_settings),
         "settings": {"top_k": top_k, "occlusion": list(settings.occlusion) if settings.occlusion else None,
                      "low_confidence": low_confidence, "tolerance": tolerance}})
     write_summary(out, summary)
     write_index(out, rows, summary)
     return summary
+
+
+def _gate_settings(settings: AuditSettings, gate: dict):
+    from .gate import GateSettings
+    unknown = set(gate) - {"images", "data", "min_agreement", "max_pointing_delta"}
+    if unknown:
+        raise InvalidArgumentError(f"gate: {sorted(unknown)} not accepted; accepted: images, data, min_agreement, "
+                                   f"max_pointing_delta", field="gate")
+    window, stride = settings.occlusion
+    return GateSettings(window, stride, settings.tolerance, **gate)
+
+
+def _choose(model, backend, gate_settings, exact: bool, candidates, device: str, log):
+    """(the gate's choice of occlusion mode, seconds it took): exact when asked, else the fastest that passes."""
+    from ..engine.occlusion_modes import EXACT_MODE, OcclusionEngines
+    from ..weights import default_model_name, read_snapshot
+    from .gate import GateChoice, choose
+    t0 = time.perf_counter()
+    if exact:
+        choice = GateChoice(EXACT_MODE, "--exact")
+    else:
+        snapshot = backend.snapshot if backend is not None else read_snapshot(model or default_model_name())
+        engines = backend.engines if backend is not None else OcclusionEngines(snapshot, device=device)
+        choice = choose(snapshot, gate_settings, engines, modes=candidates, log=log)
+    if log is not None:
+        log(f"occlusion: {choice.note}")
+    return choice, time.perf_counter() - t0
+
+
+def _mode_summary(choice, rows: list[dict], gate_settings) -> dict | None:
+    """The summary's word on the occlusion mode: the one chosen, the gate's settings and figures, and the modes
+    the rows were drawn in (a resumed audit may hold rows of an earlier choice)."""
+    if gate_settings is None:
+        return None
+    used: dict[str, int] = {}
+    for r in rows:
+        if r.get("occlusion_mode"):
+            used[r["occlusion_mode"]] = used.get(r["occlusion_mode"], 0) + 1
+    doc = {"rows_by_mode": used}
+    if choice is not None:
+        doc.update(mode=choice.mode.name, note=choice.note, gate=choice.figures, gate_settings=asdict(gate_settings))
+    return doc
 
 
 __all__ = ["AuditInterrupted", "run"]

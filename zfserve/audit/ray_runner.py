@@ -29,10 +29,15 @@ class RayAuditor:
     """One actor of the pool: a local backend and an Auditor, called on batches of inputs (pyarrow tables)."""
 
     def __init__(self, model, device, settings: dict, done: dict, heatmap_dir: str):
+        from ..engine.occlusion_modes import OcclusionMode
         from .backends import LocalBackend
         occlusion = settings.get("occlusion")
         settings = AuditSettings(**{**settings, "occlusion": tuple(occlusion) if occlusion else None})
-        self.auditor = Auditor(LocalBackend(model, device=device), settings, done=done, heatmap_dir=heatmap_dir)
+        # The driver's gate chose the occlusion mode: every actor sweeps in it, on the same engines as locally.
+        mode = OcclusionMode.from_json(settings.occlusion_mode) if settings.occlusion_mode else None
+        # One thread: the actor holds one CPU (num_cpus=1), so its engines run single-threaded.
+        self.auditor = Auditor(LocalBackend(model, device=device, mode=mode, threads=1), settings, done=done,
+                               heatmap_dir=heatmap_dir)
 
     def __call__(self, batch):
         import pyarrow as pa

@@ -14,7 +14,10 @@ else the top-1 class), is, with the report's conventions (``zfserve.paper.locali
   drops averaged over the windows covering a pixel) that falls on the object mask;
 - ``pointing_hit``: that centre lies within ``tolerance`` (15) input pixels of the mask.
 Flags: ``failed``; ``misclassified`` (label known, top-1 differs); ``low_confidence`` (top-1 probability below the
-threshold); ``evidence_off_object`` (a mask is known and the pointing game misses).
+threshold); ``evidence_off_object`` (a mask is known and the pointing game misses); ``out_of_distribution`` (the
+image's out-of-distribution score, ``ood_score``, is above the model's threshold, ``ood_threshold``: it is unlike
+the model's data, and its prediction means little; both are null when the model has no statistics). A label that
+is none of the model's classes leaves ``correct`` null; the summary counts and names such labels.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def schema():
         ("evidence_in_mask", f32), ("pointing_distance", f32), ("pointing_hit", b), ("mask_error", s),
         ("occlusion_window", i32), ("occlusion_stride", i32), ("model", s), ("model_version", s),
         ("misclassified", b), ("low_confidence", b), ("evidence_off_object", b), ("failed", b), ("heatmap", s),
+        ("ood_score", f32), ("ood_threshold", f32), ("out_of_distribution", b),
+        ("occlusion_mode", s),     # what drew the evidence: "exact", or a gated fast mode (audit.gate)
     ])
 
 
@@ -60,6 +65,8 @@ class AuditSettings:
     low_confidence: float = DEFAULT_LOW_CONFIDENCE
     tolerance: int = DEFAULT_TOLERANCE
     heatmaps: bool = True
+    # The occlusion mode the runner chose (OcclusionMode.to_json(); None: exact), so Ray actors use the same.
+    occlusion_mode: dict | None = None
 
 
 @dataclass
@@ -75,6 +82,8 @@ class _Staged:
     mask_error: str | None = None
     error: str | None = None
     probabilities: np.ndarray | None = None
+    ood: object = None                   # its OodScore, when the model has statistics
+    prepared: np.ndarray | None = None      # the decoded input, when the backend decodes ahead
 
 
 @dataclass
@@ -161,19 +170,45 @@ class Auditor:
                 skipped += 1
             else:
                 staged.append(s)
-        return staged, skipped, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        prepare = getattr(self.backend, "prepare", None)     # decoding too, off the model's thread
+        if prepare is not None:
+            for s in staged:
+                if s.error is None:
+                    s.prepared = prepare(s.data)
+        return staged, skipped, seconds
 
     def rows(self, staged: list[_Staged]) -> list[dict]:
-        """Classify the staged inputs together, then sweep each one: one row per staged input."""
+        """Classify the staged inputs together, then sweep them (together where the backend batches occluded
+        images across inputs): one row per staged input."""
         readable = [s for s in staged if s.error is None]
-        probabilities = self.backend.classify([s.data for s in readable]) if readable else []
+        answers = self.backend.classify([s.data for s in readable], **self._prepared(readable)) \
+            if readable else []
         self.times.merge(self.backend.take_seconds())
-        for s, probs in zip(readable, probabilities):
-            if isinstance(probs, Exception):
-                s.error = _one_line(probs)
+        for s, answer in zip(readable, answers):
+            if isinstance(answer, Exception):
+                s.error = _one_line(answer)
             else:
-                s.probabilities = probs
-        return [self._row(s) for s in staged]
+                s.probabilities, s.ood = answer
+        rows = [self._row(s) for s in staged]
+        if self.settings.occlusion:
+            todo = [(s, row) for s, row in zip(staged, rows) if row["status"] == "ok"]
+            t0 = time.perf_counter()
+            results = self._sweeps([s for s, _ in todo], [row.pop("_target") for _, row in todo])
+            self.times.add("occlusion", time.perf_counter() - t0)
+            for (s, row), result in zip(todo, results):
+                self._evidence(s, row, result)
+        return rows
+
+    def _sweeps(self, staged: list[_Staged], targets: list[int]) -> list:
+        window, stride = self.settings.occlusion
+        many = getattr(self.backend, "occlude_many", None)
+        if many is not None:
+            return many([s.data for s in staged], targets, window=window, stride=stride, **self._prepared(staged))
+        return [self.backend.occlude(s.data, window=window, stride=stride, target=t) for s, t in zip(staged, targets)]
+
+    def _prepared(self, staged: list[_Staged]) -> dict:
+        return {"prepared": [s.prepared for s in staged]} if hasattr(self.backend, "prepare") else {}
 
     # ------------------------------------------------------------------------------------------ one row
     def _row(self, s: _Staged) -> dict:
@@ -181,7 +216,8 @@ class Auditor:
         row = {"path": s.input.path, "sha256": s.sha256, "width": s.width, "height": s.height, "label": s.input.label,
                "status": "failed" if s.error else "ok", "error": s.error, "mask_error": s.mask_error,
                "model": b.name, "model_version": b.version, "failed": s.error is not None,
-               "misclassified": False, "low_confidence": False, "evidence_off_object": False}
+               "misclassified": False, "low_confidence": False, "evidence_off_object": False,
+               "out_of_distribution": False}
         if s.error:
             return row
         probs = np.asarray(s.probabilities, dtype=np.float64)
@@ -193,23 +229,25 @@ class Auditor:
                    correct=None if label_index is None else bool(order[0] == label_index))
         row["misclassified"] = row["correct"] is False
         row["low_confidence"] = row["probability"] < self.settings.low_confidence
+        if s.ood is not None:
+            row.update(ood_score=s.ood.score, ood_threshold=s.ood.threshold,
+                       out_of_distribution=s.ood.out_of_distribution)
         if self.settings.occlusion:
-            self._evidence(s, row, int(order[0]) if label_index is None else label_index)
+            row["_target"] = int(order[0]) if label_index is None else label_index
         return row
 
-    def _evidence(self, s: _Staged, row: dict, target: int) -> None:
+    def _evidence(self, s: _Staged, row: dict, result) -> None:
         window, stride = self.settings.occlusion
-        t0 = time.perf_counter()
-        result = self.backend.occlude(s.data, window=window, stride=stride, target=target)
-        self.times.add("occlusion", time.perf_counter() - t0)
+        target = int(result.target)
         pre = self.backend.preprocess
         size = pre.crop
         cx, cy = drop_point(result, size)
         sx, sy, left, top = input_frame((s.height, s.width), pre)
         attribution = np.maximum(np.asarray(result.attribution, dtype=np.float64), 0.0)
+        measured = result.probability if result.evaluated is None else result.probability[result.evaluated]
         row.update(target=self.class_names[target], occlusion_window=window, occlusion_stride=stride,
                    evidence_x=(cx + left) / sx, evidence_y=(cy + top) / sy,
-                   evidence_drop=float(result.base_probability - np.min(result.probability)))
+                   evidence_drop=float(result.base_probability - np.min(measured)), occlusion_mode=result.mode)
         if s.mask is not None:
             mask = mask_to_input(s.mask, pre)
             total = attribution.sum()
@@ -219,7 +257,8 @@ class Auditor:
                        pointing_hit=bool(distance <= self.settings.tolerance))
             row["evidence_off_object"] = not row["pointing_hit"]
         if self.heatmap_dir is not None and self.settings.heatmaps and \
-                (row["misclassified"] or row["low_confidence"] or row["evidence_off_object"]):
+                (row["misclassified"] or row["low_confidence"] or row["evidence_off_object"] or
+                 row["out_of_distribution"]):
             t0 = time.perf_counter()
             row["heatmap"] = self._heatmap(s, result.attribution)
             self.times.add("write", time.perf_counter() - t0)

@@ -18,6 +18,7 @@ whichever machine runs it.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import asdict, dataclass
@@ -165,14 +166,21 @@ def _read_uri(uri: str, max_bytes: int | None) -> bytes:
         return fh.read(max_bytes + 1) if max_bytes else fh.read()
 
 
+@functools.lru_cache(maxsize=64)
+def _sample(seed: int, index: int):
+    """One synthetic sample, rendered once for its image and its mask (read one after the other)."""
+    return render(seed, index)
+
+
 def _synthetic_png(path: str) -> bytes:
     from PIL import Image
     body, _, part = path[len(SYNTHETIC_SCHEME):].partition("#")
     seed, index = (int(v) for v in body.split("/"))
-    sample = render(seed, index)
+    sample = _sample(seed, index)
     pixels = sample.mask.astype("uint8") * 255 if part == "mask" else sample.image
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    # Lossless either way; level 1 encodes in about half the time of the default 6 (8.5 vs 15.7 ms for 256 x 256).
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

@@ -11,7 +11,7 @@ import sys
 
 from .. import __version__
 from ..errors import ZFServeError
-from .audit import add_audit
+from .audit import add_audit, add_occlusion_gate
 from .common import EXIT_USAGE, Parser
 from .explore import add_index
 from .importing import add_import
@@ -20,7 +20,7 @@ from .training import add_data, add_eval, add_evolution, add_filters, add_report
 from .visualize import add_deconv, add_faithfulness, add_occlude
 
 COMMANDS = [add_info, add_export, add_classify, add_serve, add_health, add_data, add_train, add_evolution, add_eval,
-            add_filters, add_report, add_deconv, add_occlude, add_faithfulness, add_audit,
+            add_filters, add_report, add_deconv, add_occlude, add_faithfulness, add_audit, add_occlusion_gate,
             add_index, add_import]
 
 

@@ -49,3 +49,31 @@ def progress_bar(done: int, total: int) -> None:
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+def add_occlusion_mode_options(p, description: str) -> None:
+    """--engine / --precision / --approximation and its knobs (README "Fast occlusion"); ``description`` says
+    what they do for the command."""
+    from ..config import ENGINES, PRECISIONS
+    from ..engine.occlusion_plans import APPROXIMATIONS, DEFAULT_COARSE, DEFAULT_MARGIN, DEFAULT_REFINE
+    g = p.add_argument_group("occlusion mode", description)
+    g.add_argument("--engine", default=None, choices=ENGINES, help="onnxruntime or openvino (pip install "
+                   "'zfserve[openvino]')")
+    g.add_argument("--precision", default=None, choices=PRECISIONS, help="fp32, int8 (made on first use) or bf16 "
+                   "(openvino only)")
+    g.add_argument("--approximation", default=None, choices=APPROXIMATIONS,
+                   help="none (every position), drilldown (coarse lattice, then around the largest drops) or "
+                        "early-stop (coarse lattice, then refine until the largest drop is decided)")
+    g.add_argument("--coarse", type=int, default=None,
+                   help=f"approximations: the lattice takes every COARSE-th position per axis (1..16, default "
+                        f"{DEFAULT_COARSE})")
+    g.add_argument("--refine", type=int, default=None,
+                   help=f"drilldown: neighbourhoods of the REFINE largest coarse drops (default {DEFAULT_REFINE})")
+    g.add_argument("--margin", type=float, default=None,
+                   help=f"early-stop: refine next to a drop of at least (1 - MARGIN) x the largest (0..1, default "
+                        f"{DEFAULT_MARGIN})")
+
+
+def occlusion_mode_arguments(args) -> dict:
+    """The mode options given, as keyword arguments of ``zfserve.engine.occlusion_modes.mode_from``."""
+    return {k: getattr(args, k) for k in ("engine", "precision", "approximation", "coarse", "refine", "margin")}

@@ -16,22 +16,30 @@ from .common import CommandError, EXIT_USAGE, add_server_option, model_help, rem
 
 # ---------------------------------------------------------------------------------------------------- info
 def add_info(sub) -> None:
-    p = sub.add_parser("info", help="layers, shapes, parameter counts and receptive fields of a model")
+    p = sub.add_parser("info", help="what a model knows (classes, training data, out-of-distribution score) and its "
+                                    "layers, shapes, parameter counts and receptive fields")
     p.add_argument("--model", default=None, help=model_help())
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
-    from ..weights import load_model
-    model = load_model(args.model)
+    from ..config import training_data
+    from ..engine import ood
+    from ..weights import read_snapshot
+    snapshot = read_snapshot(args.model)
+    model = snapshot.model()
     layers = model.layer_info()
     total = sum(p.numel() for p in model.parameters())
     cfg = model.config
+    detector, note = ood.find(snapshot)
     if args.json:
         print(json.dumps({
             "model": cfg.name, "version": cfg.version, "architecture": cfg.architecture,
-            "num_classes": cfg.num_classes, "input": [3, cfg.input_size, cfg.input_size], "parameters": total,
+            "num_classes": cfg.num_classes,
+            "class_names": list(cfg.class_names), "training_data": training_data(cfg),
+            "ood": {"available": True, **detector.describe()} if detector else {"available": False, "note": note},
+            "input": [3, cfg.input_size, cfg.input_size], "parameters": total,
             "layers": [{"name": li.name, "shape": list(li.shape), "parameters": li.params,
                         "receptive_field": li.receptive_field, "stride": li.jump} for li in layers],
             "preprocess": cfg.preprocess.to_json(),
@@ -40,6 +48,9 @@ def cmd_info(args) -> int:
     print(f"model {cfg.name} (version {cfg.version}), {cfg.architecture}, {cfg.num_classes} classes, input "
           f"3x{cfg.input_size}x{cfg.input_size}")
     print(f"preprocessing: {cfg.preprocess.describe()}")
+    print(f"classes: {', '.join(cfg.class_names)}")
+    print(f"trained on: {training_data(cfg)}")
+    print(f"out-of-distribution score: {_ood_line(detector, note)}")
     print(f"{'layer':<8}{'output':>16}{'params':>14}{'receptive field':>17}{'stride':>8}")
     for li in layers:
         shape = "x".join(str(s) for s in li.shape)
@@ -47,6 +58,14 @@ def cmd_info(args) -> int:
         print(f"{li.name:<8}{shape:>16}{li.params:>14,}{rf:>17}{li.jump or '-':>8}")
     print(f"{'total':<8}{'':>16}{total:>14,}")
     return 0
+
+
+def _ood_line(detector, note: str) -> str:
+    if detector is None:
+        return f"none ({note})"
+    d = detector.describe()
+    return (f"{d['method']}; images scoring above {d['threshold']:.4g} are flagged out of distribution "
+            f"({d['acceptance']:.0%} of held-out images pass: {d['data']})")
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -64,19 +83,33 @@ def add_export(sub) -> None:
                         "(re-made only when the weights or the calibration settings change); bf16: runs model.onnx "
                         "on OpenVINO, nothing more to write")
     add_int8_options(p)
+    add_ood_options(p)
     p.set_defaults(func=cmd_export)
+
+
+def add_ood_options(p) -> None:
+    from ..engine.ood import DEFAULT_ACCEPTANCE
+    g = p.add_argument_group("the out-of-distribution score (fitted on the --calibration images)")
+    g.add_argument("--ood-acceptance", type=float, default=None, metavar="SHARE",
+                   help=f"share of held-out in-distribution images the threshold accepts (default "
+                        f"{DEFAULT_ACCEPTANCE}); fits the statistics again")
+    g.add_argument("--no-ood", action="store_true",
+                   help="do not fit the out-of-distribution statistics (answers then carry no score)")
 
 
 def add_int8_options(p) -> None:
     from ..engine.quantize import (CALIBRATION_METHODS, DEFAULT_ACCURACY_IMAGES, DEFAULT_CALIBRATION_IMAGES,
                                    DEFAULT_CALIBRATION_METHOD, DEFAULT_MAX_ACCURACY_DROP)
-    g = p.add_argument_group("int8 (with --precision int8)")
+    g = p.add_argument_group("held-out images (int8 calibration with --precision int8, and the out-of-distribution "
+                             "fit)")
     g.add_argument("--calibration", default=None, metavar="SOURCE",
-                   help="held-out calibration images: synthetic (seed 5; the embedded model trained on 1), "
-                        "synthetic:SEED, or an ImageFolder directory (an evenly spaced subset; the rest is the "
-                        "accuracy gate's). Default: synthetic")
+                   help="held-out images of the model's own data: synthetic (seed 5; the embedded model trained on "
+                        "1), synthetic:SEED, or an ImageFolder directory (int8: an evenly spaced subset, the rest is "
+                        "the accuracy gate's; out of distribution: alternate images fit and threshold). Default: "
+                        "synthetic for a model trained on it; a model trained on other data needs its own")
     g.add_argument("--calibration-images", type=int, default=None, metavar="N",
-                   help=f"calibration images (default {DEFAULT_CALIBRATION_IMAGES})")
+                   help=f"calibration images (int8 default {DEFAULT_CALIBRATION_IMAGES}; out of distribution: both "
+                        f"halves together, default 4,400 synthetic or every image of the folder)")
     g.add_argument("--calibration-method", default=None, choices=CALIBRATION_METHODS,
                    help=f"activation ranges from min-max, entropy or percentile (default {DEFAULT_CALIBRATION_METHOD})")
     g.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP, metavar="PT",
@@ -109,7 +142,7 @@ def cmd_export(args) -> int:
     if args.out is None:
         if extra or args.opset != 17:
             raise CommandError("--opset and --extra-outputs need --out FILE (the cached model.onnx is opset 17 "
-                               "with logits and probabilities only)", field="out")
+                               "with logits, probabilities and the out-of-distribution features)", field="out")
         path = ensure_onnx(args.model)
     else:
         path = Path(args.out)
@@ -122,7 +155,27 @@ def cmd_export(args) -> int:
     meta = read_metadata(path)
     print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, outputs {', '.join(json.loads(meta[META_OUTPUTS]))}, "
           f"weights sha256 {meta[META_WEIGHTS_HASH][:16]}, checked against PyTorch")
+    _ensure_ood(args, read_snapshot(args.model))
     return 0
+
+
+def _ensure_ood(args, snapshot) -> None:
+    """After an export: make sure the model has out-of-distribution statistics (fit them on the --calibration
+    images when it has none, or when calibration flags ask for another fit), and say where they are."""
+    from ..engine import ood, ood_fit
+    if args.no_ood:
+        return
+    explicit = any(v is not None for v in (args.calibration, args.calibration_images, args.ood_acceptance))
+    settings = ood_fit.OodSettings(calibration=args.calibration or "synthetic", images=args.calibration_images,
+                                   acceptance=ood.DEFAULT_ACCEPTANCE if args.ood_acceptance is None
+                                   else args.ood_acceptance).validate() if explicit else None
+    outcome, folder = ood_fit.ensure(snapshot, settings, refit=explicit,
+                                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    if folder is None:
+        print(f"out-of-distribution statistics: {outcome}; answers carry no score until they are fitted")
+        return
+    detector, _ = ood.find(snapshot)
+    print(f"{folder / ood.OOD_META}: out-of-distribution statistics ({outcome}): {_ood_line(detector, '')}")
 
 
 def _export_precision(args, extra) -> int:
@@ -142,6 +195,7 @@ def _export_precision(args, extra) -> int:
         OpenVinoBackend(fp32.read_bytes(), threads=1, precision="bf16")   # refuses without openvino or bf16
         print(f"{fp32}: bf16 runs this fp32 export on OpenVINO (inference precision bf16, converted when loaded: "
               f"--precision bf16 --engine openvino); nothing more to write")
+        _ensure_ood(args, snapshot)
         return 0
     settings, explicit = int8_settings(args)
     if args.out is not None:
@@ -158,6 +212,7 @@ def _export_precision(args, extra) -> int:
             else "") + f"agreement with fp32 {100 * accuracy['agreement']:.2f}% on {accuracy['data']}"
     print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, int8 ({calibration['method']} calibration on "
           f"{calibration['data']}; {gate}), made from {fp32.name} sha256 {meta[META_FP32_SHA256][:16]}")
+    _ensure_ood(args, snapshot)
     return 0
 
 
@@ -211,6 +266,7 @@ def cmd_classify(args) -> int:
     classifier = Classifier(args.model, max_batch_size=args.batch_size, threads=args.threads,
                             precision=args.precision, engine=args.engine)
     checks.integer(args.top_k, "top_k", 1, classifier.num_classes, label="--top-k", what="the model's classes")
+    output.model, output.note = classifier.name, classifier.ood_note
     for start in range(0, len(args.images), args.batch_size):
         arrays, good = [], []
         for index in range(start, min(len(args.images), start + args.batch_size)):
@@ -230,6 +286,7 @@ class _ClassifyOutput:
 
     def __init__(self, args):
         self.args, self.records, self.failed = args, [], 0
+        self.model, self.note = args.model or "the model", ""   # the note: why answers carry no ood score
 
     def fail(self, index: int, message: str) -> None:
         self.failed += 1
@@ -237,14 +294,20 @@ class _ClassifyOutput:
         self.records.append((index, {"image": self.args.images[index], "error": message}))
 
     def done(self, index: int, preds) -> None:
-        path = self.args.images[index]
+        path, ood = self.args.images[index], getattr(preds, "ood", None)
         if self.args.json:
             self.records.append((index, {"image": path, "predictions": [
-                {"index": p.index, "name": p.name, "probability": p.probability} for p in preds]}))
-        else:
-            print(f"{path}: " + "; ".join(f"{p.name} ({p.probability:.4f})" for p in preds), flush=True)
+                {"index": p.index, "name": p.name, "probability": p.probability} for p in preds],
+                "ood": ood.to_json() if ood else None, **({} if ood else {"ood_note": self.note})}))
+            return
+        print(f"{path}: " + "; ".join(f"{p.name} ({p.probability:.4f})" for p in preds), flush=True)
+        if ood is not None and ood.out_of_distribution:
+            print(f"{path}: out of distribution: unlike the images {self.model} knows (score {ood.score:.2f} > "
+                  f"threshold {ood.threshold:.2f}); the classes above mean little for it", flush=True)
 
     def finish(self) -> int:
+        if self.note and not self.args.json:
+            print(f"zfserve classify: note: {self.note}", file=sys.stderr)
         if self.args.json:
             print(json.dumps([record for _, record in sorted(self.records, key=lambda r: r[0])], indent=2))
         return EXIT_USAGE if self.failed else 0
@@ -254,6 +317,8 @@ def _classify_remote(args, output: _ClassifyOutput) -> int:
     """``classify --server``: the server decodes and classifies; same output as the local run. An image the
     server refuses is reported like a local decode error (its batch is resent without it)."""
     with remote_client(args) as client:
+        info = client.model_info(args.model or "")
+        output.model, output.note = info.name, "" if info.ood.available else info.ood.note
         for start in range(0, len(args.images), args.batch_size):
             chunk = []
             for index in range(start, min(len(args.images), start + args.batch_size)):
@@ -281,7 +346,7 @@ def _classify_remote(args, output: _ClassifyOutput) -> int:
 
 # ---------------------------------------------------------------------------------------------------- serve
 def add_serve(sub) -> None:
-    from ..server.app import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, MODEL_CONTROL_MODES, ServerOptions
+    from ..server.options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, MODEL_CONTROL_MODES, ServerOptions
 
     o = ServerOptions()
     b = o.batching
@@ -304,6 +369,9 @@ def add_serve(sub) -> None:
     g.add_argument("--max-queue-size", type=int, default=b.max_queue_size,
                    help=f"most waiting requests; more are rejected with UNAVAILABLE (0 = unbounded; default "
                         f"{b.max_queue_size})")
+    g.add_argument("--max-queue-images", type=int, default=b.max_queue_images,
+                   help=f"most images waiting; a request past it takes room from the client with the most images "
+                        f"waiting, or is rejected with UNAVAILABLE (0 = unbounded; default {b.max_queue_images})")
     g.add_argument("--default-timeout-us", type=int, default=b.default_timeout_us,
                    help="longest queue wait before UNAVAILABLE (0 = none; requests may lower it; default 0)")
     g.add_argument("--max-images-per-request", type=int, default=64, help="images per request (default 64)")
@@ -338,7 +406,8 @@ def add_serve(sub) -> None:
                    help="also serve HTTP on this port (0 = a free one): the Open Inference Protocol's REST API (/v2), "
                         "the explorer page (/) and its API; same auth and TLS; default off")
     g.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus /metrics on this port (with --auth-token-file it needs the token too)")
+                   help="serve Prometheus /metrics on this port (with --auth-token-file it needs the token too; the "
+                        "HTTP limits below apply)")
     g.add_argument("--shutdown-grace-s", type=float, default=30.0,
                    help="on SIGTERM, how long accepted requests may take to finish (default 30)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -349,7 +418,39 @@ def add_serve(sub) -> None:
     g.add_argument("--model-control", default=o.model_control, choices=MODEL_CONTROL_MODES,
                    help="explicit: clients may unload and load models (OIP RepositoryModelUnload/Load; protect "
                         "the server with --auth-token-file); none (default): only SIGHUP reloads them")
+    add_http_limits(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_http_limits(p) -> None:
+    from ..server.http_listener import HttpLimits
+    h = HttpLimits()
+    g = p.add_argument_group("the HTTP side's limits (--http-port and --metrics-port)")
+    g.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names the server answers to besides IP addresses, localhost and "
+                        "--host (a Host header naming another is refused: DNS rebinding); '*' for any")
+    for flag, default, unit, what in (
+            ("max-connections", h.max_connections, "", "open connections; one more closes the one idle longest"),
+            ("max-header-bytes", h.max_header_bytes, " bytes", "request line and headers"),
+            ("max-headers", h.max_headers, "", "header lines per request"),
+            ("header-timeout-s", h.header_timeout_s, " s", "for a request's line and headers to arrive"),
+            ("body-timeout-s", h.body_timeout_s, " s", "for a request's body to arrive"),
+            ("keepalive-timeout-s", h.keepalive_timeout_s, " s", "an idle connection stays open"),
+            ("max-buffered-bytes", h.max_buffered_bytes, " bytes", "request bodies held at once, over every "
+                                                                  "connection; more: 503"),
+            ("max-json-values", h.max_json_values, "", "numbers in one JSON body (binary tensors for more)")):
+        g.add_argument(f"--http-{flag}", type=type(default), default=default, metavar=unit.strip().upper() or "N",
+                       help=f"{what} (default {default}{unit})")
+
+
+def http_limits(args):
+    from ..server.http_listener import HttpLimits
+    hosts = tuple(name.strip() for name in args.allowed_hosts.split(",") if name.strip())
+    return HttpLimits(max_header_bytes=args.http_max_header_bytes, max_headers=args.http_max_headers,
+                      header_timeout_s=args.http_header_timeout_s, body_timeout_s=args.http_body_timeout_s,
+                      keepalive_timeout_s=args.http_keepalive_timeout_s, max_connections=args.http_max_connections,
+                      max_buffered_bytes=args.http_max_buffered_bytes, max_json_values=args.http_max_json_values,
+                      allowed_hosts=hosts)
 
 
 def cmd_serve(args) -> int:
@@ -366,14 +467,16 @@ def cmd_serve(args) -> int:
         host=args.host, port=args.port, model_repository=args.model_repository, model=args.model,
         device=args.device, threads=args.threads, precision=args.precision, engine=args.engine,
         batching=BatcherConfig(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                               max_queue_size=args.max_queue_size, default_timeout_us=args.default_timeout_us),
+                               max_queue_size=args.max_queue_size, max_queue_images=args.max_queue_images,
+                               default_timeout_us=args.default_timeout_us),
         max_images_per_request=args.max_images_per_request, max_message_bytes=args.max_message_bytes,
         heavy_workers=args.heavy_workers, heavy_queue_size=args.heavy_queue_size, heavy_threads=args.heavy_threads,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file, metrics_port=args.metrics_port, http_port=args.http_port,
         shutdown_grace_s=args.shutdown_grace_s, max_request_pixels=args.max_request_pixels,
         decode_workers=args.decode_workers, decode_queue_size=args.decode_queue_size,
-        max_occlusion_positions=args.max_occlusion_positions, strict=args.strict)
+        max_occlusion_positions=args.max_occlusion_positions, strict=args.strict, model_control=args.model_control,
+        http=http_limits(args))
     options.validate()
     return asyncio.run(serve(options))
 

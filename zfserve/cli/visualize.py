@@ -7,14 +7,17 @@ import json
 import sys
 
 from .. import _checks as checks
-from ..engine.results import DEFAULT_STRIDE, DEFAULT_WINDOW
-from .common import CommandError, add_server_option, model_help, progress_bar, remote_client
+from ..engine.results import DECONV_INTERPRETATION, DEFAULT_STRIDE, DEFAULT_WINDOW
+from .common import (CommandError, add_occlusion_mode_options, add_server_option, model_help,
+                     occlusion_mode_arguments, progress_bar, remote_client)
 
 
 # ---------------------------------------------------------------------------------------------------- deconv
 def add_deconv(sub) -> None:
-    p = sub.add_parser("deconv", help="deconvnet projections of a layer's strongest (or given) units to pixels",
-                       description=cmd_deconv.__doc__)
+    p = sub.add_parser("deconv", help=f"deconvnet projections of a layer's strongest (or given) units to pixels: a "
+                                      f"{DECONV_INTERPRETATION}",
+                       description=f"{cmd_deconv.__doc__} A projection is a {DECONV_INTERPRETATION}: what drives a "
+                                   f"unit, not evidence of what the class depends on (occlusion gives that).")
     p.add_argument("image", metavar="IMAGE", help="JPEG, PNG or WebP file")
     p.add_argument("--layer", default=None,
                    help="a conv or pool layer of the model, by its own name (ZFNet, AlexNet: conv1..conv5, pool1, "
@@ -103,9 +106,14 @@ def add_occlude(sub) -> None:
     p.add_argument("--model", default=None, help=model_help())
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="window positions per batch (>= 1; default 128 on cpu, 1024 on cuda)")
+                   help="window positions per batch (>= 1; default 128 on cpu, 1024 on cuda; 32 occluded images on "
+                        "the other engines)")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--json", action="store_true", help="also print occlusion.json to stdout")
+    add_occlusion_mode_options(p, "None given: exact (fp32, every position, the incremental engine). Given: "
+                               "occluded copies of the image run through the classifier on that engine and precision "
+                               "(the others default to the model's config.json, else onnxruntime fp32), every "
+                               "position or an approximation")
     add_server_option(p)
     p.set_defaults(func=cmd_occlude)
 
@@ -135,20 +143,21 @@ def cmd_occlude(args) -> int:
             names = list(client.model_info(model_name).class_names)
             result = client.occlude(args.image, window=args.window, stride=args.stride, return_png=True,
                                     model=model_name, fill_in_pixels=args.fill_units == "pixel", progress=progress,
-                                    **common)
+                                    mode=occlusion_mode_arguments(args), **common)
         picture = None
     else:
-        from ..engine.occlusion import OcclusionEngine
+        from ..engine.occlusion_modes import OcclusionEngines, mode_from
         from ..preprocess import load_image, to_display
         from ..weights import read_snapshot
         snapshot = read_snapshot(args.model)
-        model = snapshot.model("cpu")
-        image = load_image(args.image, model.config, field="image")
-        engine = OcclusionEngine(model, device=args.device, batch_size=args.batch_size)
-        result = engine.sweep(image, args.window, args.stride, fill_units=args.fill_units, progress=progress,
-                              **common)
+        config = snapshot.config
+        mode = mode_from(**occlusion_mode_arguments(args), defaults=(config.engine, config.precision))
+        image = load_image(args.image, config, field="image")
+        engines = OcclusionEngines(snapshot, device=args.device, batch_size=args.batch_size)
+        result = engines.sweep(image, mode, window=args.window, stride=args.stride, fill_units=args.fill_units,
+                               progress=progress, **common)
         result.model_version = snapshot.version
-        model_name, names, picture = model.config.name, model.config.class_names, to_display(image, model.config)
+        model_name, names, picture = config.name, config.class_names, to_display(image, config)
     from ..render import write_occlusion
     doc = write_occlusion(args.out, result, model=model_name, image=args.image, class_names=names, picture=picture)
     if args.json:
@@ -160,6 +169,9 @@ def cmd_occlude(args) -> int:
         print(f"settings: model {doc['model']} {doc['model_version']}, window {doc['window']}, stride "
               f"{doc['stride']}, fill {doc['fill']} ({doc['fill_units']} units), target {doc['target']} "
               f"({doc['target_name']}), attribution = drop of the {doc['attribution_on']}")
+        print(f"mode: {doc['mode']} ({doc['engine']} {doc['precision']}"
+              + (f", {doc['evaluated']} of {doc['positions'][0] * doc['positions'][1]} positions evaluated, the "
+                 f"others filled in from their neighbours)" if doc.get("evaluated") is not None else ")"))
     return 0
 
 

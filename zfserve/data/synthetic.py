@@ -30,6 +30,8 @@ CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "bar", "hexa
            "face")
 NUM_CLASSES = len(CLASSES)
 PART_NAMES = ("left_eye", "right_eye", "nose", "mouth")
+# The third seed word of :func:`render_novel`'s generator: its scenes are not ``render``'s.
+NOVEL_STREAM = 0x0D0D
 
 
 @dataclass
@@ -183,8 +185,9 @@ def _object_texture(rng: np.random.Generator, bg_mean: np.ndarray) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------- objects
-def _draw_shape(name: str, rng: np.random.Generator) -> tuple[np.ndarray, dict, list]:
-    """The object's mask (uint8 0/1) and its colour layers: a list of (mask, colour or None = main texture)."""
+def _draw_shape(name: str, rng: np.random.Generator, polygons=None) -> tuple[np.ndarray, dict, list]:
+    """The object's mask (uint8 0/1) and its colour layers: a list of (mask, colour or None = main texture).
+    ``polygons`` (a function of the generator, as :func:`_shape`) draws another shape in the same way."""
     scale = rng.uniform(0.3, 0.6) * SIZE / 2          # object diameter 30-60% of the side
     cx, cy = rng.uniform(scale * 0.8, SIZE - scale * 0.8, 2)
     angle = rng.uniform(0, 2 * np.pi)
@@ -192,7 +195,7 @@ def _draw_shape(name: str, rng: np.random.Generator) -> tuple[np.ndarray, dict, 
     width = int(rng.integers(3, 8))
     canvas = Image.new("L", (SIZE, SIZE), 0)
     draw = ImageDraw.Draw(canvas)
-    for pts, value in _shape(name, rng):
+    for pts, value in (polygons(rng) if polygons is not None else _shape(name, rng)):
         placed = _place(pts, scale, angle, cx, cy)
         if outline:
             draw.line([(float(x), float(y)) for x, y in np.vstack([placed, placed[:1]])], fill=1, width=width,
@@ -239,14 +242,27 @@ def render(seed: int, index: int, *, draw_object: bool = True) -> Sample:
     """The sample ``index`` of the dataset ``seed``. ``draw_object=False`` renders the same scene without it."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
-    rng = np.random.default_rng([seed, index])
-    label = label_of(index)
+    return _render(np.random.default_rng([seed, index]), label_of(index), draw_object=draw_object)
+
+
+def render_novel(seed: int, index: int, polygons) -> np.ndarray:
+    """A scene of this data set (background, distractors, texture, size, pose, blur and noise drawn alike) whose
+    object is another shape: ``polygons(rng)`` returns ``[(points, 1 add | 0 cut out), ...]`` in a unit frame
+    (the object within radius ~1), as the classes' own shapes are drawn. For probes of shapes a model trained here
+    never saw (near out-of-distribution data); the scene's draws come from a stream apart from ``render``'s, so
+    the same ``(seed, index)`` is not the same scene. uint8 (256, 256, 3)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
+    return _render(np.random.default_rng([seed, index, NOVEL_STREAM]), None, polygons=polygons).image
+
+
+def _render(rng: np.random.Generator, label: int | None, *, draw_object: bool = True, polygons=None) -> Sample:
     img = _distractors(rng, _background(rng))
     tex = _object_texture(rng, img.reshape(-1, 3).mean(axis=0))
-    if CLASSES[label] == "face":
+    if label is not None and CLASSES[label] == "face":
         mask, parts, layers = _draw_face(rng)
     else:
-        mask, parts, layers = _draw_shape(CLASSES[label], rng)
+        mask, parts, layers = _draw_shape(CLASSES[label] if label is not None else "novel", rng, polygons)
     if draw_object:
         m = mask[..., None].astype(np.float32)
         img = img * (1 - m) + tex * m
@@ -261,7 +277,7 @@ def render(seed: int, index: int, *, draw_object: bool = True) -> Sample:
     if blur > 0.3:
         out = out.filter(ImageFilter.GaussianBlur(blur))
     final = np.clip(np.rint(np.asarray(out, dtype=np.float32) + noise), 0, 255).astype(np.uint8)
-    return Sample(final, label, mask.astype(bool), parts)
+    return Sample(final, -1 if label is None else label, mask.astype(bool), parts)
 
 
 def render_images(seed: int, indices, out: np.ndarray | None = None) -> np.ndarray:

@@ -7,8 +7,9 @@
   files, CPU only. Its CPU plugin runs float graphs in bf16 by itself on CPUs with AMX or AVX-512 BF16, so fp32
   pins the inference precision to f32 and bf16 asks for bf16 explicitly.
 
-Both take the serialized graph (bytes read once by the classifier), return float32 probabilities and are safe to
-call from several threads at once.
+Both take the serialized graph (bytes read once by the classifier), return float32 probabilities (``run``) or
+named outputs (``run_outputs``: probabilities and the out-of-distribution features from the same pass) and are
+safe to call from several threads at once.
 """
 
 from __future__ import annotations
@@ -88,6 +89,17 @@ class OnnxRuntimeBackend:
             return binding.copy_outputs_to_cpu()[0]
         return self.session.run([PROBABILITIES], {INPUT_NAME: batch})[0]
 
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The graph outputs ``names`` of one pass over ``batch``."""
+        if self.device == "cuda":
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, batch)
+            for name in names:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        return self.session.run(list(names), {INPUT_NAME: batch})
+
     def end_profiling(self) -> str:
         return self.session.end_profiling()
 
@@ -95,11 +107,12 @@ class OnnxRuntimeBackend:
 class OpenVinoBackend:
     """An OpenVINO CPU compiled model: one stream of ``threads`` threads (latency first, as ONNX Runtime's
     session), the inference precision pinned (``f32`` for fp32 and the float parts of int8, ``bf16`` for bf16).
-    Infer requests are pooled, one per concurrent caller."""
+    Infer requests are pooled, one per concurrent caller. ``streams`` > 1: that many requests run at once, each
+    on its own ``threads`` (for callers that keep several in flight, as the occlusion engine does)."""
 
     engine = "openvino"
 
-    def __init__(self, onnx_bytes: bytes, *, threads: int, precision: str = "fp32"):
+    def __init__(self, onnx_bytes: bytes, *, threads: int, precision: str = "fp32", streams: int = 1):
         core = openvino_core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise InvalidArgumentError("precision 'bf16': this CPU has no bf16 support (OpenVINO's CPU "
@@ -107,12 +120,12 @@ class OpenVinoBackend:
         try:
             model = core.read_model(onnx_bytes)
             self.compiled = core.compile_model(model, "CPU", {
-                "INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": int(threads) * int(streams), "NUM_STREAMS": int(streams),
+                "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
                 "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"})
         except RuntimeError as exc:   # OpenVINO reports conversion and compilation failures as RuntimeError
             raise ModelLoadError(f"OpenVINO cannot compile the model ({str(exc).splitlines()[0]})") from None
         self.precision = precision
-        self._output = self.compiled.output(PROBABILITIES)
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
 
     @property
@@ -125,13 +138,18 @@ class OpenVinoBackend:
         return ["OpenVINO CPU"]
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_outputs(batch, [PROBABILITIES])[0]
+
+    def run_outputs(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The graph outputs ``names`` of one pass over ``batch``."""
         try:
             request = self._idle.get_nowait()
         except queue.Empty:
             request = self.compiled.create_infer_request()
         try:
             request.infer({INPUT_NAME: batch})
-            return np.array(request.get_tensor(self._output).data, dtype=np.float32, copy=True)
+            return [np.array(request.get_tensor(self.compiled.output(name)).data, dtype=np.float32, copy=True)
+                    for name in names]
         finally:
             self._idle.put(request)
 

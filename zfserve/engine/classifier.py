@@ -5,6 +5,11 @@ builds its own IO binding on CUDA). Batches above ``max_batch_size`` are split i
 threads: intra-op = all cores this process may use, inter-op 1 (the graph is a chain; a second pool only
 competes for the same cores). ``precision`` picks the graph: the fp32 export, or its calibrated int8
 quantization (``model.int8.onnx``, :mod:`.quantize`); bf16 runs the fp32 export on OpenVINO in bf16.
+
+Every answer also says how far each image lies from the model's own data (:mod:`.ood`): the statistics fitted
+for these weights are read when the classifier is made, and the features they score come out of the same pass
+as the probabilities (extra outputs of the graph). A model without statistics classifies all the same;
+``ood_note`` then says why there is no score.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from .. import _checks as checks
 from ..config import ENGINES, PRECISIONS, ModelConfig
 from ..errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from ..export import META_WEIGHTS_HASH, PROBABILITIES, ensure_onnx, read_metadata
-from ..model import ZFNet
+from ..model import LayeredCNN
 from ..weights import Snapshot, read_snapshot
+from . import ood as ood_score
 from .backends import OnnxRuntimeBackend, OpenVinoBackend, check_combination
-from .results import DEFAULT_TOP_K, Prediction
+from .results import DEFAULT_TOP_K, Prediction, ScoredBatch, TopK
 
 MAX_BATCH_SIZE_LIMIT = 4096
 
@@ -47,7 +53,11 @@ class Classifier:
     :meth:`end_profiling`. ``precision``: ``"fp32"``, ``"int8"`` (made on first use from held-out calibration
     images, see :func:`zfserve.engine.quantize.ensure_int8`; ``int8`` settings choose the calibration) or
     ``"bf16"`` (OpenVINO only); ``engine``: ``"onnxruntime"`` or ``"openvino"``. Both default to the model's
-    config.json (``precision``, ``engine``), else fp32 on ONNX Runtime.
+    config.json (``precision``, ``engine``), else fp32 on ONNX Runtime. ``streams``: OpenVINO runs that many
+    calls at once, ``threads`` each (an ONNX Runtime session runs concurrent calls as they come).
+
+    ``ood``: score every image against the model's out-of-distribution statistics (``ood_detector``; None, with
+    the reason in ``ood_note``, when there are none); False leaves the score off.
 
     Input errors raise :class:`~zfserve.errors.InvalidArgumentError` with ``field`` ``"batch"`` (type, dtype,
     rank, shape, size), ``"image"`` (non-finite values in one image) or ``"top_k"``.
@@ -55,7 +65,7 @@ class Classifier:
 
     def __init__(self, model=None, *, device: str = "cpu", max_batch_size: int = 64, threads: int | None = None,
                  warmup: bool = True, profile_prefix: str | None = None, precision: str | None = None,
-                 engine: str | None = None, int8=None):
+                 engine: str | None = None, int8=None, ood: bool = True, streams: int = 1):
         import onnxruntime as ort
 
         checks.choice(device, "device", checks.DEVICE_TYPES)
@@ -66,7 +76,8 @@ class Classifier:
             checks.choice(precision, "precision", PRECISIONS)
         if engine is not None:
             checks.choice(engine, "engine", ENGINES)
-        self.config, self.onnx_path, weights_sha256 = _resolve(model)
+        self.config, self.onnx_path, snapshot = _resolve(model)
+        weights_sha256 = snapshot.sha256 if snapshot is not None else None
         self.precision = precision or self.config.precision or "fp32"
         self.engine = engine or self.config.engine or "onnxruntime"
         self.name = self.config.name
@@ -92,7 +103,8 @@ class Classifier:
             raise ModelLoadError(f"{self.onnx_path}: changed on disk while the model was loading; load it again")
         try:
             if self.engine == "openvino":
-                self.backend = OpenVinoBackend(onnx_bytes, threads=self.threads, precision=self.precision)
+                self.backend = OpenVinoBackend(onnx_bytes, threads=self.threads, precision=self.precision,
+                                               streams=checks.integer(streams, "streams", 1, 64))
             else:
                 self.backend = OnnxRuntimeBackend(onnx_bytes, threads=self.threads, device=device,
                                                   profile_prefix=profile_prefix)
@@ -104,6 +116,7 @@ class Classifier:
         if PROBABILITIES not in outputs or outputs[PROBABILITIES][-1] != self.num_classes:
             raise ModelLoadError(f"{self.onnx_path}: expected output {PROBABILITIES!r} with {self.num_classes} "
                                  f"classes, found {outputs}")
+        self.ood_detector, self.ood_note = _detector(snapshot, outputs) if ood else (None, "score turned off")
         if warmup:
             # The first run allocates the arena and picks kernels; pay that here, not in a request.
             self._run(np.zeros((1, 3, self.input_size, self.input_size), np.float32))
@@ -127,10 +140,25 @@ class Classifier:
             out[start:stop] = self._run(batch[start:stop])
         return out
 
-    def classify(self, batch: np.ndarray, top_k: int = DEFAULT_TOP_K) -> list[list[Prediction]]:
-        """The ``top_k`` most probable classes of each image, most probable first."""
+    def scored(self, batch: np.ndarray, *, finite: bool = True) -> ScoredBatch:
+        """As :meth:`probabilities`, with each image's out-of-distribution verdict from the same pass (``ood``
+        None when the model has none)."""
+        batch = self._validate(batch, finite)
+        if self.ood_detector is None:
+            return ScoredBatch(self.probabilities(batch, finite=False))
+        parts = [self._run_scored(batch[start:start + self.max_batch_size])
+                 for start in range(0, batch.shape[0], self.max_batch_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return ScoredBatch(np.concatenate([p.probabilities for p in parts]), [v for p in parts for v in p.ood])
+
+    def classify(self, batch: np.ndarray, top_k: int = DEFAULT_TOP_K) -> list[TopK]:
+        """The ``top_k`` most probable classes of each image, most probable first, each list with the image's
+        out-of-distribution verdict as ``.ood`` (None when the model has no statistics)."""
         self._check_k(top_k)
-        return self.top_k(self.probabilities(batch), top_k)
+        scored = self.scored(batch)
+        verdicts = scored.ood or [None] * len(scored)
+        return [TopK(preds, ood) for preds, ood in zip(self.top_k(scored.probabilities, top_k), verdicts)]
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[list[Prediction]]:
         """Rows of probabilities -> their ``k`` largest entries as Predictions (ties: lower index first)."""
@@ -150,6 +178,11 @@ class Classifier:
     # ------------------------------------------------------------------------------------------ internals
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.backend.run(batch)
+
+    def _run_scored(self, batch: np.ndarray) -> ScoredBatch:
+        names = self.ood_detector.inputs
+        probabilities, *features = self.backend.run_outputs(batch, [PROBABILITIES, *names])
+        return ScoredBatch(probabilities, self.ood_detector.verdicts(dict(zip(names, features))))
 
     def _check_k(self, k) -> None:
         checks.integer(k, "top_k", 1, self.num_classes, what="the model's classes")
@@ -178,13 +211,24 @@ class Classifier:
         return np.ascontiguousarray(batch)
 
 
-def _resolve(model) -> tuple[ModelConfig, Path, str | None]:
-    """(config with preprocessing, path of a current ONNX export, the weights hash it must carry) for a name,
-    directory, Snapshot or in-memory model (LayeredCNN)."""
-    if isinstance(model, ZFNet):
+def _resolve(model) -> tuple[ModelConfig, Path, Snapshot | None]:
+    """(config with preprocessing, path of a current ONNX export, the snapshot whose weights hash it must carry)
+    for a name, directory, Snapshot or in-memory model (LayeredCNN; no snapshot)."""
+    if isinstance(model, LayeredCNN):
         return model.config, ensure_onnx(model), None
     if model is not None and not isinstance(model, (str, os.PathLike, Snapshot)):
         raise InvalidArgumentError(f"model: expected a model name, a directory, a Snapshot or a LayeredCNN, got "
                                    f"{type(model).__name__}", field="model")
     snapshot = model if isinstance(model, Snapshot) else read_snapshot(model)
-    return snapshot.config, ensure_onnx(snapshot), snapshot.sha256
+    return snapshot.config, ensure_onnx(snapshot), snapshot
+
+
+def _detector(snapshot: Snapshot | None, outputs: dict):
+    """The snapshot's out-of-distribution detector and "", or None and why not."""
+    if snapshot is None:
+        return None, "an in-memory model has no out-of-distribution statistics (they are kept beside a model's files)"
+    detector, note = ood_score.find(snapshot)
+    missing = [name for name in (detector.inputs if detector else ()) if name not in outputs]
+    if missing:
+        return None, f"model {snapshot.name}: no out-of-distribution score (the served graph lacks outputs {missing})"
+    return detector, note

@@ -15,7 +15,11 @@ is left as it is (float). :func:`check_lrn_ranges` verifies on the quantized gra
 input really is clipped at or below the R its line was fitted for.
 
 :func:`float_outputs` removes the quantize/dequantize pair the quantizer puts on a graph output, so ``logits``
-leaves the last Gemm in float (and the softmax, kept in float, reads them unrounded).
+leaves the last Gemm in float (and the softmax, kept in float, reads them unrounded). The out-of-distribution
+features' own branch (:func:`exclusive_branch`: the channel statistics) is kept out of quantization and its output
+in float, so that the statistics fitted on the fp32 graph's features hold for the int8 graph's. (A feature the
+classification path reads on, such as fc7, keeps its 8-bit output: the quantizer folds the ReLU before it into
+that quantization, so removing it would expose the pre-ReLU values.)
 """
 
 from __future__ import annotations
@@ -213,6 +217,29 @@ def space_to_depth_first_conv(model, input_name: str) -> dict | None:
     _drop_unused(graph)
     return {"conv": conv.name, "kernel": [kh, kw], "channels": channels, "folded_kernel": [half_h, half_w],
             "space_to_depth": s2d.name}
+
+
+def exclusive_branch(model, outputs) -> list[str]:
+    """The names of the nodes whose results reach only the graph outputs ``outputs`` (a branch the rest of the
+    graph does not read, such as the out-of-distribution features' reductions), producers first."""
+    graph = model.graph
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    wanted = set(outputs)
+    other_outputs = {o.name for o in graph.output} - wanted
+    branch: list = []
+    inside: set[int] = set()
+    for node in reversed(graph.node):   # the graph is in topological order: readers come after producers
+        if not node.name or not any(o in wanted or o in readers for o in node.output):
+            continue
+        if any(o in other_outputs for o in node.output):
+            continue
+        if all(id(r) in inside for o in node.output for r in readers.get(o, [])):
+            branch.append(node)
+            inside.add(id(node))
+    return [node.name for node in reversed(branch)]
 
 
 def _drop_unused(graph) -> None:

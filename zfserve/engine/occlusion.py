@@ -37,12 +37,13 @@ from .. import _checks as checks
 from ..errors import InvalidArgumentError
 from ..model import LayeredCNN
 from . import occlusion_tiles as tiles
+from .occlusion_fill import occluder
 from .occlusion_stages import OrtStages, TorchStages
+from .parallel import ordered_map
 from .results import DEFAULT_STRIDE, DEFAULT_WINDOW, OUTPUTS, OcclusionResult, window_starts
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 ATTRIBUTION_ON = ("probability", "logit")
-FILL_UNITS = ("input", "pixel")
 
 
 # ------------------------------------------------------------------------------------------------ engine
@@ -65,10 +66,12 @@ class OcclusionEngine:
     1024 on GPUs, where launches rather than FLOPs dominate). ``buckets``: groups of positions per axis, each
     with its own, smaller tile sizes (default 1: one tile shape for all; more buckets save ~10% of the FLOPs
     but measured slower with ONNX Runtime on CPUs, 625 positions: 1 bucket 8.2 s, 3: 8.9 s, 8: 15.8 s CPU).
+    ``workers``: tile batches computed at once with ONNX Runtime, each by single-threaded stages (default: PyTorch's
+    thread count, so one worker per core; 1 with PyTorch stages).
     """
 
     def __init__(self, model: LayeredCNN, *, device: str | torch.device = "cpu", batch_size: int | None = None,
-                 backend: str = "auto", buckets: int | None = None):
+                 backend: str = "auto", buckets: int | None = None, workers: int | None = None):
         self.device = checks.device(device)
         on_cpu = self.device.type == "cpu"
         self.batch_size = checks.integer((128 if on_cpu else 1024) if batch_size is None else batch_size,
@@ -90,9 +93,11 @@ class OcclusionEngine:
         self.tile_layers = [stage.name for stage in self.plan]
         # Layers below the last conv: their activity is updated from a summed-area table of the unoccluded map.
         self.tile_activity_layers = model.spatial_layers[:model.spatial_layers.index(self.last_conv)]
+        self.workers = checks.integer(torch.get_num_threads() if workers is None else workers, "workers", 1) \
+            if backend == "onnxruntime" else 1
         with torch.no_grad():
-            self.stages = OrtStages(model, self.plan) if backend == "onnxruntime" else \
-                TorchStages(model, self.plan, self.device)
+            self.stages = OrtStages(model, self.plan, threads=1 if self.workers > 1 else None) \
+                if backend == "onnxruntime" else TorchStages(model, self.plan, self.device)
         self.stage_s: dict[str, float] = {}
         # Glue between stages in torch tensors (GPU) or numpy (CPU); tests flip it to run the GPU path on a CPU.
         self.tensor_glue = not on_cpu
@@ -125,35 +130,8 @@ class OcclusionEngine:
         return x
 
     def _fill(self, fill, fill_units: str):
-        """(the fill values as given, the occluder as a (3, 1, 1) or (3, H, W) float32 array in network-input
-        units)."""
-        if fill_units not in FILL_UNITS:
-            raise InvalidArgumentError(f"fill_units must be one of {list(FILL_UNITS)}, got {fill_units!r}",
-                                       field="fill_units")
-        accepted = "'mean', a number or 3 numbers (r, g, b)"
-        if isinstance(fill, str):
-            if fill != "mean":
-                raise InvalidArgumentError(f"fill must be {accepted}, got {fill!r}", field="fill")
-            return np.zeros(3), np.zeros((3, 1, 1), np.float32)
-        try:
-            values = np.asarray(fill, dtype=np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"fill must be {accepted}, got {fill!r}", field="fill") from None
-        if values.size == 1:
-            values = np.repeat(values, 3)
-        if values.size != 3 or not np.isfinite(values).all():
-            raise InvalidArgumentError(f"fill must be {accepted} (finite), got {fill!r}", field="fill")
-        pre = self.model.config.preprocess
-        if fill_units == "pixel":
-            if not ((values >= 0) & (values <= 255)).all():
-                raise InvalidArgumentError(f"fill in pixel units must be in 0..255, got {values.tolist()}",
-                                           field="fill")
-            return values, pre.normalize(values.reshape(3, 1, 1)).astype(np.float32)
-        limit = pre.input_limit()   # a normalized pixel lies within +-limit (255 for raw pixels minus a mean)
-        if not (np.abs(values) <= limit).all():
-            raise InvalidArgumentError(f"fill in input units must be in -{limit:g}..{limit:g}, got "
-                                       f"{values.tolist()}", field="fill")
-        return values, values.reshape(3, 1, 1).astype(np.float32)
+        """(the fill values as given, the occluder in network-input units): :func:`.occlusion_fill.occluder`."""
+        return occluder(fill, fill_units, self.model.config.preprocess)
 
     def _native(self, a: np.ndarray):
         """numpy on the CPU, a torch tensor on other devices (see the note above the backends)."""
@@ -260,16 +238,20 @@ class OcclusionEngine:
             if progress is not None:
                 progress(done, total)
 
+        batches = []
         for gy, plan_y in zip(groups, plans):
             for gx, plan_x in zip(groups, plans):
                 iy, ix = (a.reshape(-1) for a in np.meshgrid(np.arange(len(gy)), np.arange(len(gx)), indexing="ij"))
                 # Even batches: a group of 72 runs as 36 + 36, not 64 + 8.
                 for part in np.array_split(np.arange(len(iy)), -(-len(iy) // self.batch_size)):
-                    by, bx = iy[part], ix[part]
-                    got = self._tiles(base.caches, plan_y, plan_x, by, bx, layer, channel=base.channel)
-                    queue.append((gy[by], gx[bx], got["last"], got.get("activity")))
-                    if sum(len(q[0]) for q in queue) >= self.batch_size:
-                        run_head()
+                    batches.append((gy[iy[part]], gx[ix[part]], plan_y, plan_x, iy[part], ix[part]))
+
+        def tile_batch(b):
+            return b, self._tiles(base.caches, b[2], b[3], b[4], b[5], layer, channel=base.channel)
+        for (rows, cols, *_), got in ordered_map(tile_batch, batches, self.workers):   # workers > 1: batches at once
+            queue.append((rows, cols, got["last"], got.get("activity")))
+            if sum(len(q[0]) for q in queue) >= self.batch_size:
+                run_head()
         if queue:
             run_head()
         return logits, activity

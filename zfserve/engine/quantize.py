@@ -10,7 +10,7 @@ The steps (:func:`quantize_int8`):
 3. ONNX Runtime's static QDQ quantization: per-channel symmetric int8 weights, uint8 activations (the
    u8 x s8 kernels are ONNX Runtime's fast path on x86), calibration by ``minmax``, ``entropy`` or
    ``percentile``; the softmax stays float and ``logits`` leave the last Gemm in float, so probabilities are
-   not rounded to 8 bits;
+   not rounded to 8 bits; the out-of-distribution features' reductions (the channel statistics) stay float;
 4. the accuracy gate: top-1 of the int8 graph against the fp32 graph on held-out labelled images; a drop of
    more than ``max_accuracy_drop`` percentage points is refused (:class:`QuantizationRefused`) and nothing is
    written. Images whose labels are not the model's classes (the untrained zfnet-paper on synthetic images)
@@ -33,15 +33,15 @@ import numpy as np
 from .. import _checks as checks
 from ..config import ModelConfig
 from ..errors import InvalidArgumentError, ZFServeError
-from .int8_graph import (LRN_FIT_TOLERANCE, check_lrn_ranges, find_lrns, float_outputs, linearize_lrns,
-                         space_to_depth_first_conv)
+from .int8_graph import (LRN_FIT_TOLERANCE, check_lrn_ranges, exclusive_branch, find_lrns, float_outputs,
+                         linearize_lrns, space_to_depth_first_conv)
 
 # zfserve.export (and so torch) is imported where it is used: the CLI reads this module's defaults for --help.
 INPUT_NAME, LOGITS, PROBABILITIES = "image", "logits", "probabilities"   # zfserve.export's graph names
 
 INT8_FILE = "model.int8.onnx"
 # Bump when the int8 recipe changes, so cached int8 files are re-made.
-INT8_FORMAT = "1"
+INT8_FORMAT = "2"     # 2: the out-of-distribution features stay float
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_CALIBRATION = "synthetic"
 # Chosen by measurement (README "int8"): on 2,000 held-out images all three methods keep top-1 (99.75%) and,
@@ -157,7 +157,7 @@ class HeldOut:
         return getattr(self.inputs, "count", None) or sum(len(batch) for batch in self.inputs)
 
 
-def _training_seeds(config: ModelConfig) -> set[int]:
+def training_seeds(config: ModelConfig) -> set[int]:
     data = (config.provenance or {}).get("data") or {}
     return {int(data[key]) for key in ("train_seed",) if isinstance(data.get(key), int)} \
         if data.get("kind") == "synthetic" else set()
@@ -177,7 +177,7 @@ def _synthetic(seed: int, n: int, config: ModelConfig) -> HeldOut:
                    f"synthetic seed {seed}, {n} images")
 
 
-def _folder(root: Path, indices: np.ndarray, entries, classes, config: ModelConfig) -> HeldOut:
+def folder_held_out(root: Path, indices: np.ndarray, entries, classes, config: ModelConfig) -> HeldOut:
     from ..preprocess import decode_image, resize_and_crop
     size = config.preprocess.resize
     images = np.stack([resize_and_crop(decode_image(entries[i].path, field=f"calibration {entries[i].path}"),
@@ -192,7 +192,7 @@ def held_out_data(settings: Int8Settings, config: ModelConfig) -> tuple[HeldOut,
     source = parse_source(settings.calibration)
     n, m = settings.calibration_images, settings.accuracy_images
     if source.kind == "synthetic":
-        trained = _training_seeds(config)
+        trained = training_seeds(config)
         if source.seed in trained:
             raise InvalidArgumentError(f"--calibration: synthetic seed {source.seed} is the model's training set "
                                        f"(config.json provenance); use a held-out seed, e.g. synthetic:"
@@ -210,8 +210,8 @@ def held_out_data(settings: Int8Settings, config: ModelConfig) -> tuple[HeldOut,
     calibration = np.unique(np.linspace(0, len(entries) - 1, n).round().astype(int))
     rest = np.setdiff1d(np.arange(len(entries)), calibration)
     accuracy = rest[np.unique(np.linspace(0, len(rest) - 1, min(m, len(rest))).round().astype(int))]
-    return (_folder(source.path, calibration, entries, classes, config),
-            _folder(source.path, accuracy, entries, classes, config))
+    return (folder_held_out(source.path, calibration, entries, classes, config),
+            folder_held_out(source.path, accuracy, entries, classes, config))
 
 
 # ---------------------------------------------------------------------------------------------------- compare
@@ -336,19 +336,24 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, config: ModelConf
     import onnx
     import onnxruntime
 
-    from ..export import ExportError, ort_session, read_metadata, write_checked
+    from ..export import META_OOD_FEATURES, ExportError, ort_session, read_metadata, write_checked
     settings = (settings or Int8Settings()).validate()
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     fp32_bytes = fp32_path.read_bytes()
+    features = json.loads(read_metadata(fp32_bytes).get(META_OOD_FEATURES) or "[]")
     calibration, accuracy = data or held_out_data(settings, config)
     proto = onnx.load_from_string(fp32_bytes)
     fits = linearize_lrns(proto, _lrn_input_maxima(proto, calibration), LRN_FIT_TOLERANCE) \
         if "lrn" in rewrites else []
     folded = space_to_depth_first_conv(proto, INPUT_NAME) if "space_to_depth" in rewrites else None
-    float_nodes = [folded["space_to_depth"]] if folded else []
+    # The features' own reductions stay float, and so do the outputs they make. A feature the classification
+    # path reads on (fc7) keeps its 8-bit output: its ReLU is folded into that quantization.
+    branch = exclusive_branch(proto, features)
+    made_in_branch = [node.output[0] for node in proto.graph.node if node.name in branch and node.output[0] in features]
+    float_nodes = ([folded["space_to_depth"]] if folded else []) + branch
     quantized = _quantize_static(proto, calibration, settings.method, float_nodes)
     del proto
-    float_outputs(quantized, [LOGITS])
+    float_outputs(quantized, [LOGITS, *made_in_branch])
     problems = check_lrn_ranges(quantized, fits)
     if problems:
         raise ExportError("int8: the LRN fits do not hold in the quantized graph: " + "; ".join(problems))
@@ -391,17 +396,28 @@ def is_current_int8(path: Path, fp32_sha256: str, settings: Int8Settings | None 
     return all(recorded.get(k) == v for k, v in settings.calibration_record().items())
 
 
+def _int8_places(fp32_path, config: ModelConfig, settings: Int8Settings | None) -> tuple[Path | None, list[Path]]:
+    """(a current int8 file for the fp32 export at ``fp32_path``, or None; where one may be written)."""
+    from ..export import cache_root
+    fp32_path = Path(fp32_path)
+    digest = hashlib.sha256(fp32_path.read_bytes()).hexdigest()
+    candidates = [fp32_path.parent / INT8_FILE, cache_root() / f"{config.name}-int8-{digest[:16]}" / INT8_FILE]
+    return next((p for p in candidates if is_current_int8(p, digest, settings)), None), candidates
+
+
+def find_int8(fp32_path: str | Path, config: ModelConfig) -> Path | None:
+    """The current int8 file for the fp32 export at ``fp32_path`` when one has been made (nothing is made)."""
+    return _int8_places(fp32_path, config, None)[0]
+
+
 def ensure_int8(fp32_path: str | Path, config: ModelConfig, settings: Int8Settings | None = None) -> Path:
     """The path of a current int8 file for the fp32 export at ``fp32_path``: ``model.int8.onnx`` beside it (or,
     where that folder is not writable, in the user cache), made only when missing, made from another fp32 file
     (the weights changed), or made with other calibration settings than ``settings`` (when given; None: any)."""
-    from ..export import ExportError, _writable, cache_root
-    fp32_path = Path(fp32_path)
-    digest = hashlib.sha256(fp32_path.read_bytes()).hexdigest()
-    candidates = [fp32_path.parent / INT8_FILE, cache_root() / f"{config.name}-int8-{digest[:16]}" / INT8_FILE]
-    for path in candidates:
-        if is_current_int8(path, digest, settings):
-            return path
+    from ..export import ExportError, _writable
+    found, candidates = _int8_places(fp32_path, config, settings)
+    if found is not None:
+        return found
     for path in candidates:
         if _writable(path.parent):
             quantize_int8(fp32_path, path, config, settings)

@@ -31,6 +31,50 @@ class Prediction:
     probability: float
 
 
+@dataclass(frozen=True)
+class OodScore:
+    """How far one image lies from the data its model was fitted on (``zfserve.engine.ood``): ``score`` (higher:
+    further), the model's ``threshold``, and ``out_of_distribution`` (score above it: the image is unlike what the
+    model knows, and its prediction means little)."""
+
+    score: float
+    threshold: float
+    out_of_distribution: bool
+
+    def to_json(self) -> dict:
+        return {"score": self.score, "threshold": self.threshold, "out_of_distribution": self.out_of_distribution}
+
+
+class TopK(list):
+    """The top-k :class:`Prediction` of one image, most probable first (a plain list), and ``ood``: its
+    :class:`OodScore`, or None when the model has no out-of-distribution statistics."""
+
+    def __init__(self, predictions=(), ood: OodScore | None = None):
+        super().__init__(predictions)
+        self.ood = ood
+
+
+@dataclass
+class ScoredBatch:
+    """One classification pass over a batch: float32 (N, C) ``probabilities`` and each image's :class:`OodScore`
+    (``ood`` None when the model has no statistics). Sliced by rows, as the server's batcher hands rows back."""
+
+    probabilities: np.ndarray
+    ood: list[OodScore] | None = None
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, rows: slice) -> "ScoredBatch":
+        return ScoredBatch(self.probabilities[rows], None if self.ood is None else self.ood[rows])
+
+    @staticmethod
+    def concatenate(parts: list["ScoredBatch"]) -> "ScoredBatch":
+        """The rows of ``parts`` in order (a request the batcher computed in several batches)."""
+        ood = None if any(p.ood is None for p in parts) else [v for p in parts for v in p.ood]
+        return ScoredBatch(np.concatenate([p.probabilities for p in parts]), ood)
+
+
 @dataclass
 class UnitProjection:
     """One projected unit.
@@ -56,6 +100,7 @@ class UnitProjection:
     png: bytes = b""
     patch_png: bytes = b""
     model_version: str = ""
+    ood: OodScore | None = None         # its image's out-of-distribution verdict (from a server; None without)
 
     def to_json(self) -> dict:
         return {"image_index": self.image_index, "layer": self.layer, "channel": self.channel, "y": self.y,
@@ -89,6 +134,22 @@ class OcclusionResult:
     # The served version that computed it (config version + weights hash; from a server, or set by the caller):
     # with window, stride, fill, target and attribution_on, what reproduces the maps.
     model_version: str = ""
+    # The unoccluded image's out-of-distribution verdict (None: not scored, or the model has no statistics).
+    ood: OodScore | None = None
+    # What drew it (:mod:`zfserve.engine.occlusion_modes`): the runtime that ran the forward passes ("onnxruntime",
+    # "openvino" or "torch"; default: ``backend``), its precision, and the mode: "exact" or the batched engine
+    # with its approximation, e.g. "openvino-int8+drilldown(coarse 2, refine 3)".
+    engine: str = ""
+    precision: str = "fp32"
+    mode: str = "exact"
+    # (ny, nx) bool: the positions whose occluded image was evaluated; None when all were. An approximation
+    # evaluates fewer and fills the others from evaluated neighbours (see :mod:`zfserve.engine.occlusion_plans`).
+    evaluated: np.ndarray | None = None
+    # Why this mode was used, when it was chosen for the caller (an audit's or the explorer's gate verdict).
+    gate: str = ""
+
+    def __post_init__(self):
+        self.engine = self.engine or self.backend
 
     @property
     def shape(self) -> tuple[int, int]:

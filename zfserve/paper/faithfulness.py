@@ -11,7 +11,9 @@ measures of :mod:`.saliency_metrics` (conventions there):
 
 Every map is computed for the class predicted on the intact image (each image holds one object, so its
 evidence belongs on that object whatever the class). ``random`` and ``centre`` ignore the model: the sanity
-checks must flag them, which checks the checks.
+checks must flag them, which checks the checks. Each image's out-of-distribution score is recorded with its
+prediction (when the model is its directory's, whose statistics it uses): a map of an image outside the model's
+data explains an answer that means little, and the section says how many there were.
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ TITLE = "Faithfulness: can the heatmaps be trusted? Pointing game, deletion / in
 INSENSITIVE_SPEARMAN = 0.5         # MPRT: a map this rank-similar to the original at full randomisation
 CLASS_INSENSITIVE_SSIM = 0.5       # RandomLogit: a map this similar for another class ignores the class
 DECONV_LABEL = DECONV_INTERPRETATION
+
+
+def _ood_scorer(model: ZFNet):
+    """``f(batch) -> [OodScore]`` from the out-of-distribution statistics of the model's directory, when this
+    in-memory model gives that directory's answers (same probabilities on a random batch); else None and why."""
+    from ..engine.classifier import Classifier
+    from ..weights import read_snapshot
+    if getattr(model, "model_dir", None) is None:
+        return None, "the model does not come from a model directory (no out-of-distribution statistics)"
+    classifier = Classifier(read_snapshot(model.model_dir), warmup=False)
+    if classifier.ood_detector is None:
+        return None, classifier.ood_note
+    x = torch.randn(2, 3, model.input_size, model.input_size, generator=torch.Generator().manual_seed(0)) * 50
+    with torch.no_grad():
+        reference = torch.softmax(model(x.to(next(model.parameters()).device)), 1).cpu().numpy()
+    if not np.abs(classifier.probabilities(x.numpy()) - reference).max() <= 1e-4:
+        return None, f"the in-memory model's weights differ from {model.model_dir}'s (no statistics for them)"
+    return (lambda batch: classifier.scored(batch).ood), ""
 
 
 def _predictor(model: ZFNet):
@@ -93,6 +113,7 @@ def localisation(model: ZFNet, data: AnalysisData, indices, s, *, keep: int = 0,
     saliency = SaliencyMaps(model, window=s.window, stride=s.faithfulness_stride, units=s.deconv_units,
                             seed=s.seed)
     predict = _predictor(model)
+    ood, ood_note = _ood_scorer(model)
     size = model.input_size
     empty_probs = predict(np.zeros((1, 3, size, size), np.float32))[0].astype(np.float64)
     records, kept = [], {}
@@ -101,18 +122,21 @@ def localisation(model: ZFNet, data: AnalysisData, indices, s, *, keep: int = 0,
         x, mask, label = _item(model, data, index)
         probs = predict(x[None])[0].astype(np.float64)
         target = int(probs.argmax())
+        verdict = ood(x[None])[0] if ood is not None else None
         maps = saliency.maps(x, target, index)
         scores = score_image(maps, x, mask, target, predict, steps=s.deletion_steps,
                              base=(probs[target], empty_probs[target]), tie_seed=int(index))
         records.append({"index": int(index), "label": int(label), "target": target,
                         "correct": bool(match and target == label), "probability": float(probs[target]),
                         "difficult": sm.is_difficult(mask), "mask_share": float(mask.mean()),
-                        "centre": sm.centre_hit(mask), "methods": scores})
+                        "centre": sm.centre_hit(mask), "methods": scores,
+                        "ood_score": None if verdict is None else verdict.score,
+                        "out_of_distribution": None if verdict is None else verdict.out_of_distribution})
         if done <= keep:
             kept[int(index)] = {"x": x, "target": target, "maps": maps, "mask": mask}
         if progress is not None:
             progress(done, len(indices))
-    return {"images": records, "maps": kept}
+    return {"images": records, "maps": kept, "ood_note": ood_note}
 
 
 def pointing_summary(records: list[dict], method: str) -> dict:
@@ -189,6 +213,7 @@ def faithfulness(model: ZFNet, data: AnalysisData, s, *, progress=log) -> dict:
     t2 = time.perf_counter()
     table = summary_table(local["images"], cascade, logit)
     return {"data": data.describe(), "n": n, "sanity_n": keep, "table": table, "images": local["images"],
+            "out_of_distribution": ood_count(local["images"], local["ood_note"]),
             "mprt": cascade, "random_logit": logit, "maps": local["maps"],
             "settings": {"window": s.window, "stride": s.faithfulness_stride, "fill": "mean (0 in input units)",
                          "occlusion_on": "probability", "deconv_units": s.deconv_units,
@@ -233,6 +258,20 @@ def summary_table(records: list[dict], cascade: dict, logit: dict) -> dict:
             failed.append("insertion <= random map")
         row["failed"] = failed
     return rows
+
+
+def ood_count(records: list[dict], note: str) -> dict:
+    """How many of the images were scored, and flagged out of distribution (or why none was scored)."""
+    scored = [r for r in records if r.get("out_of_distribution") is not None]
+    return {"scored": len(scored), "flagged": sum(bool(r["out_of_distribution"]) for r in scored),
+            "note": "" if scored else note}
+
+
+def ood_text(counts: dict) -> str:
+    if not counts["scored"]:
+        return f"not scored ({counts['note']})"
+    return (f"{counts['flagged']} of {counts['scored']} images scored out of distribution (unlike the model's data: "
+            f"their maps explain answers that mean little)")
 
 
 # ---------------------------------------------------------------------------------------------- the section
@@ -324,7 +363,8 @@ def section(model, data, out: Path, s) -> Path:
              f"({sum(r['difficult'] for r in result['images'])} images); per class = mean of per-class hit rates; "
              f"deletion / insertion: {st['deletion_steps']} steps, mean-colour fill, probability of the predicted "
              f"class; MPRT and RandomLogit on the first {result['sanity_n']} images. Occlusion: {st['window']} px "
-             f"grey (mean) square, stride {st['stride']}, probability drop. Verdict: {verdict(table)}")},
+             f"grey (mean) square, stride {st['stride']}, probability drop. Out of distribution: "
+             f"{ood_text(result['out_of_distribution'])}. Verdict: {verdict(table)}")},
         {"file": ff.curves_figure(out, result["images"]), "data": [images_csv], "caption": (
             "Mean deletion (left) and insertion (right) curves: the probability of the class predicted on the "
             "intact image as pixels are removed (replaced by the mean colour) or revealed on a mean-colour image "
@@ -341,7 +381,7 @@ def section(model, data, out: Path, s) -> Path:
             f"the same with the model destroyed show the image, not the model's decision.")},
     ]
     metrics = {"n": result["n"], "sanity_n": result["sanity_n"], "table": table, "verdict": verdict(table),
-               "seconds": result["seconds"]}
+               "out_of_distribution": result["out_of_distribution"], "seconds": result["seconds"]}
     return write_section(out, "faithfulness", TITLE, figures, metrics)
 
 
@@ -361,4 +401,7 @@ def summary(metrics: dict) -> list[tuple[str, str, str]]:
              f"{occ['deletion_auc']:.3f} / {occ['insertion_auc']:.3f} vs {random['deletion_auc']:.3f} / "
              f"{random['insertion_auc']:.3f}", "deletion lower, insertion higher"),
             ("faithfulness: methods insensitive to the model (MPRT Spearman >= 0.5, all layers random)",
-             ", ".join(insensitive) or "none", "only the model-free random map and centre baseline")]
+             ", ".join(insensitive) or "none", "only the model-free random map and centre baseline"),
+            *([("faithfulness: images outside the model's data (out-of-distribution score above its threshold)",
+                ood_text(metrics["out_of_distribution"]), "few on held-out data (about 5% by the threshold's "
+                                                           "design)")] if "out_of_distribution" in metrics else [])]

@@ -26,8 +26,12 @@ POINTING_TOLERANCE = 15                                  # pixels, the pointing 
 
 def drop_point(result, size: int) -> tuple[float, float]:
     """Where an occlusion sweep's evidence points: the centre ``(x, y)``, in input pixels, of the window whose
-    occlusion lowers the target's probability most (the first such window in row-major order on ties)."""
-    r, c = np.unravel_index(int(np.argmin(result.probability)), result.probability.shape)
+    occlusion lowers the target's probability most (the first such window in row-major order on ties), among
+    the positions evaluated (an approximate sweep's ``evaluated``; its other positions are filled in)."""
+    probability = result.probability
+    if getattr(result, "evaluated", None) is not None:
+        probability = np.where(result.evaluated, probability, np.inf)
+    r, c = np.unravel_index(int(np.argmin(probability)), probability.shape)
     y0, x0 = int(result.starts[r]), int(result.starts[c])
     return (x0 + min(size, x0 + result.window)) / 2, (y0 + min(size, y0 + result.window)) / 2
 

@@ -12,13 +12,16 @@ Library use::
 Names are imported lazily, so that importing one module of this package does not start all of them.
 """
 
-__all__ = ["BackgroundServer", "BatcherConfig", "ServerOptions", "ZFServer", "serve"]
+__all__ = ["BackgroundServer", "BatcherConfig", "HttpLimits", "ServerOptions", "ZFServer", "serve"]
 
 
 def __getattr__(name):
     if name == "BatcherConfig":
         from .batcher import BatcherConfig
         return BatcherConfig
+    if name == "HttpLimits":
+        from .http_listener import HttpLimits
+        return HttpLimits
     if name == "BackgroundServer":
         from .background import BackgroundServer
         return BackgroundServer

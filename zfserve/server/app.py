@@ -7,7 +7,8 @@ Life cycle:
 3. ``reload()`` (SIGHUP under :func:`serve`): every model's files are read again; a changed one is rebuilt and
    swapped in at once (see :mod:`.repository`); a failed reload keeps what was served. With
    ``model_control="explicit"``, ``load_model``/``unload_model`` do the same for one model on a client's
-   request (OIP RepositoryModelLoad/Unload);
+   request (OIP RepositoryModelLoad/Unload). They run one at a time. A request holds the runtime it started
+   with until it ends (:meth:`AppState.serving`); a replaced runtime's batcher closes after its last request;
 4. ``stop()`` (SIGTERM / SIGINT under :func:`serve`): health NOT_SERVING, no new RPCs are accepted,
    every accepted one finishes (up to ``shutdown_grace_s``), batchers drain, then the process exits 0.
 Start-up problems (port in use, bad TLS files, a model that cannot load with ``strict``) are one
@@ -23,7 +24,6 @@ import signal
 import socket
 import ssl
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -35,17 +35,18 @@ from .._proto.inference import grpc_service_pb2 as oip_pb
 from .._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from .._proto.v1 import zfserve_pb2 as v1_pb
 from .._proto.v1 import zfserve_pb2_grpc as v1_grpc
-from .. import _checks as checks
-from ..config import ENGINES, PRECISIONS
+from ..engine.results import ScoredBatch
 from ..errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from .auth import BearerTokenInterceptor, read_token
-from .batcher import BatcherConfig, DynamicBatcher
-from .decode import DEFAULT_MAX_REQUEST_PIXELS, DecodeStage
+from .batcher import DynamicBatcher
+from .decode import DecodeStage, malloc_trim
+from .http_listener import ByteBudget
 from .metrics import Metrics
 from .oip import InferenceServicer
+from .options import ServerOptions
 from .pools import BoundedPool
 from .repository import ModelRepository, Runtime, ServedModel, public_reason
-from .service import DEFAULT_MAX_OCCLUSION_POSITIONS, ZFServeServicer
+from .service import ZFServeServicer
 from .status import Unavailable
 
 log = logging.getLogger("zfserve.server")
@@ -53,91 +54,13 @@ log = logging.getLogger("zfserve.server")
 ZFSERVE_SERVICE = v1_pb.DESCRIPTOR.services_by_name["ZFServe"].full_name
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-DEFAULT_PORT = 8001                      # Triton's gRPC port, which tritonclient users expect
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20     # 64 MiB: ~100 preprocessed 224x224 images, or 96 deconv projections
 # Shutdown drains before it closes the port: new work is refused with UNAVAILABLE ("shutting down") while
 # accepted RPCs finish; the port closes once no RPC has been active for this long. Closing it earlier would
 # make gRPC cancel calls that are already in transit (clients would see CANCELLED, not a retryable status).
 DRAIN_QUIET_S = 0.2
-# Triton's --model-control-mode values that zfserve has: "none" (the models of the start, reloaded on SIGHUP)
-# and "explicit" (clients may also unload and load them).
-MODEL_CONTROL_MODES = ("none", "explicit")
-
-
-@dataclass
-class ServerOptions:
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    model_repository: str | None = None
-    model: str | None = None
-    device: str = "cpu"
-    threads: int | None = None           # ONNX Runtime intra-op threads (None: its default)
-    precision: str | None = None         # classification precision of models whose config.json names none
-    engine: str | None = None            # ... and engine (None: fp32 on onnxruntime)
-    batching: BatcherConfig = field(default_factory=BatcherConfig)
-    max_images_per_request: int = 64
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    heavy_workers: int = 1
-    heavy_queue_size: int = 4
-    heavy_threads: int | None = 1        # PyTorch intra-op threads for deconv/occlusion (None: unchanged)
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    auth_token_file: str | None = None
-    metrics_port: int | None = None
-    http_port: int | None = None         # the HTTP side: OIP REST, the explorer page and its API (None: off)
-    shutdown_grace_s: float = 30.0
-    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS   # decoded pixels of one request's images, summed
-    decode_workers: int = 1              # threads decoding requests with large images
-    decode_queue_size: int = 2           # more such requests that may wait; beyond, UNAVAILABLE
-    max_occlusion_positions: int = DEFAULT_MAX_OCCLUSION_POSITIONS
-    strict: bool = False                 # a model that fails to load stops the start (else: listed not ready)
-    model_control: str = "none"          # "explicit": clients may load/unload models (OIP repository extension)
-
-    def validate(self) -> None:
-        def bounded(name, value, lo, hi):
-            checks.integer(value, name, lo, hi, label="--" + name.replace("_", "-"))
-
-        b = self.batching
-        bounded("port", self.port, 0, 65535)
-        bounded("max_batch_size", b.max_batch_size, 1, 4096)
-        bounded("max_queue_delay_us", b.max_queue_delay_us, 0, 10_000_000)
-        bounded("max_queue_size", b.max_queue_size, 0, 1_000_000)
-        bounded("default_timeout_us", b.default_timeout_us, 0, 3_600_000_000)
-        bounded("max_images_per_request", self.max_images_per_request, 1, 4096)
-        bounded("max_message_bytes", self.max_message_bytes, 1 << 20, 2**31 - 1)
-        bounded("heavy_workers", self.heavy_workers, 1, 64)
-        bounded("heavy_queue_size", self.heavy_queue_size, 0, 1024)
-        if self.heavy_threads is not None:
-            bounded("heavy_threads", self.heavy_threads, 1, 1024)
-        if self.threads is not None:
-            bounded("threads", self.threads, 1, 1024)
-        if self.metrics_port is not None:
-            bounded("metrics_port", self.metrics_port, 0, 65535)
-        if self.http_port is not None:
-            bounded("http_port", self.http_port, 0, 65535)
-        bounded("max_request_pixels", self.max_request_pixels, 1, 10**12)
-        bounded("decode_workers", self.decode_workers, 1, 64)
-        bounded("decode_queue_size", self.decode_queue_size, 0, 1024)
-        bounded("max_occlusion_positions", self.max_occlusion_positions, 1, 224 * 224)
-        if self.precision is not None:
-            checks.choice(self.precision, "precision", PRECISIONS, label="--precision")
-        if self.engine is not None:
-            checks.choice(self.engine, "engine", ENGINES, label="--engine")
-        if self.model_control not in MODEL_CONTROL_MODES:
-            raise InvalidArgumentError(f"--model-control: {self.model_control!r}; accepted: "
-                                       f"{', '.join(MODEL_CONTROL_MODES)}", field="model_control")
-        if not self.shutdown_grace_s >= 0:
-            raise InvalidArgumentError("--shutdown-grace-s: must be >= 0", field="shutdown_grace_s")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise InvalidArgumentError("--tls-cert and --tls-key: give both or neither", field="tls_cert")
-        if self.tls_client_ca and not self.tls_cert:
-            raise InvalidArgumentError("--tls-client-ca: needs --tls-cert and --tls-key (mutual TLS)",
-                                       field="tls_client_ca")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
-            path = getattr(self, name)
-            if path and not Path(path).is_file():
-                raise InvalidArgumentError(f"--{name.replace('_', '-')}: no such file: {path}", field=name)
+# REST infer bodies are parsed (JSON, tensor conversion) on a lane of their own, bounded like the decode lanes.
+HTTP_PARSE_WORKERS = 1
+HTTP_PARSE_QUEUE = 8
 
 
 class AppState:
@@ -153,6 +76,7 @@ class AppState:
         self.shutting_down = False
         self.active_rpcs = 0      # RPCs inside a handler now (the drain phase of shutdown waits for them)
         self.controller = None    # the ZFServer: load_model / unload_model (explicit model control)
+        self._leases: dict[int, list[Runtime]] = {}   # per call in progress (id of its context): its runtimes
 
     @property
     def ready(self) -> bool:
@@ -164,9 +88,10 @@ class AppState:
         """Whether ``model`` takes work now: loaded and warm, and the server not shutting down."""
         return model.ready and not self.shutting_down
 
-    def serving(self, model: ServedModel) -> Runtime:
+    def serving(self, model: ServedModel, context=None) -> Runtime:
         """The runtime ``model`` serves with now; UNAVAILABLE (retry) while shutting down, loading, or after its
-        load failed (with the reason)."""
+        load failed (with the reason). With the call's ``context``, the call holds the runtime until it ends
+        (:meth:`release`): a reload or unload meanwhile lets it finish on this runtime."""
         if self.shutting_down:
             raise Unavailable("server is shutting down; retry on another replica")
         runtime = model.runtime
@@ -176,7 +101,15 @@ class AppState:
             if model.unloaded:
                 raise Unavailable(f"model {model.name!r} is not ready: {model.reason}")
             raise Unavailable(f"model {model.name!r} is still loading; retry shortly")
+        if context is not None:
+            runtime.acquire()
+            self._leases.setdefault(id(context), []).append(runtime)
         return runtime
+
+    def release(self, context) -> None:
+        """The call of ``context`` has ended: the runtimes it held may retire."""
+        for runtime in self._leases.pop(id(context), ()):
+            runtime.release()
 
 
 def _register_in_pool(module) -> None:
@@ -208,6 +141,13 @@ class ZFServer:
                                   workers=self.options.decode_workers, queue_size=self.options.decode_queue_size)
         self.state = AppState(self.options, self.repository, self.metrics, self.heavy, self.decode)
         self.state.controller = self
+        # The HTTP side's body budget (shared by --http-port and --metrics-port) and its body parsing lane.
+        self.http_budget = ByteBudget(self.options.http.max_buffered_bytes)
+        self.http_parse = BoundedPool(HTTP_PARSE_WORKERS, HTTP_PARSE_QUEUE, name="http-parse",
+                                      what="REST request bodies being parsed", flags=("parse threads", "waiting"))
+        self.metrics_listener = None
+        self._models_lock = asyncio.Lock()   # reloads, loads and unloads, one at a time
+        self._retiring: dict[asyncio.Task, Runtime] = {}   # replaced runtimes waiting for their last request
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -289,11 +229,12 @@ class ZFServer:
             self._server = None
             raise
         await self._server.start()
-        if o.metrics_port is not None:
-            self.metrics_port = self.metrics.start_http(o.host, o.metrics_port, token)
-        if o.http_port is not None:
-            from .http_server import start_http
-            self.http, self.http_port = start_http(self, token)
+        if o.metrics_port is not None or o.http_port is not None:
+            from .http_server import start_http, start_metrics
+            if o.metrics_port is not None:
+                self.metrics_listener, self.metrics_port = await start_metrics(self, token)
+            if o.http_port is not None:
+                self.http, self.http_port = await start_http(self, token)
         log.debug("listening on %s:%d (tls=%s, auth=%s)", o.host, self.port, bool(o.tls_cert),
                   bool(o.auth_token_file))
         return self.port
@@ -332,11 +273,12 @@ class ZFServer:
         """Start ``runtime``'s batcher and make it the model's; returns the runtime it replaces."""
         # Inputs are checked before they are queued (the OIP tensor input takes non-finite values, as Triton
         # does), so one request's values can never fail the batch it shares with others.
-        classify = functools.partial(runtime.classifier.probabilities, finite=False)
+        # Each batch gives the probabilities and the out-of-distribution scores of one pass (a ScoredBatch).
+        classify = functools.partial(runtime.classifier.scored, finite=False)
         runtime.batcher = DynamicBatcher(
             classify, self.options.batching, name=model.name,
             on_batch=self.metrics.batch_size.labels(model=model.name).observe,
-            on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set)
+            on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set, join=ScoredBatch.concatenate)
         runtime.batcher.start()
         old, model.runtime, model.error = model.runtime, runtime, None
         if announce:
@@ -360,38 +302,54 @@ class ZFServer:
                 model.error = reason
             return f"failed: {reason}"
         old = self._activate(model, runtime)
-        if old is not None:
-            await old.batcher.close()   # its queued requests finish on the old weights
+        self._retire(old)
         return f"{old.version if old else 'none'} -> {runtime.version}"
+
+    def _retire(self, runtime: Runtime | None) -> None:
+        """Close ``runtime``'s batcher once no request holds it any more (in the background): every request that
+        took it before the swap finishes on it, its queued work included."""
+        if runtime is not None:
+            task = asyncio.ensure_future(runtime.retire())
+            self._retiring[task] = runtime
+            task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task) -> None:
+        """A replaced runtime has closed: with its last reference dropped, its memory (an ONNX Runtime session,
+        its arena, the model's weights) goes back to the system."""
+        self._retiring.pop(task, None)
+        asyncio.get_running_loop().run_in_executor(None, malloc_trim)
 
     async def reload(self) -> dict[str, str]:
         """Read every model's files again and swap in the changed ones (one at a time, each atomically); a model a
         client unloaded stays unloaded. Returns ``{name: what happened}``; a model that fails to reload keeps
-        serving what it served."""
-        outcome = {}
-        for model in self.repository:
-            outcome[model.name] = "unloaded" if model.unloaded else await self._refresh(model)
-        await self._health_after_change()
-        return outcome
+        serving what it served. Reloads (and loads, unloads) run one at a time: a second SIGHUP during a reload
+        waits for it, then finds the files unchanged."""
+        async with self._models_lock:
+            outcome = {}
+            for model in self.repository:
+                outcome[model.name] = "unloaded" if model.unloaded else await self._refresh(model)
+            await self._health_after_change()
+            return outcome
 
     async def load_model(self, model: ServedModel) -> str:
         """Load ``model`` (again, from its files); raises ModelLoadError when that fails."""
-        was_unloaded, model.unloaded = model.unloaded, False
-        outcome = await self._refresh(model)
-        if outcome.startswith("failed"):
-            model.unloaded = was_unloaded   # still not served; its reason is now the failure
-            raise ModelLoadError(f"model {model.name!r}: load {outcome}")
-        log.info("model %s loaded on request (%s)", model.name, outcome)
-        await self._health_after_change()
-        return outcome
+        async with self._models_lock:
+            was_unloaded, model.unloaded = model.unloaded, False
+            outcome = await self._refresh(model)
+            if outcome.startswith("failed"):
+                model.unloaded = was_unloaded   # still not served; its reason is now the failure
+                raise ModelLoadError(f"model {model.name!r}: load {outcome}")
+            log.info("model %s loaded on request (%s)", model.name, outcome)
+            await self._health_after_change()
+            return outcome
 
     async def unload_model(self, model: ServedModel) -> None:
-        """Stop serving ``model``: new requests get UNAVAILABLE at once, queued ones finish."""
-        old, model.runtime, model.error, model.unloaded = model.runtime, None, None, True
-        if old is not None and old.batcher is not None:
-            await old.batcher.close()
-        log.info("model %s unloaded on request", model.name)
-        await self._health_after_change()
+        """Stop serving ``model``: new requests get UNAVAILABLE at once; those already running finish."""
+        async with self._models_lock:
+            old, model.runtime, model.error, model.unloaded = model.runtime, None, None, True
+            self._retire(old)
+            log.info("model %s unloaded on request", model.name)
+            await self._health_after_change()
 
     async def _health_after_change(self) -> None:
         if not self.state.shutting_down and any(m.ready for m in self.repository):
@@ -420,23 +378,34 @@ class ZFServer:
             elif loop.time() - quiet_since >= DRAIN_QUIET_S:
                 break
             await asyncio.sleep(0.01)
-        if self.http is not None:   # drained with the rest: new HTTP calls got 503 meanwhile
-            await self.http.stop()
+        for listener in (self.http, self.metrics_listener):   # drained with the rest: new calls got 503
+            if listener is not None:
+                await listener.stop()
         # Only streams that never end on their own (health Watch) can remain: a short grace closes them.
         if self._server is not None:
             await self._server.stop(min(1.0, max(0.0, give_up - loop.time())))
-        for model in self.repository:
-            if model.runtime is not None and model.runtime.batcher is not None:
-                await model.runtime.batcher.close()
-        await asyncio.to_thread(self.heavy.shutdown)
-        await asyncio.to_thread(self.decode.shutdown)
-        self.metrics.stop_http()
+        await self._close_batchers(max(0.1, give_up - loop.time()))
+        for pool in (self.heavy, self.decode, self.http_parse):
+            await asyncio.to_thread(pool.shutdown)
         if self._torch_threads is not None:
             import torch
             torch.set_num_threads(self._torch_threads)
         if not quiet:
             log.info("stopped")
         self._stopped.set()
+
+    async def _close_batchers(self, wait_s: float) -> None:
+        """Close every batcher: the served runtimes' and those of replaced runtimes still retiring (their last
+        requests have ended with the drain, or had ``wait_s`` more seconds)."""
+        if self._retiring:
+            await asyncio.wait(list(self._retiring), timeout=wait_s)
+        for task, runtime in list(self._retiring.items()):
+            task.cancel()
+            if runtime.batcher is not None:
+                await runtime.batcher.close()
+        for model in self.repository:
+            if model.runtime is not None and model.runtime.batcher is not None:
+                await model.runtime.batcher.close()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful shutdown; calling it again waits for the first call."""
@@ -483,6 +452,7 @@ async def serve(options: ServerOptions, *, ready_line: bool = True) -> int:
             print(f"zfserve: listening on {options.host}:{port}", flush=True)
             if server.http_port is not None:
                 print(f"zfserve: http on {options.host}:{server.http_port}", flush=True)
+                print(f"zfserve: explorer page at {page_url(options, server.http_port)}", flush=True)
         await server.load()
     except BaseException:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -498,10 +468,17 @@ async def serve(options: ServerOptions, *, ready_line: bool = True) -> int:
             s = model.runtime.batcher.stats if model.runtime and model.runtime.batcher else None
             if s is not None:
                 print(f"zfserve: model {model.name}: completed={s.completed} rejected_full={s.rejected_full} "
-                      f"dropped_timeout={s.dropped_timeout} dropped_deadline={s.dropped_deadline} "
+                      f"shed={s.shed} dropped_timeout={s.dropped_timeout} dropped_deadline={s.dropped_deadline} "
                       f"dropped_cancelled={s.dropped_cancelled} failed={s.failed}", flush=True)
         print("zfserve: stopped", flush=True)
     return 0
+
+
+def page_url(options: ServerOptions, port: int) -> str:
+    """The explorer page's address as a browser on this machine opens it."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(options.host, options.host)
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if options.tls_cert else 'http'}://{host}:{port}/"
 
 
 async def _reload(server: ZFServer, ready_line: bool) -> None:

@@ -1,10 +1,14 @@
-"""Bearer-token authentication: every RPC except the health service must carry ``authorization: Bearer <token>``.
+"""Bearer-token authentication: every RPC and HTTP route except the health checks must carry exactly one
+``authorization: Bearer <token>``.
 
 The scheme is case-insensitive (RFC 7235: ``bearer`` works too); the token is compared with
-``hmac.compare_digest`` (constant time). Health is exempt so that load balancers and Kubernetes probes work
-without the secret; reflection is not exempt (it describes the API). An unauthenticated call to a method that
-does not exist gets UNAUTHENTICATED too, exactly as a real one does, so a caller without the token cannot
-tell which methods exist. ``/metrics`` takes the same header (see :mod:`.metrics`).
+``hmac.compare_digest`` (constant time); two authorization values in one request are refused on both sides
+(a proxy and the server could otherwise each read a different one). The health checks are exempt, the same
+ones over gRPC and HTTP, so that load balancers and Kubernetes probes work without the secret: gRPC health,
+and the Open Inference Protocol's server liveness and readiness (ServerLive / ServerReady, over REST
+``/v2/health/live`` and ``/v2/health/ready``). Reflection is not exempt (it describes the API). An
+unauthenticated call to a method that does not exist gets UNAUTHENTICATED too, exactly as a real one does, so
+a caller without the token cannot tell which methods exist. ``/metrics`` takes the same header.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import grpc
 
 from ..errors import InvalidArgumentError
 
-EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/inference.GRPCInferenceService/ServerLive",
+                   "/inference.GRPCInferenceService/ServerReady")
+EXEMPT_PATHS = ("/v2/health/live", "/v2/health/ready")     # the same checks over HTTP
 
 
 def read_token(path: str | Path) -> bytes:
@@ -39,6 +45,16 @@ def authorized(header, token: bytes) -> bool:
         header = header.encode("latin-1", "replace")
     scheme, _, given = header.strip().partition(b" ")
     return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token)
+
+
+def refusal(values: list, token: bytes) -> str | None:
+    """Why one request's authorization values are refused, in words (None: exactly one, and it is
+    ``Bearer <token>``)."""
+    if not values:
+        return "missing"
+    if len(values) > 1:
+        return f"{len(values)} values; send exactly one"
+    return None if authorized(values[0], token) else "wrong token or scheme"
 
 
 def _denied(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
@@ -69,9 +85,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         values = [value for key, value in (handler_call_details.invocation_metadata or ())
                   if key == "authorization"]
-        given = values[0] if values else None
         handler = await continuation(handler_call_details)
-        if authorized(given, self._token):
+        reason = refusal(values, self._token)
+        if reason is None:
             return handler   # None for an unknown method: gRPC answers UNIMPLEMENTED, to an authorized caller
-        reason = "missing authorization metadata" if given is None else "wrong token or scheme"
         return _denied(handler, f"authorization: {reason}; send 'authorization: Bearer <token>'")

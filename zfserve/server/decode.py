@@ -3,11 +3,11 @@
 1. The headers of all the request's images are read first (no pixel is decoded); a request whose images hold
    more than ``--max-request-pixels`` pixels in total is refused (INVALID_ARGUMENT, naming the count and the
    limit) before any work. Format, size and frame limits of each image are checked there too.
-2. Two lanes, each a :class:`~zfserve.server.pools.BoundedPool` with its own admission: requests whose images
-   are all small (at most :data:`SMALL_IMAGE_PIXELS` each; phone photos are larger, thumbnails and crops are
-   not) decode on the small lane, others on the large lane (``--decode-workers`` threads,
-   ``--decode-queue-size`` waiting). One big upload never queues a small one behind it; a full lane answers
-   UNAVAILABLE at once.
+2. Two lanes, each a :class:`~zfserve.server.pools.BoundedPool` with its own admission, chosen by the work a
+   request brings: requests whose images hold at most :data:`SMALL_REQUEST_PIXELS` in all (a phone photo is
+   more; a few thumbnails or crops are not) decode on the small lane, others on the large lane
+   (``--decode-workers`` threads, ``--decode-queue-size`` waiting). One big upload, or one request of 64 small
+   images, never queues a small request behind it; a full lane answers UNAVAILABLE at once.
 3. The request's deadline and its cancellation are checked between images and between the steps of each
    decode (``zfserve.preprocess.decode_image``'s ``check``): after a client's deadline, at most the step in
    progress finishes. Large images are decoded at a working size (see :mod:`zfserve.preprocess`), never as
@@ -28,14 +28,15 @@ from ..errors import InvalidArgumentError
 from ..preprocess import load_images, read_header
 from .pools import BoundedPool
 
-# An image at most this large (pixels) decodes on the small lane: 4 MP, e.g. 2048 x 2048.
-SMALL_IMAGE_PIXELS = 4_000_000
+# A request whose images hold at most this many pixels in all decodes on the small lane: 4 MP, e.g. one
+# 2000 x 2000 photo or 61 images of 256 x 256.
+SMALL_REQUEST_PIXELS = 4_000_000
 DEFAULT_MAX_REQUEST_PIXELS = 400_000_000     # ten images of the 40 MP per-image limit
 SMALL_LANE_WORKERS = 1
 SMALL_LANE_QUEUE = 64
 
 
-def _malloc_trim():
+def _load_malloc_trim():
     """glibc's ``malloc_trim(0)`` (returns free heap pages to the system), or a no-op elsewhere."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -47,6 +48,9 @@ def _malloc_trim():
     return lambda: trim(0)
 
 
+malloc_trim = _load_malloc_trim()
+
+
 class DecodeStage:
     """``decode(encoded, config, ...)``: the request's encoded images -> preprocessed float32 (N, 3, S, S)."""
 
@@ -54,13 +58,14 @@ class DecodeStage:
                  queue_size: int = 2, on_admitted=None):
         self.max_request_pixels = max_request_pixels
         self.small = BoundedPool(SMALL_LANE_WORKERS, SMALL_LANE_QUEUE, name="decode-small",
-                                 what="requests of small images decoding", flags=("(small lane)", "queue"))
+                                 what="small requests decoding", flags=("(small lane)", "queue"))
         self.large = BoundedPool(workers, queue_size, on_admitted, name="decode-large",
-                                 what="requests of large images decoding",
-                                 flags=("--decode-workers", "--decode-queue-size"), after=_malloc_trim())
+                                 what="large requests (over 4 MP in all) decoding",
+                                 flags=("--decode-workers", "--decode-queue-size"), after=malloc_trim)
 
-    async def decode(self, encoded: Sequence[bytes], config, *, field: str,
-                     deadline_mono: float | None = None) -> np.ndarray:
+    async def decode(self, encoded: Sequence[bytes], config, *, field: str, deadline_mono: float | None = None,
+                     client: str = "") -> np.ndarray:
+        """``client`` (the caller's connection) takes its turn on a lane fairly, by pixels, with the others'."""
         items = list(encoded)
 
         def scan(job):
@@ -70,15 +75,16 @@ class DecodeStage:
                 headers.append(read_header(data, field=f"{field}[{i}]"))
             return headers
 
-        headers = await self.small.run(scan, deadline_mono=deadline_mono)
+        headers = await self.small.run(scan, deadline_mono=deadline_mono, client=client,
+                                       work=sum(len(data) for data in items) / 16)   # bytes read ~ pixels / 16
         total = sum(h.pixels for h in headers)
         if total > self.max_request_pixels:
             raise InvalidArgumentError(f"{field}: {len(items)} images of {total} pixels in all; at most "
                                        f"{self.max_request_pixels} pixels per request are accepted "
                                        f"(--max-request-pixels)", field=field)
-        lane = self.large if max(h.pixels for h in headers) > SMALL_IMAGE_PIXELS else self.small
+        lane = self.large if total > SMALL_REQUEST_PIXELS else self.small
         return await lane.run(lambda job: load_images(items, config, field=field, check=job.check),
-                              deadline_mono=deadline_mono)
+                              deadline_mono=deadline_mono, client=client, work=total)
 
     def shutdown(self) -> None:
         self.small.shutdown()

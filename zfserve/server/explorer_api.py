@@ -31,6 +31,8 @@ from ..engine.results import DECONV_INTERPRETATION
 from ..errors import NotFoundError, ZFServeError
 from ..preprocess import DEFAULT_MAX_BYTES, read_header
 from .http import HttpContext, HttpError, read_body
+from .http_body import CONTROL_BODY_BYTES, load_json
+from .http_guard import with_limit
 
 EXPLORER_DIR = Path(__file__).with_name("explorer")
 OCCLUSION_INTERPRETATION = "occlusion sensitivity: drop of the target class's probability"
@@ -50,8 +52,9 @@ class ImageStore:
         self._size = 0
         self._lock = threading.Lock()
 
-    def put(self, data: bytes, *, pinned: bool = False) -> dict:
+    def put(self, data, *, pinned: bool = False) -> dict:
         """Check ``data``'s header with the server's decoder limits and keep it; returns its description."""
+        data = bytes(data)   # kept: a copy of a large upload the listener received into a memory map
         try:
             header = read_header(data, field="image")
         except ZFServeError as exc:
@@ -97,20 +100,25 @@ def _endpoint(fn):
 
 
 async def _request_json(request) -> dict:
-    body = await read_body(request, 1 << 16)
+    """The request's JSON object (at most CONTROL_BODY_BYTES, parsed on the loop: < 1 ms)."""
+    body = await read_body(request, CONTROL_BODY_BYTES, "the limit of routes without uploads")
     try:
-        doc = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise HttpError(400, "body: not JSON; send an object such as {\"image\": \"<id>\"}", "body") from None
+        doc = load_json(body or b"{}")
+    except HttpError as exc:
+        raise HttpError(exc.status, f"{exc.message}; send an object such as {{\"image\": \"<id>\"}}",
+                        "body") from None
     if not isinstance(doc, dict):
         raise HttpError(400, "body: must be a JSON object", "body")
     return doc
 
 
 def _optional_int(doc: dict, key: str):
+    """An optional integer of the request (the handler checks its own range; here only that it fits the
+    message's int32 field)."""
     value = doc.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        raise HttpError(400, f"{key}: must be an integer, got {value!r}", key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
+                              not -(1 << 31) <= value < (1 << 31)):
+        raise HttpError(400, f"{key}: must be an integer, got {value!r:.40}", key)
     return value
 
 
@@ -136,15 +144,19 @@ class ExplorerApi:
         return pb.Images(encoded=[self.store.get(image)[0]])
 
     async def models(self, request):
-        listed = await self.zfserve.ListModels(pb.ListModelsRequest(), HttpContext())
+        listed = await self.zfserve.ListModels(pb.ListModelsRequest(), HttpContext.of(request))
         out = []
         for m in listed.models:
             entry = {"name": m.name, "version": m.version, "oip_version": m.oip_version, "ready": m.ready,
                      "reason": m.reason, "num_classes": m.num_classes, "index": None,
                      "labels": {"deconv": DECONV_INTERPRETATION, "occlusion": OCCLUSION_INTERPRETATION}}
             if m.ready:
-                info = await self.zfserve.GetModelInfo(pb.GetModelInfoRequest(model=m.name), HttpContext())
+                info = await self.zfserve.GetModelInfo(pb.GetModelInfoRequest(model=m.name), HttpContext.of(request))
                 entry.update(class_names=list(info.class_names), input_size=int(info.input_shape[-1]),
+                             training_data=info.training_data,
+                             ood={"available": info.ood.available, "threshold": info.ood.threshold,
+                                  "acceptance": info.ood.acceptance, "method": info.ood.method,
+                                  "note": info.ood.note},
                              layers=[{"name": layer.name, "shape": list(layer.shape),
                                       "receptive_field": layer.receptive_field, "stride": layer.stride}
                                      for layer in info.layers])
@@ -174,11 +186,12 @@ class ExplorerApi:
         req = pb.ClassifyRequest(images=self.images(doc), model=str(doc.get("model") or ""))
         if _optional_int(doc, "top_k") is not None:
             req.top_k = doc["top_k"]
-        response = await self.zfserve.Classify(req, HttpContext())
-        predictions = [{"index": p.index, "name": p.name, "probability": p.probability}
-                       for p in wire.predictions(response)[0]]
+        response = await self.zfserve.Classify(req, HttpContext.of(request))
+        top = wire.predictions(response)[0]
+        predictions = [{"index": p.index, "name": p.name, "probability": p.probability} for p in top]
         return JSONResponse({"model": response.model, "version": response.model_version,
-                             "predictions": predictions})
+                             "predictions": predictions, "ood": top.ood.to_json() if top.ood else None,
+                             "ood_note": response.ood_note})
 
     async def deconv(self, request):
         doc = await _request_json(request)
@@ -186,7 +199,7 @@ class ExplorerApi:
                                layer=str(doc.get("layer") or ""), return_png=True, return_patches=True)
         if _optional_int(doc, "top_k") is not None:
             req.top_k = doc["top_k"]
-        response = await self.zfserve.DeconvProject(req, HttpContext())
+        response = await self.zfserve.DeconvProject(req, HttpContext.of(request))
         units = [{"channel": u.channel, "y": u.y, "x": u.x, "activation": u.activation, "box": list(u.box),
                   "projection_png": _b64(u.png), "patch_png": _b64(u.patch_png)} for u in wire.projections(response)]
         return JSONResponse({"model": response.model, "version": response.model_version, "layer": req.layer,
@@ -194,18 +207,23 @@ class ExplorerApi:
 
     async def occlusion(self, request):
         doc = await _request_json(request)
+        # gated: the fastest mode that passed the model's agreement gate for these settings, else exact.
         req = pb.OcclusionRequest(images=self.images(doc), model=str(doc.get("model") or ""),
-                                  outputs=["probability", "attribution"])
+                                  outputs=["probability", "attribution"], gated=True)
         for key in ("window", "stride", "target"):
             if _optional_int(doc, key) is not None:
                 setattr(req, key, doc[key])
-        stream = self.zfserve.OcclusionSweepStream(req, HttpContext())
+        # The class names of the runtime the sweep is about to take (nothing awaits in between), so a reload
+        # during the sweep cannot name its target from another version.
+        runtime = self.state.repository.get(req.model).runtime
+        names = list(runtime.config.class_names) if runtime is not None else []
+        stream = self.zfserve.OcclusionSweepStream(req, HttpContext.of(request))
         try:   # the first event (or the error) comes before the status: a bad request is a plain 4xx
             first = await stream.__anext__()
         except BaseException:
             await stream.aclose()
             raise
-        return StreamingResponse(_sweep_lines(first, stream, self.state, req), media_type="application/x-ndjson")
+        return StreamingResponse(_sweep_lines(first, stream, names), media_type="application/x-ndjson")
 
     async def unit_index(self, request):
         p = request.path_params
@@ -232,7 +250,8 @@ def explorer_routes(state, zfserve, max_body_bytes: int) -> list:
     api = ExplorerApi(state, zfserve, max_body_bytes)
 
     def route(path, handler, method):
-        return Route(path, _endpoint(handler), methods=[method])
+        made = Route(path, _endpoint(handler), methods=[method])
+        return with_limit(made, api.upload_limit, "--max-message-bytes") if handler == api.upload else made
 
     routes = [Route("/", _page, methods=["GET"]),
               route("/api/v1/models", api.models, "GET"),
@@ -254,7 +273,7 @@ async def _events(first, stream):
         yield event
 
 
-async def _sweep_lines(first, stream, state, req):
+async def _sweep_lines(first, stream, names: list[str]):
     """The NDJSON lines of a streaming sweep; an error after the stream started is its last line."""
     try:
         async for event in _events(first, stream):
@@ -262,7 +281,7 @@ async def _sweep_lines(first, stream, state, req):
                 yield json.dumps({"progress": {"done": event.progress.done, "total": event.progress.total}}) + "\n"
             else:
                 # 50,176 attribution values as JSON text take ~20 ms: off the event loop the gRPC side shares.
-                yield await asyncio.to_thread(_result_line, event.result, state, req.model)
+                yield await asyncio.to_thread(_result_line, event.result, names)
     except HttpError as exc:
         body = json.loads(_page_error(exc).body)
         yield json.dumps({"error": body}) + "\n"
@@ -270,20 +289,22 @@ async def _sweep_lines(first, stream, state, req):
         await stream.aclose()   # the page went away (or the sweep ended): stop the computation
 
 
-def _sweep_result(response: pb.OcclusionResponse, state, model_name: str) -> dict:
+def _sweep_result(response: pb.OcclusionResponse, names: list[str]) -> dict:
     result = wire.occlusion_result(response)
-    names = list(state.repository.get(response.model or model_name).runtime.config.class_names)
     return {"model": response.model, "version": response.model_version, "label": OCCLUSION_INTERPRETATION,
             "settings": {"window": result.window, "stride": result.stride, "fill": "mean", "target": result.target,
                          "target_name": names[result.target], "attribution_on": result.attribution_on},
             "positions": list(result.shape), "starts": [int(s) for s in result.starts],
             "probability": np.round(result.probability.astype(np.float64), 6).tolist(),
             "base_probability": result.base_probability, "min_probability": float(result.probability.min()),
+            "mode": {"name": result.mode, "engine": result.engine, "precision": result.precision,
+                     "gate": result.gate, "evaluated": None if result.evaluated is None else
+                     int(np.count_nonzero(result.evaluated))},
             "attribution": np.round(result.attribution.astype(np.float64), 6).tolist()}
 
 
-def _result_line(result, state, model_name: str) -> str:
-    return json.dumps({"result": _sweep_result(result, state, model_name)}) + "\n"
+def _result_line(result, names: list[str]) -> str:
+    return json.dumps({"result": _sweep_result(result, names)}) + "\n"
 
 
 def _unit_index(state, name: str):

@@ -1,7 +1,7 @@
 """The HTTP side of the server (``zfserve serve --http-port PORT``): the Open Inference Protocol's REST API under
 ``/v2`` (so ``tritonclient.http``, ``perf_analyzer -i http``, curl and KServe's REST clients work), the explorer
-page's API under ``/api/v1`` (:mod:`.explorer_api`) and the page itself at ``/``. Starlette on uvicorn, on the
-gRPC server's own event loop.
+page's API under ``/api/v1`` (:mod:`.explorer_api`) and the page itself at ``/``. Starlette on zfserve's own
+listener (:mod:`.http_listener`), on the gRPC server's own event loop.
 
 The routes are thin: each turns its HTTP request into the protobuf request of the matching RPC and calls the
 gRPC servicer's handler with :class:`HttpContext` in place of a gRPC context, so both sides share every check,
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import grpc
 import numpy as np
@@ -26,6 +27,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from .._proto.inference import grpc_service_pb2 as pb
 from ..wire import OIP_DTYPES, encode_bytes_elements
+from .http_body import DEFAULT_MAX_VALUES, HttpError, load_json, numbers, read_body
+from .status import to_status
 
 log = logging.getLogger("zfserve.server")
 
@@ -42,20 +45,19 @@ _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescript
           FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 
 
-class HttpError(Exception):
-    """An error with its HTTP status; ``field`` names the request field when known."""
-
-    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.field, self.headers = status, message, field, headers or {}
-
-
 class HttpContext:
     """What the gRPC servicers ask of their context, for a call that came over HTTP: no deadline (REST has
     none), and ``abort`` raising :class:`HttpError` with the mapped status."""
 
     def __init__(self, peer: str = "http"):
         self._peer = peer
+
+    @classmethod
+    def of(cls, request) -> "HttpContext":
+        """The context of a Starlette request: its peer is the client's address, as gRPC writes it (the
+        batcher shares its capacity fairly between peers)."""
+        client = request.scope.get("client")
+        return cls(f"ipv4:{client[0]}:{client[1]}" if client else "http")
 
     def time_remaining(self):
         return None
@@ -64,10 +66,19 @@ class HttpContext:
         return self._peer
 
     async def abort(self, code: grpc.StatusCode, message: str):
-        status = HTTP_STATUS.get(code, 500)
-        headers = {"Retry-After": "1"} if status == 503 else None
-        field = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
-        raise HttpError(status, message, field, headers)
+        raise _mapped(code, message)
+
+
+def _mapped(code: grpc.StatusCode, message: str) -> HttpError:
+    status = HTTP_STATUS.get(code, 500)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    field = message.split(":", 1)[0] if ":" in message and " " not in message.split(":", 1)[0] else None
+    return HttpError(status, message, field, headers)
+
+
+def http_error(exc: Exception) -> HttpError:
+    """A typed error raised outside a handler (a full parse lane, say) as the HttpError its gRPC status maps to."""
+    return _mapped(*to_status(exc))
 
 
 def to_json(message) -> dict:
@@ -98,35 +109,54 @@ def _numbers(data, descriptor):
 
 
 # ------------------------------------------------------------------------------------------------- infer
+_INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
+
+
+def _object(value, field: str) -> dict:
+    if not isinstance(value, dict):
+        raise HttpError(400, f"{field}: must be a JSON object", field)
+    return value
+
+
+def _string(value, field: str) -> str:
+    if not isinstance(value, str):
+        raise HttpError(400, f"{field}: must be a string", field)
+    return value
+
+
+def int64(value, field: str, low: int = _INT64_RANGE[0]) -> int:
+    """``value`` when it is a JSON integer within ``low``..2^63-1 (what a protobuf int64 holds), else a 400."""
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= _INT64_RANGE[1]:
+        return value
+    raise HttpError(400, f"{field}: {value!r:.40} is not an integer in {low}..{_INT64_RANGE[1]}", field)
+
+
 def _input_raw(tensor: dict, index: int, binary: memoryview, offset: int) -> tuple[bytes, int]:
     """The raw bytes of one REST input (from the binary section or its JSON ``data``) and the new offset. The
     gRPC handler then checks them against the shape and datatype as it checks raw_input_contents."""
     field = f"inputs[{index}]"
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    parameters = _object(tensor.get("parameters") or {}, f"{field}.parameters")
+    size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise HttpError(400, f"{field}.parameters.binary_data_size: {size!r}; the binary data after the JSON "
-                                 f"header holds {len(binary) - offset} more bytes", f"{field}.parameters")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+            raise HttpError(400, f"{field}.parameters.binary_data_size: {size!r:.40}; the binary data after the "
+                                 f"JSON header holds {len(binary) - offset} more bytes", f"{field}.parameters")
         return bytes(binary[offset:offset + size]), offset + size
     if "data" not in tensor:
         raise HttpError(400, f"{field}.data: missing (give data, or parameters.binary_data_size with the binary "
                              f"tensor extension)", f"{field}.data")
     datatype = tensor.get("datatype")
-    values = tensor["data"]
     if datatype == "BYTES":
-        flat = list(_flatten(values))
+        flat = list(_flatten(tensor["data"]))
         if not all(isinstance(v, str) for v in flat):
             raise HttpError(400, f"{field}.data: BYTES elements must be strings in JSON (binary images need the "
                                  f"binary tensor extension)", f"{field}.data")
         return encode_bytes_elements([v.encode("utf-8") for v in flat]), offset
     if datatype not in OIP_DTYPES:
-        raise HttpError(400, f"{field}.datatype: {datatype!r}; accepted: {', '.join(OIP_DTYPES)}",
+        raise HttpError(400, f"{field}.datatype: {datatype!r:.40}; accepted: {', '.join(OIP_DTYPES)}",
                         f"{field}.datatype")
-    try:
-        array = np.asarray(values, dtype=np.float64 if datatype.startswith("FP") else np.int64)
-    except (TypeError, ValueError):
-        raise HttpError(400, f"{field}.data: not a (nested) list of numbers", f"{field}.data") from None
-    expected = int(np.prod(tensor["shape"], dtype=object)) if tensor["shape"] else 1
+    array = numbers(tensor["data"], np.float64 if datatype.startswith("FP") else np.int64, f"{field}.data")
+    expected = math.prod(tensor["shape"])
     if array.size != expected:
         raise HttpError(400, f"{field}.data: {array.size} values for shape {tensor['shape']} ({expected} expected)",
                         f"{field}.data")
@@ -141,60 +171,64 @@ def _flatten(values):
         yield values
 
 
-def parse_infer(body: bytes, header_length: str | None, model: str,
-                version: str) -> tuple[pb.ModelInferRequest, bool]:
-    """A REST infer request -> the ModelInferRequest the gRPC handler takes, and whether outputs go binary."""
+def parse_infer(body, header_length: str | None, model: str, version: str,
+                max_json_values: int = DEFAULT_MAX_VALUES) -> tuple[pb.ModelInferRequest, bool]:
+    """A REST infer request (``body``: bytes, or the listener's memory map of a large one) -> the
+    ModelInferRequest the gRPC handler takes, and whether outputs go binary. Blocking (JSON and tensor
+    conversion): the route runs it on the HTTP parse pool, off the event loop."""
     if header_length is not None:
         try:
             n = int(header_length)
             if not 0 < n <= len(body):
                 raise ValueError
         except ValueError:
-            raise HttpError(400, f"Inference-Header-Content-Length: {header_length!r}; must be 1..{len(body)} (the "
-                                 f"JSON header's length in bytes)", "Inference-Header-Content-Length") from None
+            raise HttpError(400, f"Inference-Header-Content-Length: {header_length!r:.40}; must be 1..{len(body)} "
+                                 f"(the JSON header's length in bytes)", "Inference-Header-Content-Length") from None
         head, binary = body[:n], memoryview(body)[n:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HttpError(400, f"request body: not JSON ({exc})", "body") from None
+    doc = load_json(head, max_values=max_json_values)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise HttpError(400, 'inputs: missing; the body is {"inputs": [{"name", "shape", "datatype", "data"}]}',
                         "inputs")
-    request = pb.ModelInferRequest(model_name=model, model_version=version, id=str(doc.get("id", "")))
-    params = doc.get("parameters") or {}
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=_string(doc.get("id", ""), "id"))
+    params = _object(doc.get("parameters") or {}, "parameters")
     for key in ("timeout", "priority"):
         if key in params:
-            if not isinstance(params[key], int) or isinstance(params[key], bool):
-                raise HttpError(400, f"parameters.{key}: must be an integer", f"parameters.{key}")
-            request.parameters[key].int64_param = params[key]
+            request.parameters[key].int64_param = int64(params[key], f"parameters.{key}")
     binary_out = bool(params.get("binary_data_output"))
     offset = 0
     for i, tensor in enumerate(doc["inputs"]):
-        if not isinstance(tensor, dict):
-            raise HttpError(400, f"inputs[{i}]: must be an object", f"inputs[{i}]")
+        tensor = _object(tensor, f"inputs[{i}]")
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        if not isinstance(shape, list):
             raise HttpError(400, f"inputs[{i}].shape: must be a list of integers", f"inputs[{i}].shape")
-        request.inputs.add(name=str(tensor.get("name", "")), datatype=str(tensor.get("datatype", "")), shape=shape)
+        shape = [int64(s, f"inputs[{i}].shape", low=0) for s in shape]
+        request.inputs.add(name=_string(tensor.get("name", ""), f"inputs[{i}].name"),
+                           datatype=_string(tensor.get("datatype", ""), f"inputs[{i}].datatype"), shape=shape)
         raw, offset = _input_raw(tensor, i, binary, offset)
         request.raw_input_contents.append(raw)
-    for j, out in enumerate(doc.get("outputs") or []):
-        if not isinstance(out, dict):
-            raise HttpError(400, f"outputs[{j}]: must be an object", f"outputs[{j}]")
-        request.outputs.add(name=str(out.get("name", "")))
-        binary_out = binary_out or bool((out.get("parameters") or {}).get("binary_data"))
+    outputs = doc.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise HttpError(400, "outputs: must be a list of objects", "outputs")
+    for j, out in enumerate(outputs):
+        out = _object(out, f"outputs[{j}]")
+        request.outputs.add(name=_string(out.get("name", ""), f"outputs[{j}].name"))
+        binary_out = binary_out or bool(_object(out.get("parameters") or {}, f"outputs[{j}].parameters")
+                                        .get("binary_data"))
     return request, binary_out
 
 
 def infer_response(response: pb.ModelInferResponse, binary: bool) -> tuple[bytes, dict]:
-    """The REST body and headers of a ModelInferResponse (outputs are raw FP32 in it)."""
+    """The REST body and headers of a ModelInferResponse (outputs are raw in it: FP32, and BOOL one byte each)."""
     outputs, tail = [], []
     for tensor, raw in zip(response.outputs, response.raw_output_contents):
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": [int(s) for s in tensor.shape]}
+        if tensor.parameters:   # e.g. ood_score's threshold
+            entry["parameters"] = {key: getattr(value, value.WhichOneof("parameter_choice"))
+                                   for key, value in tensor.parameters.items()}
         if binary:
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": len(raw)}
             tail.append(raw)
         else:
             entry["data"] = np.frombuffer(raw, dtype=OIP_DTYPES[tensor.datatype]).tolist()
@@ -206,20 +240,5 @@ def infer_response(response: pb.ModelInferResponse, binary: bool) -> tuple[bytes
     return head + b"".join(tail), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (counted as it arrives, not from the header)."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise HttpError(413, f"body: {length} bytes; at most {limit} are accepted (--max-message-bytes)", "body")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"body: more than {limit} bytes; at most {limit} are accepted (--max-message-bytes)",
-                            "body")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-__all__ = ["HTTP_STATUS", "HEADER_LENGTH", "HttpContext", "HttpError", "infer_response", "parse_infer", "read_body",
-           "to_json"]
+__all__ = ["HTTP_STATUS", "HEADER_LENGTH", "HttpContext", "HttpError", "http_error", "infer_response", "int64",
+           "parse_infer", "read_body", "to_json"]

@@ -4,9 +4,15 @@ Each served model NAME is two OIP models, one per input kind, so that metadata a
 a request must carry (perf_analyzer and other generic clients send every input a model declares):
   ``NAME``        input ``image``        FP32  [-1, 3, S, S]  preprocessed images (the model's input units)
   ``NAME-bytes``  input ``image_bytes``  BYTES [-1, 1]        encoded JPEG / PNG / WebP images ([N] accepted too)
-Both have one output, ``probabilities`` FP32 [-1, C], always in ``raw_output_contents`` (tritonclient reads only
-that), and share the model's runtime, version and dynamic batcher (with Classify). Raw and typed contents are
-exclusive. The request parameter ``timeout`` (int64 microseconds) may lower the queue timeout; ``priority`` is
+Both have the output ``probabilities`` FP32 [-1, C] and, when the model has out-of-distribution statistics, two
+more from the same pass: ``ood_score`` FP32 [-1, 1] (higher: further from the model's data; the tensor's parameter
+``threshold`` is the model's threshold) and ``out_of_distribution`` BOOL [-1, 1] (score above the threshold).
+Output tensors, not response parameters: a score belongs to each image of a batch, every OIP client reads tensors
+(``as_numpy``), and a client that asks for ``probabilities`` alone gets only that, as before. ModelMetadata lists
+them and ModelConfig has them plus the parameters ``ood_threshold``, ``ood_acceptance`` and ``ood_method`` (or
+``ood`` with the reason there is no score). Outputs are always in ``raw_output_contents`` (tritonclient reads only
+that); a request naming ``outputs`` gets those, in its order; and the two models share the model's runtime,
+version and dynamic batcher (with Classify). Raw and typed contents are exclusive. The request parameter ``timeout`` (int64 microseconds) may lower the queue timeout; ``priority`` is
 accepted and ignored.
 
 Versions are integers, as in Triton: :func:`~zfserve.wire.oip_version` of the model's version (config
@@ -33,7 +39,7 @@ from .._proto.inference import model_config_pb2 as mc
 from ..engine.results import DECONV_INTERPRETATION
 from ..errors import InvalidArgumentError, NotFoundError
 from ..wire import BYTES_INPUT, BYTES_MODEL_SUFFIX, IMAGE_INPUT, infer_input, oip_model_name
-from .handlers import deadline_of, unary
+from .handlers import deadline_of, peer_of, unary
 from .repository import Runtime, ServedModel
 from .status import FailedPrecondition
 
@@ -41,6 +47,8 @@ from .status import FailedPrecondition
 # ModelMetadata (which has no parameters) says what is served; ModelConfig also has it as parameters.
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
 OUTPUT = "probabilities"
+OOD_SCORE = "ood_score"
+OOD_FLAG = "out_of_distribution"
 # Exactly what is implemented (Triton's extension names).
 EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 
@@ -58,6 +66,21 @@ def platform(runtime: Runtime) -> str:
     """The OIP platform string of what ``runtime`` classifies with, e.g. "onnxruntime_onnx_int8"."""
     base = PLATFORMS[runtime.engine]
     return base if runtime.precision == "fp32" else f"{base}_{runtime.precision}"
+
+
+def outputs(runtime: Runtime) -> list[tuple[str, str, list[int]]]:
+    """(name, OIP datatype, dims without the batch) of each output of a model served by ``runtime``."""
+    scored = [(OOD_SCORE, "FP32", [1]), (OOD_FLAG, "BOOL", [1])] if runtime.ood_detector is not None else []
+    return [(OUTPUT, "FP32", [runtime.num_classes]), *scored]
+
+
+def output_arrays(scored) -> dict[str, np.ndarray]:
+    """A ScoredBatch's values per output name, in wire byte order (little-endian; BOOL one byte each)."""
+    arrays = {OUTPUT: np.ascontiguousarray(scored.probabilities, dtype="<f4")}
+    if scored.ood is not None:
+        arrays[OOD_SCORE] = np.array([[v.score] for v in scored.ood], dtype="<f4")
+        arrays[OOD_FLAG] = np.array([[v.out_of_distribution] for v in scored.ood], dtype=np.bool_)
+    return arrays
 
 
 def _param_value(param: pb.InferParameter):
@@ -88,10 +111,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         raise NotFoundError(f"{field}: unknown model {name!r}; served: {[m.name for m in self._oip_models()]}",
                             field=field)
 
-    def _serving(self, name: str, version: str) -> tuple[OipModel, Runtime]:
-        """The OIP model and the runtime it serves with now; the version, when given, must be that runtime's."""
+    def _serving(self, name: str, version: str, context=None) -> tuple[OipModel, Runtime]:
+        """The OIP model and the runtime it serves with now; the version, when given, must be that runtime's.
+        With the call's ``context``, the call holds the runtime until it ends (see AppState.serving)."""
         model = self._model(name)
-        runtime = self.state.serving(model.served)
+        runtime = self.state.serving(model.served, context)
         if version and version not in (runtime.oip_version, runtime.version):
             raise NotFoundError(f"model_version: model {name!r} has version {runtime.oip_version!r} (zfserve "
                                 f"version {runtime.version!r}), not {version!r}", field="model_version")
@@ -134,7 +158,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(
             name=model.name, versions=[runtime.oip_version], platform=platform(runtime),
             inputs=[tm(name=model.input, datatype=datatype, shape=[-1, *dims])],
-            outputs=[tm(name=OUTPUT, datatype="FP32", shape=[-1, runtime.num_classes])])
+            outputs=[tm(name=name, datatype=kind, shape=[-1, *shape]) for name, kind, shape in outputs(runtime)])
 
     @unary("ModelConfig")
     async def ModelConfig(self, request, context):
@@ -146,7 +170,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name, platform=platform(runtime), max_batch_size=o.max_images_per_request,
             input=[mc.ModelInput(name=model.input, data_type=mc.TYPE_FP32 if datatype == "FP32" else mc.TYPE_STRING,
                                  dims=dims)],
-            output=[mc.ModelOutput(name=OUTPUT, data_type=mc.TYPE_FP32, dims=[runtime.num_classes])],
+            output=[mc.ModelOutput(name=name, data_type=mc.TYPE_FP32 if kind == "FP32" else mc.TYPE_BOOL, dims=shape)
+                    for name, kind, shape in outputs(runtime)],
             dynamic_batching=mc.ModelDynamicBatching(
                 preferred_batch_size=[min(batching.max_batch_size, o.max_images_per_request)],
                 max_queue_delay_microseconds=batching.max_queue_delay_us, preserve_ordering=False,
@@ -158,6 +183,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         config.parameters["engine"].string_value = runtime.engine
         # What zfserve.v1 DeconvProject returns for this model (DeconvResponse.interpretation): not an attribution.
         config.parameters["deconv_interpretation"].string_value = DECONV_INTERPRETATION
+        if runtime.ood_detector is not None:
+            described = runtime.ood_detector.describe()
+            config.parameters["ood_threshold"].string_value = repr(described["threshold"])
+            config.parameters["ood_acceptance"].string_value = repr(described["acceptance"])
+            config.parameters["ood_method"].string_value = described["method"]
+        else:
+            config.parameters["ood"].string_value = runtime.ood_note
         return pb.ModelConfigResponse(config=config)
 
     # ------------------------------------------------------------------------------------------- infer
@@ -169,16 +201,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if isinstance(got, np.ndarray):
             return got
         _, deadline_mono = deadline_of(context)
-        return await self.state.decode.decode(got, runtime.config, field="inputs[0]", deadline_mono=deadline_mono)
+        return await self.state.decode.decode(got, runtime.config, field="inputs[0]", deadline_mono=deadline_mono,
+                                              client=peer_of(context))
 
     @unary("ModelInfer")
     async def ModelInfer(self, request, context):
-        model, runtime = self._serving(request.model_name, request.model_version)
+        model, runtime = self._serving(request.model_name, request.model_version, context)
         with runtime.statistics[model.input].measure() as measured:
+            served = [name for name, _, _ in outputs(runtime)]
             for out in request.outputs:
-                if out.name != OUTPUT:
+                if out.name not in served:
                     raise InvalidArgumentError(f"outputs: {out.name!r} is not an output of model {model.name!r}; "
-                                               f"accepted: {OUTPUT!r}", field="outputs")
+                                               f"accepted: {', '.join(map(repr, served))}", field="outputs")
             timeout_us = None
             if "timeout" in request.parameters:
                 value = _param_value(request.parameters["timeout"])
@@ -186,13 +220,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             images = await self._inputs(request, model, runtime, context)
             measured.inputs_done(len(images))
             deadline, _ = deadline_of(context)
-            probs = await runtime.batcher.submit(images, timeout_us=timeout_us, deadline=deadline,
-                                                 timing=measured.batch)
+            scored = await runtime.batcher.submit(images, timeout_us=timeout_us, deadline=deadline,
+                                                  timing=measured.batch,
+                                                  client=peer_of(context))
             measured.outputs_start()
-            probs = np.ascontiguousarray(probs, dtype="<f4")
-            out = pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype="FP32", shape=list(probs.shape))
-            response = pb.ModelInferResponse(model_name=model.name, model_version=runtime.oip_version, id=request.id,
-                                             outputs=[out], raw_output_contents=[probs.tobytes()])
+            response = self._infer_response(request, model, runtime, scored,
+                                            [out.name for out in request.outputs] or served)
+        return response
+
+    @staticmethod
+    def _infer_response(request, model: OipModel, runtime: Runtime, scored, names: list[str]):
+        arrays = output_arrays(scored)
+        kinds = {name: kind for name, kind, _ in outputs(runtime)}
+        response = pb.ModelInferResponse(model_name=model.name, model_version=runtime.oip_version, id=request.id)
+        for name in names:
+            out = response.outputs.add(name=name, datatype=kinds[name], shape=list(arrays[name].shape))
+            if name == OOD_SCORE:
+                out.parameters["threshold"].double_param = float(runtime.ood_detector.threshold)
+            response.raw_output_contents.append(arrays[name].tobytes())
         return response
 
     # ------------------------------------------------------------------------------------------- statistics

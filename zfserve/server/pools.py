@@ -8,6 +8,9 @@ Why one kind of work cannot starve another:
   host a sweep can take at most one core, ONNX Runtime's classification session keeps the other;
 - admission is bounded (workers + a queue): one more request is rejected at once with UNAVAILABLE instead of
   piling up;
+- the queue is fair, counted in work (:mod:`.fair`; a decode's work is its pixels): a job starts when a worker
+  is free, in fair order between clients, so one client's large jobs do not hold a small one of another's
+  behind them;
 - a job checks (its ``Job.check``, also called by its progress reports) whether its client has gone or its
   deadline has passed, and stops there; a request that expires or is cancelled while waiting never starts.
 """
@@ -16,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
 import threading
 import time
 from typing import Callable
 
 from ..errors import ZFServeError
 from .batcher import DeadlineExpired
+from .fair import FairOrder
 from .status import Cancelled, Unavailable
 
 
@@ -64,6 +69,9 @@ class BoundedPool:
         self.what, self.flags = what, flags
         self._after = after or (lambda: None)
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name)
+        self._order = FairOrder()
+        self._waiting: list[tuple[float, int, asyncio.Future]] = []   # (tag, arrival, its turn) per queued job
+        self._seq = self._running = 0
         self._admitted = 0
         self._on_admitted = on_admitted or (lambda n: None)
         self.completed = 0
@@ -77,9 +85,25 @@ class BoundedPool:
         self._admitted -= 1
         self._on_admitted(self._admitted)
 
+    def _dispatch(self) -> None:
+        """Give free workers to the waiting jobs with the smallest tags."""
+        while self._running < self.workers and self._waiting:
+            tag, _, turn = heapq.heappop(self._waiting)
+            if turn.cancelled():
+                continue
+            self._running += 1
+            self._order.served(tag)
+            turn.set_result(None)
+
+    def _finished(self) -> None:
+        self._running -= 1
+        self._release()
+        self._dispatch()
+
     async def run(self, fn: Callable[[Job], object], *, deadline_mono: float | None = None,
-                  on_progress: Callable[[int, int], None] | None = None):
-        """Run ``fn(job)`` on the pool; raises Unavailable when full, DeadlineExpired, Cancelled."""
+                  on_progress: Callable[[int, int], None] | None = None, client: str = "", work: float = 1.0):
+        """Run ``fn(job)`` on the pool, its turn in fair order among ``client``'s and others' jobs (``work``:
+        its size, e.g. pixels); raises Unavailable when full, DeadlineExpired, Cancelled."""
         limit = self.workers + self.queue_size
         if self._admitted >= limit:
             raise Unavailable(f"busy: {self._admitted} {self.what} admitted ({self.flags[0]} {self.workers} + "
@@ -90,6 +114,19 @@ class BoundedPool:
         loop = asyncio.get_running_loop()
         self._admitted += 1
         self._on_admitted(self._admitted)
+        turn = loop.create_future()
+        heapq.heappush(self._waiting, (self._order.tag(client, work), self._seq, turn))
+        self._seq += 1
+        self._dispatch()
+        try:
+            await turn
+        except asyncio.CancelledError:   # the client went away while waiting: never started
+            self.aborted += 1
+            if turn.done() and not turn.cancelled():   # its turn had just come: the next job's now
+                self._running -= 1
+            self._release()
+            self._dispatch()
+            raise
 
         def call():
             job.check()  # expired or cancelled while waiting: never started
@@ -103,9 +140,13 @@ class BoundedPool:
                 self._after()
 
         future = self._executor.submit(call)
-        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._finished))
+        waiting = asyncio.wrap_future(future)
+        # The futures hold the job's exception, whose traceback holds this frame: without them in its locals, no
+        # reference cycle keeps the exception, and the request's data in its frames, alive until a collection.
+        del future
         try:
-            result = await asyncio.wrap_future(future)
+            result = await waiting
         except asyncio.CancelledError:
             job.cancelled.set()   # the client has gone: stop the computation at its next check
             self.aborted += 1
@@ -115,6 +156,8 @@ class BoundedPool:
             if job.expired:
                 raise DeadlineExpired("deadline exceeded; the computation was stopped") from None
             raise Cancelled("cancelled") from None
+        finally:
+            del waiting
         self.completed += 1
         return result
 

@@ -6,7 +6,8 @@ it serves with comes from that snapshot: the ONNX Runtime classifier behind the 
 first use, the PyTorch model behind deconv and occlusion. The version every response reports is the
 snapshot's (config version + a prefix of the weights' SHA-256). Files changed on disk are served only after an
 explicit reload (SIGHUP, or :meth:`ServedModel.reload`), which reads a new snapshot, builds and warms its
-runtime off the event loop and swaps it in at once; requests already running finish on the old runtime.
+runtime off the event loop and swaps it in at once; requests already running finish on the old runtime, which
+is closed after the last of them.
 
 A model that fails to load is listed as not ready, with a reason that carries no server path; the others
 are served (``--strict`` makes any failure stop the server instead). With ``--model-control explicit`` a
@@ -18,6 +19,7 @@ Over the Open Inference Protocol each model NAME is two models, NAME (FP32 tenso
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from pathlib import Path
@@ -30,8 +32,9 @@ from .statistics import InferenceStatistics
 log = logging.getLogger("zfserve.server")
 
 
-def public_reason(exc: BaseException, source: str, name: str) -> str:
-    """An error's message as a client may see it: the model's location on this server replaced by its name."""
+def public_reason(exc: BaseException | str, source: str, name: str) -> str:
+    """An error's message (or a note) as a client may see it: the model's location on this server replaced by its
+    name."""
     message = str(exc)
     for prefix in sorted({source, str(Path(source).resolve())}, key=len, reverse=True):
         message = message.replace(prefix, f"<model {name}>")
@@ -40,7 +43,9 @@ def public_reason(exc: BaseException, source: str, name: str) -> str:
 
 class Runtime:
     """What one snapshot of a model serves with. Handlers take the model's current runtime once per request
-    and use only it, so one request never mixes two versions."""
+    and use only it, so one request never mixes two versions; they hold it (:meth:`acquire`) until they end,
+    and a replaced runtime retires (:meth:`retire`) only after its last request (its batcher keeps taking
+    their work until then)."""
 
     def __init__(self, name: str, snapshot: Snapshot, classifier, device: str):
         self.name = name
@@ -54,11 +59,37 @@ class Runtime:
         self.num_classes = int(classifier.num_classes)
         self.input_size = int(classifier.input_size)
         self.device = device
+        # The out-of-distribution score of every answer (None, with the reason in ood_note, without statistics).
+        self.ood_detector = classifier.ood_detector
+        self.ood_note = public_reason(classifier.ood_note, snapshot.source, name)
         self.batcher = None                   # the dynamic batcher over ``classifier``, started by the app
         # The statistics extension's counters of this version, per OIP model (input kind).
         self.statistics = {IMAGE_INPUT: InferenceStatistics(), BYTES_INPUT: InferenceStatistics()}
         self._lock = threading.Lock()
         self._torch_model = self._deconv = self._occlusion = None
+        self.users = 0                        # requests holding this runtime now (on the event loop)
+        self._idle: asyncio.Event | None = None
+
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def retire(self) -> None:
+        """Wait until no request holds this runtime, then close its batcher (queued work finishes first)."""
+        if self.users:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        if self.batcher is not None:
+            await self.batcher.close()
+
+    def ood_of(self, images):
+        """The out-of-distribution verdicts of preprocessed ``images`` (one classification pass, in the calling
+        thread: deconv and occlusion workers), or None without statistics."""
+        return None if self.ood_detector is None else self.classifier.scored(images).ood
 
     def torch_model(self):
         """The PyTorch model (layer facts, deconv, occlusion), built once from the snapshot's weights."""
@@ -75,12 +106,19 @@ class Runtime:
                 self._deconv = DeconvEngine(model, self.device)
             return self._deconv
 
-    def occlusion_engine(self):
-        model = self.torch_model()
+    def occlusion_engines(self):
+        """The occlusion engines (:class:`~zfserve.engine.occlusion_modes.OcclusionEngines`): the incremental one
+        on the PyTorch model above, batched ones reusing the served classifier for its engine and precision
+        and building others with the heavy work's thread count."""
         with self._lock:
             if self._occlusion is None:
-                from ..engine.occlusion import OcclusionEngine
-                self._occlusion = OcclusionEngine(model, device=self.device)
+                import torch
+
+                from ..engine.occlusion_modes import OcclusionEngines
+                served = {(self.classifier.engine, self.classifier.precision): self.classifier} \
+                    if self.device == "cpu" else {}
+                self._occlusion = OcclusionEngines(self.snapshot, device=self.device, threads=torch.get_num_threads(),
+                                                   classifiers=served, torch_model=self.torch_model)
             return self._occlusion
 
 

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .._proto.inference import grpc_service_pb2 as pb
-from .http import HEADER_LENGTH, HttpContext, HttpError, infer_response, parse_infer, read_body, to_json
+from .http import (HEADER_LENGTH, HttpContext, HttpError, http_error, infer_response, int64, parse_infer, read_body,
+                   to_json)
+from .http_body import CONTROL_BODY_BYTES, load_json
+from .http_guard import with_limit
+from .status import ServiceError
 
 
 def _endpoint(fn):
@@ -27,14 +29,12 @@ def _truth(value: bool) -> Response:
     return Response(status_code=200 if value else 400)
 
 
-async def _json_body(request, limit: int) -> dict:
-    body = await read_body(request, limit)
+async def _json_body(request) -> dict:
+    """A control route's JSON object (at most CONTROL_BODY_BYTES, so parsed here, on the loop: < 1 ms)."""
+    body = await read_body(request, CONTROL_BODY_BYTES, "the limit of routes without uploads")
     if not body.strip():
         return {}
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HttpError(400, f"request body: not JSON ({exc})", "body") from None
+    doc = load_json(body)
     if not isinstance(doc, dict):
         raise HttpError(400, "request body: must be a JSON object", "body")
     return doc
@@ -49,7 +49,7 @@ def _parameters(message, params) -> None:
         if isinstance(value, bool):
             slot.bool_param = value
         elif isinstance(value, int):
-            slot.int64_param = value
+            slot.int64_param = int64(value, f"parameters.{key}")
         elif isinstance(value, str):
             slot.string_param = value
         else:
@@ -64,50 +64,65 @@ class OipRest:
     """The /v2 handlers over ``oip``, the gRPC InferenceServicer: each builds the RPC's request, awaits the
     handler with an :class:`HttpContext` and writes KServe's REST answer."""
 
-    def __init__(self, oip, max_body_bytes: int):
+    def __init__(self, oip, max_body_bytes: int, parse_pool, max_json_values: int):
         self.oip, self.max_body_bytes = oip, max_body_bytes
+        self.parse_pool, self.max_json_values = parse_pool, max_json_values
 
     async def server_metadata(self, request):
-        return JSONResponse(to_json(await self.oip.ServerMetadata(pb.ServerMetadataRequest(), HttpContext())))
+        message = pb.ServerMetadataRequest()
+        return JSONResponse(to_json(await self.oip.ServerMetadata(message, HttpContext.of(request))))
 
     async def live(self, request):
-        return _truth((await self.oip.ServerLive(pb.ServerLiveRequest(), HttpContext())).live)
+        return _truth((await self.oip.ServerLive(pb.ServerLiveRequest(), HttpContext.of(request))).live)
 
     async def ready(self, request):
-        return _truth((await self.oip.ServerReady(pb.ServerReadyRequest(), HttpContext())).ready)
+        return _truth((await self.oip.ServerReady(pb.ServerReadyRequest(), HttpContext.of(request))).ready)
 
     async def model_metadata(self, request):
         name, version = _model(request)
         message = pb.ModelMetadataRequest(name=name, version=version)
-        return JSONResponse(to_json(await self.oip.ModelMetadata(message, HttpContext())))
+        return JSONResponse(to_json(await self.oip.ModelMetadata(message, HttpContext.of(request))))
 
     async def model_ready(self, request):
         name, version = _model(request)
         message = pb.ModelReadyRequest(name=name, version=version)
-        return _truth((await self.oip.ModelReady(message, HttpContext())).ready)
+        return _truth((await self.oip.ModelReady(message, HttpContext.of(request))).ready)
 
     async def model_config(self, request):
         name, version = _model(request)
-        response = await self.oip.ModelConfig(pb.ModelConfigRequest(name=name, version=version), HttpContext())
+        message = pb.ModelConfigRequest(name=name, version=version)
+        response = await self.oip.ModelConfig(message, HttpContext.of(request))
         return JSONResponse(to_json(response.config))
 
     async def model_stats(self, request):
         name, version = _model(request)
         message = pb.ModelStatisticsRequest(name=name, version=version)
-        return JSONResponse(to_json(await self.oip.ModelStatistics(message, HttpContext())))
+        return JSONResponse(to_json(await self.oip.ModelStatistics(message, HttpContext.of(request))))
 
     async def infer(self, request):
         name, version = _model(request)
         body = await read_body(request, self.max_body_bytes)
-        infer_request, binary = parse_infer(body, request.headers.get(HEADER_LENGTH), name, version)
-        response = await self.oip.ModelInfer(infer_request, HttpContext())
+        header_length = request.headers.get(HEADER_LENGTH)
+
+        def parse(job):
+            try:
+                return parse_infer(body, header_length, name, version, self.max_json_values)
+            except HttpError as exc:   # a refusal, sent without its traceback, which would keep the frames
+                raise exc.with_traceback(None)   # (and the body in them) alive
+        try:   # JSON and tensor conversion: on the parse lane, off the event loop
+            infer_request, binary = await self.parse_pool.run(parse, client=HttpContext.of(request).peer(),
+                                                              work=len(body))
+        except ServiceError as exc:   # the lane is full: 503
+            raise http_error(exc) from None
+        del body, parse
+        response = await self.oip.ModelInfer(infer_request, HttpContext.of(request))
         data, headers = infer_response(response, binary)
         return Response(data, 200, headers=headers)
 
     async def repository_index(self, request):
-        doc = await _json_body(request, 1 << 16)
+        doc = await _json_body(request)
         message = pb.RepositoryIndexRequest(ready=bool(doc.get("ready")))
-        response = await self.oip.RepositoryIndex(message, HttpContext())
+        response = await self.oip.RepositoryIndex(message, HttpContext.of(request))
         return JSONResponse([to_json(m) for m in response.models])
 
     async def load(self, request):
@@ -117,19 +132,20 @@ class OipRest:
         return await self._control(request, self.oip.RepositoryModelUnload, pb.RepositoryModelUnloadRequest)
 
     async def _control(self, request, method, message_type):
-        doc = await _json_body(request, 1 << 16)
+        doc = await _json_body(request)
         message = message_type(model_name=request.path_params["name"])
         _parameters(message, doc.get("parameters") or {})
-        await method(message, HttpContext())
+        await method(message, HttpContext.of(request))
         return JSONResponse({})
 
 
-def oip_routes(oip, max_body_bytes: int) -> list[Route]:
-    """The /v2 routes over ``oip``, the gRPC InferenceServicer."""
-    rest = OipRest(oip, max_body_bytes)
+def oip_routes(oip, max_body_bytes: int, parse_pool, max_json_values: int) -> list[Route]:
+    """The /v2 routes over ``oip``, the gRPC InferenceServicer; ``parse_pool`` parses infer bodies."""
+    rest = OipRest(oip, max_body_bytes, parse_pool, max_json_values)
 
     def route(path, handler, method="GET"):
-        return Route(path, _endpoint(handler), methods=[method])
+        made = Route(path, _endpoint(handler), methods=[method])
+        return with_limit(made, max_body_bytes, "--max-message-bytes") if handler == rest.infer else made
 
     model_handlers = (("", rest.model_metadata, "GET"), ("/ready", rest.model_ready, "GET"),
                       ("/config", rest.model_config, "GET"), ("/stats", rest.model_stats, "GET"),

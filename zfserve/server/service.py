@@ -1,5 +1,6 @@
 """The zfserve.v1 API: Classify (through the dynamic batcher), DeconvProject and OcclusionSweep[Stream]
-(on the heavy-work scheduler), ListModels and GetModelInfo."""
+(on the heavy-work scheduler), ListModels and GetModelInfo. Every answer about images carries their
+out-of-distribution scores (or a note saying why the model has none)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from .. import _checks as checks
 from .. import render, wire
 from .._proto.v1 import zfserve_pb2 as pb
 from .._proto.v1 import zfserve_pb2_grpc as pb_grpc
-from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K
+from ..config import training_data
+from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K, TopK
 from ..errors import InvalidArgumentError
 from ..preprocess import to_display
-from .handlers import deadline_of, server_stream, unary
+from .handlers import deadline_of, peer_of, server_stream, unary
+from .occlusion import resolve_mode
 
 # Most occluder positions one sweep may take (64 x 64; the default 32/8 sweep is 25 x 25).
 DEFAULT_MAX_OCCLUSION_POSITIONS = 4096
@@ -32,9 +35,10 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         self.metrics = state.metrics
 
     # ------------------------------------------------------------------------------------------- helpers
-    def _model(self, name: str):
-        """The runtime of model ``name`` (empty: the default): every request uses the one it took here."""
-        return self.state.serving(self.state.repository.get(name))
+    def _model(self, name: str, context):
+        """The runtime of model ``name`` (empty: the default): every request uses the one it took here, and holds
+        it until it ends (a reload meanwhile lets it finish on this one)."""
+        return self.state.serving(self.state.repository.get(name), context)
 
     async def _images(self, images: pb.Images, model, context, *, exactly_one: bool = False) -> np.ndarray:
         """The request's images -> preprocessed float32 (N, 3, S, S); encoded ones go through the decode stage
@@ -49,7 +53,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                                            field="images.encoded")
             _, deadline_mono = deadline_of(context)
             return await self.state.decode.decode(images.encoded, model.config, field="images.encoded",
-                                                  deadline_mono=deadline_mono)
+                                                  deadline_mono=deadline_mono, client=peer_of(context))
         if has_tensor:
             arr = wire.tensor_to_array(images.tensor, "images.tensor")
             return wire.check_images(arr, "images.tensor", model.input_size, max_images)
@@ -59,7 +63,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     # ------------------------------------------------------------------------------------------- Classify
     @unary("Classify")
     async def Classify(self, request, context):
-        model = self._model(request.model)
+        model = self._model(request.model, context)
         classes = model.num_classes
         top_k = checks.integer(request.top_k if request.HasField("top_k") else min(DEFAULT_TOP_K, classes),
                                "top_k", 1, classes, what=f"unset = {min(DEFAULT_TOP_K, classes)}")
@@ -69,16 +73,19 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
             images = await self._images(request.images, model, context)
             measured.inputs_done(len(images))
             deadline, _ = deadline_of(context)
-            probs = await model.batcher.submit(images, deadline=deadline, timing=measured.batch)
+            scored = await model.batcher.submit(images, deadline=deadline, timing=measured.batch,
+                                                client=peer_of(context))
             measured.outputs_start()
-            response = wire.classify_response(model.name, model.version, model.classifier.top_k(probs, top_k),
-                                              probs if request.return_probabilities else None)
+            probs, verdicts = scored.probabilities, scored.ood or [None] * len(scored)
+            predictions = [TopK(p, v) for p, v in zip(model.classifier.top_k(probs, top_k), verdicts)]
+            response = wire.classify_response(model.name, model.version, predictions,
+                                              probs if request.return_probabilities else None, model.ood_note)
         return response
 
     # ------------------------------------------------------------------------------------------- Deconv
     @unary("DeconvProject")
     async def DeconvProject(self, request, context):
-        model = self._model(request.model)
+        model = self._model(request.model, context)
         layer = request.layer or model.config.last_conv
         checks.layer(layer, model.config.spatial_layers)
         args = wire.deconv_arguments(request)
@@ -102,29 +109,36 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                     unit.png = render.png_bytes(render.signed_to_rgb(unit.projection))
                 if request.return_patches:
                     unit.patch_png = render.png_bytes(render.patch_to_rgb(unit.patch, model.config, unit.box))
-            return wire.deconv_response(model.name, projected, tensor=request.return_tensor, version=model.version)
+            return wire.deconv_response(model.name, projected, tensor=request.return_tensor, version=model.version,
+                                        ood=model.ood_of(images), ood_note=model.ood_note)
 
-        return await self.state.heavy.run(work, deadline_mono=deadline_mono)
+        return await self.state.heavy.run(work, deadline_mono=deadline_mono, client=peer_of(context))
 
     # ------------------------------------------------------------------------------------------- Occlusion
     async def _start_sweep(self, request, context, on_progress=None):
-        model = self._model(request.model)
+        model = self._model(request.model, context)
         args = wire.sweep_arguments(request)
         args["max_positions"] = self.state.options.max_occlusion_positions
+        asked, gated = wire.sweep_mode(request)
         images = await self._images(request.images, model, context, exactly_one=True)
         _, deadline_mono = deadline_of(context)
 
         def work(job):
-            engine = model.occlusion_engine()
+            mode, note = resolve_mode(model, asked, gated, args["window"], args["stride"])
+            engines = model.occlusion_engines()
             job.check()
-            result = engine.sweep(images[0], progress=job.progress, **args)
+            result = engines.sweep(images[0], mode, progress=job.progress, **args)
+            result.gate = note
+            scores = model.ood_of(images[:1])
+            result.ood = scores[0] if scores else None
             if request.return_png:   # rendering is CPU work too: keep it on this worker, off the event loop
                 pictures = render.occlusion_pictures(result, to_display(images[0], model.config),
                                                      model.config.class_names)
                 result.png = {name: render.png_bytes(picture) for name, picture in pictures.items()}
-            return wire.occlusion_response(model.name, result, version=model.version)
+            return wire.occlusion_response(model.name, result, version=model.version, ood_note=model.ood_note)
 
-        return self.state.heavy.run(work, deadline_mono=deadline_mono, on_progress=on_progress)
+        return self.state.heavy.run(work, deadline_mono=deadline_mono, on_progress=on_progress,
+                                    client=peer_of(context))
 
     @unary("OcclusionSweep")
     async def OcclusionSweep(self, request, context):
@@ -180,14 +194,21 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
 
     @unary("GetModelInfo")
     async def GetModelInfo(self, request, context):
-        model = self._model(request.model)
+        model = self._model(request.model, context)
         torch_model = await asyncio.to_thread(model.torch_model)
         config = model.config
         info = pb.ModelInfo(name=model.name, version=model.version, oip_version=model.oip_version,
                             num_classes=model.num_classes, class_names=list(config.class_names),
                             input_shape=[3, model.input_size, model.input_size],
                             preprocess_json=json.dumps(config.preprocess.to_json()),
-                            precision=model.precision, engine=model.engine)
+                            precision=model.precision, engine=model.engine, training_data=training_data(config))
+        if model.ood_detector is not None:
+            described = model.ood_detector.describe()
+            info.ood.CopyFrom(pb.OodInfo(available=True, method=described["method"],
+                                         threshold=described["threshold"], acceptance=described["acceptance"],
+                                         data=described["data"]))
+        else:
+            info.ood.CopyFrom(pb.OodInfo(available=False, note=model.ood_note))
         for layer in torch_model.layer_info():
             info.layers.add(name=layer.name, shape=list(layer.shape), parameters=int(layer.params),
                             receptive_field=int(layer.receptive_field or 0), stride=int(layer.jump or 0))

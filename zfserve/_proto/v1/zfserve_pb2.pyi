@@ -46,23 +46,37 @@ class ClassScore(_message.Message):
     probability: float
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
+class OutOfDistribution(_message.Message):
+    __slots__ = ("score", "threshold", "out_of_distribution")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    score: float
+    threshold: float
+    out_of_distribution: bool
+    def __init__(self, score: _Optional[float] = ..., threshold: _Optional[float] = ..., out_of_distribution: _Optional[bool] = ...) -> None: ...
+
 class Prediction(_message.Message):
-    __slots__ = ("classes",)
+    __slots__ = ("classes", "ood")
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    OOD_FIELD_NUMBER: _ClassVar[int]
     classes: _containers.RepeatedCompositeFieldContainer[ClassScore]
-    def __init__(self, classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ...) -> None: ...
+    ood: OutOfDistribution
+    def __init__(self, classes: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., ood: _Optional[_Union[OutOfDistribution, _Mapping]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("model", "model_version", "predictions", "probabilities")
+    __slots__ = ("model", "model_version", "predictions", "probabilities", "ood_note")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    OOD_NOTE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     probabilities: Tensor
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ood_note: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., ood_note: _Optional[str] = ...) -> None: ...
 
 class Unit(_message.Message):
     __slots__ = ("channel", "y", "x")
@@ -129,21 +143,25 @@ class Projection(_message.Message):
     def __init__(self, image_index: _Optional[int] = ..., layer: _Optional[str] = ..., unit: _Optional[_Union[Unit, _Mapping]] = ..., activation: _Optional[float] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., png: _Optional[bytes] = ..., patch_png: _Optional[bytes] = ...) -> None: ...
 
 class DeconvResponse(_message.Message):
-    __slots__ = ("model", "projections", "tensor", "model_version", "interpretation")
+    __slots__ = ("model", "projections", "tensor", "model_version", "interpretation", "ood", "ood_note")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INTERPRETATION_FIELD_NUMBER: _ClassVar[int]
+    OOD_FIELD_NUMBER: _ClassVar[int]
+    OOD_NOTE_FIELD_NUMBER: _ClassVar[int]
     model: str
     projections: _containers.RepeatedCompositeFieldContainer[Projection]
     tensor: Tensor
     model_version: str
     interpretation: str
-    def __init__(self, model: _Optional[str] = ..., projections: _Optional[_Iterable[_Union[Projection, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., interpretation: _Optional[str] = ...) -> None: ...
+    ood: _containers.RepeatedCompositeFieldContainer[OutOfDistribution]
+    ood_note: str
+    def __init__(self, model: _Optional[str] = ..., projections: _Optional[_Iterable[_Union[Projection, _Mapping]]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., interpretation: _Optional[str] = ..., ood: _Optional[_Iterable[_Union[OutOfDistribution, _Mapping]]] = ..., ood_note: _Optional[str] = ...) -> None: ...
 
 class OcclusionRequest(_message.Message):
-    __slots__ = ("model", "images", "window", "stride", "fill_value", "fill_per_channel", "fill_in_pixels", "target", "outputs", "activity_layer", "activity_channel", "attribution_on_logits", "return_png")
+    __slots__ = ("model", "images", "window", "stride", "fill_value", "fill_per_channel", "fill_in_pixels", "target", "outputs", "activity_layer", "activity_channel", "attribution_on_logits", "return_png", "engine", "precision", "approximation", "coarse", "refine", "margin", "gated")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +175,13 @@ class OcclusionRequest(_message.Message):
     ACTIVITY_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTION_ON_LOGITS_FIELD_NUMBER: _ClassVar[int]
     RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    APPROXIMATION_FIELD_NUMBER: _ClassVar[int]
+    COARSE_FIELD_NUMBER: _ClassVar[int]
+    REFINE_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    GATED_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: Images
     window: int
@@ -170,10 +195,17 @@ class OcclusionRequest(_message.Message):
     activity_channel: int
     attribution_on_logits: bool
     return_png: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill_value: _Optional[float] = ..., fill_per_channel: _Optional[_Union[Tensor, _Mapping]] = ..., fill_in_pixels: _Optional[bool] = ..., target: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., attribution_on_logits: _Optional[bool] = ..., return_png: _Optional[bool] = ...) -> None: ...
+    engine: str
+    precision: str
+    approximation: str
+    coarse: int
+    refine: int
+    margin: float
+    gated: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill_value: _Optional[float] = ..., fill_per_channel: _Optional[_Union[Tensor, _Mapping]] = ..., fill_in_pixels: _Optional[bool] = ..., target: _Optional[int] = ..., outputs: _Optional[_Iterable[str]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., attribution_on_logits: _Optional[bool] = ..., return_png: _Optional[bool] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., approximation: _Optional[str] = ..., coarse: _Optional[int] = ..., refine: _Optional[int] = ..., margin: _Optional[float] = ..., gated: _Optional[bool] = ...) -> None: ...
 
 class OcclusionResponse(_message.Message):
-    __slots__ = ("model", "target", "positions_y", "positions_x", "probability", "argmax", "activity", "attribution", "activity_layer", "activity_channel", "png", "base_probability", "base_activity", "starts", "window", "stride", "fill", "fill_units", "attribution_on", "backend", "seconds", "model_version")
+    __slots__ = ("model", "target", "positions_y", "positions_x", "probability", "argmax", "activity", "attribution", "activity_layer", "activity_channel", "png", "base_probability", "base_activity", "starts", "window", "stride", "fill", "fill_units", "attribution_on", "backend", "seconds", "model_version", "ood", "ood_note", "engine", "precision", "mode", "evaluated", "gate")
     class PngEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +235,13 @@ class OcclusionResponse(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OOD_FIELD_NUMBER: _ClassVar[int]
+    OOD_NOTE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATED_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     target: int
     positions_y: int
@@ -225,7 +264,14 @@ class OcclusionResponse(_message.Message):
     backend: str
     seconds: float
     model_version: str
-    def __init__(self, model: _Optional[str] = ..., target: _Optional[int] = ..., positions_y: _Optional[int] = ..., positions_x: _Optional[int] = ..., probability: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., activity: _Optional[_Union[Tensor, _Mapping]] = ..., attribution: _Optional[_Union[Tensor, _Mapping]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., png: _Optional[_Mapping[str, bytes]] = ..., base_probability: _Optional[float] = ..., base_activity: _Optional[float] = ..., starts: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill: _Optional[_Iterable[float]] = ..., fill_units: _Optional[str] = ..., attribution_on: _Optional[str] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+    ood: OutOfDistribution
+    ood_note: str
+    engine: str
+    precision: str
+    mode: str
+    evaluated: Tensor
+    gate: str
+    def __init__(self, model: _Optional[str] = ..., target: _Optional[int] = ..., positions_y: _Optional[int] = ..., positions_x: _Optional[int] = ..., probability: _Optional[_Union[Tensor, _Mapping]] = ..., argmax: _Optional[_Union[Tensor, _Mapping]] = ..., activity: _Optional[_Union[Tensor, _Mapping]] = ..., attribution: _Optional[_Union[Tensor, _Mapping]] = ..., activity_layer: _Optional[str] = ..., activity_channel: _Optional[int] = ..., png: _Optional[_Mapping[str, bytes]] = ..., base_probability: _Optional[float] = ..., base_activity: _Optional[float] = ..., starts: _Optional[_Iterable[int]] = ..., window: _Optional[int] = ..., stride: _Optional[int] = ..., fill: _Optional[_Iterable[float]] = ..., fill_units: _Optional[str] = ..., attribution_on: _Optional[str] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ..., model_version: _Optional[str] = ..., ood: _Optional[_Union[OutOfDistribution, _Mapping]] = ..., ood_note: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., mode: _Optional[str] = ..., evaluated: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("done", "total")
@@ -296,7 +342,7 @@ class LayerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., parameters: _Optional[int] = ..., receptive_field: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "num_classes", "class_names", "input_shape", "layers", "preprocess_json", "oip_version", "precision", "engine")
+    __slots__ = ("name", "version", "num_classes", "class_names", "input_shape", "layers", "preprocess_json", "oip_version", "precision", "engine", "ood", "training_data")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +353,8 @@ class ModelInfo(_message.Message):
     OIP_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    OOD_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_DATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     num_classes: int
@@ -317,4 +365,22 @@ class ModelInfo(_message.Message):
     oip_version: str
     precision: str
     engine: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocess_json: _Optional[str] = ..., oip_version: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+    ood: OodInfo
+    training_data: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., num_classes: _Optional[int] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerInfo, _Mapping]]] = ..., preprocess_json: _Optional[str] = ..., oip_version: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., ood: _Optional[_Union[OodInfo, _Mapping]] = ..., training_data: _Optional[str] = ...) -> None: ...
+
+class OodInfo(_message.Message):
+    __slots__ = ("available", "method", "threshold", "acceptance", "data", "note")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    method: str
+    threshold: float
+    acceptance: float
+    data: str
+    note: str
+    def __init__(self, available: _Optional[bool] = ..., method: _Optional[str] = ..., threshold: _Optional[float] = ..., acceptance: _Optional[float] = ..., data: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...

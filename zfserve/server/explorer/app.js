@@ -11,6 +11,9 @@
  *   examples                              bundled examples: button.example[data-name]
  *   image-canvas, heatmap, box-overlay    the network's 224x224 view; the occlusion map over it; unit boxes
  *   predictions, predictions-status       top-5: li.prediction[data-index] > .name, .probability
+ *   ood-notice, ood-text, ood-status      the out-of-distribution notice above the predictions (shown when the
+ *                                         image scores above the model's threshold); the score, or why none
+ *   model-data                            what the model was trained on (its provenance, in words)
  *   occlusion-label, window, stride, target, map-kind, heatmap-opacity, run-sweep, cancel-sweep,
  *   sweep-progress, sweep-status, heatmap-legend, occlusion-summary
  *                                          sweep-status reads "running", "done", "cancelled" or "failed"
@@ -221,6 +224,8 @@
     $("index-status").textContent = !model ? "" : index
       ? `unit index: ${index.data}`
       : `no unit index (zfserve index --model ${model.name})`;
+    $("model-data").textContent = model && model.training_data
+      ? `${model.name} was trained on ${model.training_data}.` : "";
     const labels = (model && model.labels) || {};
     $("occlusion-label").textContent = labels.occlusion ? `Map: ${labels.occlusion}.` : "";
     $("deconv-label").textContent = labels.deconv ? `Projections: ${labels.deconv}.` : "";
@@ -343,6 +348,7 @@
     writeHash();
     app.picture = null;
     drawPicture();
+    showOod({});
     $("predictions").replaceChildren();
     $("units").replaceChildren();
     setImageStatus(err.status === 404 ? "The server no longer has this image: upload the file again." : "");
@@ -375,11 +381,13 @@
   // ------------------------------------------------------------------------------------------ classify
   async function classify() {
     const controller = begin("classify");
+    showOod({});
     $("predictions-status").textContent = "classifying…";
     try {
       const result = await api("classify", {method: "POST", signal: controller.signal,
         json: {image: view.image, model: view.model, top_k: TOP_K}});
       setVersion(result.version);
+      showOod(result);
       $("predictions").replaceChildren(...result.predictions.map(predictionRow));
       $("predictions-status").textContent = `${result.model} ${result.version}`;
     } catch (err) {
@@ -389,6 +397,23 @@
     } finally {
       finish("classify", controller);
     }
+  }
+
+  // The notice above the predictions: shown when the image lies outside what the model was fitted on.
+  function showOod(result) {
+    const ood = result.ood;
+    const outside = Boolean(ood && ood.out_of_distribution);
+    $("ood-notice").hidden = !outside;
+    const model = currentModel();
+    const knows = model && model.training_data ? ` ${result.model} knows ${model.training_data}.` : "";
+    $("ood-text").textContent = outside
+      ? `This image is unlike anything ${result.model} was fitted on (out-of-distribution score ` +
+        `${ood.score.toFixed(2)} > threshold ${ood.threshold.toFixed(2)}), so the predictions below mean little.` +
+        knows
+      : "";
+    $("ood-status").textContent = !ood ? (result.ood_note || "")
+      : outside ? "" : `Out-of-distribution score ${ood.score.toFixed(2)} (threshold ${ood.threshold.toFixed(2)}): ` +
+        "like the images this model knows.";
   }
 
   function predictionRow(prediction) {
@@ -693,7 +718,20 @@
     $("occlusion-summary").textContent = `Target ${s.target_name} (class ${s.target}): probability ` +
       `${result.base_probability.toFixed(3)} unoccluded, ${result.min_probability.toFixed(3)} at the worst ` +
       `position; window ${s.window} px, stride ${s.stride} px, ${rows}×${cols} positions, fill ${s.fill}.`;
+    showMode(result.mode, rows * cols);
     drawHeatmap();
+  }
+
+  // Which engine, precision and approximation drew the map, and the agreement gate's verdict behind the choice.
+  function showMode(mode, positions) {
+    if (!mode) {
+      $("occlusion-mode").textContent = "";
+      return;
+    }
+    const evaluated = mode.evaluated === null ? "every position evaluated" : `${mode.evaluated} of ${positions} ` +
+      "positions evaluated, the others filled in from their neighbours";
+    $("occlusion-mode").textContent = `Mode: ${mode.name} (${mode.engine} ${mode.precision}, ${evaluated}).` +
+      (mode.gate ? ` Why: ${mode.gate}.` : "");
   }
 
   function clearHeatmap() {
@@ -702,6 +740,7 @@
     canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
     $("heatmap-legend").hidden = true;
     $("occlusion-summary").textContent = "";
+    $("occlusion-mode").textContent = "";
     setSweepStatus("");
   }
 

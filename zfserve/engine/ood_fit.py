@@ -1,0 +1,185 @@
+"""Fitting a model's out-of-distribution statistics (:mod:`.ood`) on held-out images of its own data, and keeping
+them beside the model.
+
+The images come from the same source int8's calibration takes (``--calibration``): the synthetic set at a seed the
+model was not trained on (``synthetic`` = seed 5), or an ImageFolder of the user's held-out images. They are split
+in two disjoint halves: the **fitted** images give the detectors their statistics (the nearest-neighbour bank, the
+principal subspace, the mean and covariance), the **threshold** images their normalisation and the threshold (a
+fitted image would be its own nearest neighbour). Synthetic halves are index ranges of one seed (every image is a
+function of its seed and index); a folder's are alternate images of an evenly spaced subset.
+
+Features come from the served graph itself (:class:`~.classifier.Classifier` in fp32 on ONNX Runtime, the extra
+outputs of :mod:`.ood_features`), so what is fitted is what is scored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from .. import _checks as checks
+from ..errors import InvalidArgumentError, ModelLoadError
+from . import ood
+from .ood_features import LOGITS, feature_spec, head
+from .quantize import Batches, HeldOut, folder_held_out, parse_source, training_seeds
+
+# Synthetic defaults: 200 images per class of the embedded model's 11 for each half.
+DEFAULT_FIT_IMAGES = 2200
+DEFAULT_THRESHOLD_IMAGES = 2200
+MAX_IMAGES = 20_000        # of a folder, both halves together
+
+
+@dataclass
+class OodSettings:
+    """Where the held-out images come from (int8's ``--calibration`` and ``--calibration-images``; ``images`` is
+    both halves together, None: 2 x 2,200 synthetic images, or every image of a folder up to 20,000) and the
+    share of them to accept."""
+
+    calibration: str = "synthetic"
+    images: int | None = None
+    acceptance: float = ood.DEFAULT_ACCEPTANCE
+
+    def validate(self) -> "OodSettings":
+        parse_source(self.calibration)
+        if self.images is not None:
+            checks.integer(self.images, "calibration_images", 2 * ood.MIN_IMAGES, MAX_IMAGES,
+                           label="--calibration-images", what="images for both halves of the fit")
+        if not isinstance(self.acceptance, (int, float)) or isinstance(self.acceptance, bool) \
+                or not 0.5 <= self.acceptance < 1.0:
+            raise InvalidArgumentError(f"--ood-acceptance: {self.acceptance!r} out of range; accepted 0.5..0.999 "
+                                       f"(the share of in-distribution images accepted)", field="ood_acceptance")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- data
+class _Rendered:
+    """Images ``start..stop-1`` of a synthetic seed, rendered when a slice of them is read (thousands of held-out
+    images never sit in memory at once)."""
+
+    def __init__(self, seed: int, start: int, stop: int):
+        self.seed, self.start, self.stop = seed, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        from ..data import render_images
+        first, last, _ = rows.indices(len(self))
+        return render_images(self.seed, range(self.start + first, self.start + last))
+
+
+def _synthetic(seed: int, start: int, stop: int, config) -> HeldOut:
+    return HeldOut(Batches(_Rendered(seed, start, stop), config), None,
+                   f"synthetic seed {seed}, images {start}..{stop - 1}")
+
+
+def held_out_halves(settings: OodSettings, config) -> tuple[HeldOut, HeldOut]:
+    """(fitted images, threshold images): disjoint, neither from the model's training set."""
+    source = parse_source(settings.calibration)
+    if source.kind == "synthetic":
+        if source.seed in training_seeds(config):
+            raise InvalidArgumentError(f"--calibration: synthetic seed {source.seed} is the model's training set "
+                                       f"(config.json provenance); use a held-out seed", field="calibration")
+        fit_n = settings.images // 2 if settings.images else DEFAULT_FIT_IMAGES
+        threshold_n = settings.images - fit_n if settings.images else DEFAULT_THRESHOLD_IMAGES
+        return (_synthetic(source.seed, 0, fit_n, config),
+                _synthetic(source.seed, fit_n, fit_n + threshold_n, config))
+    from ..data.folders import folder_entries
+    entries, classes = folder_entries(source.path)
+    n = min(settings.images or MAX_IMAGES, len(entries))
+    if n < 2 * ood.MIN_IMAGES:
+        raise InvalidArgumentError(f"--calibration: {source.path} holds {len(entries)} images; the "
+                                   f"out-of-distribution fit needs at least {2 * ood.MIN_IMAGES}",
+                                   field="calibration")
+    chosen = np.unique(np.linspace(0, len(entries) - 1, n).round().astype(int))
+    return (folder_held_out(source.path, chosen[0::2], entries, classes, config),
+            folder_held_out(source.path, chosen[1::2], entries, classes, config))
+
+
+def features(classifier, data: HeldOut, names: list[str]) -> dict[str, np.ndarray]:
+    """The named graph outputs of every image of ``data``, from ``classifier``'s own graph."""
+    parts = {name: [] for name in names}
+    for batch in data.inputs:
+        for name, value in zip(names, classifier.backend.run_outputs(np.ascontiguousarray(batch), names)):
+            parts[name].append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- fit
+def fit(snapshot, settings: OodSettings | None = None, *, data: tuple[HeldOut, HeldOut] | None = None,
+        log=None) -> ood.OodDetector:
+    """Fit and threshold the detectors on held-out images of ``snapshot``'s model (``data`` overrides them)."""
+    from .classifier import Classifier
+    settings = (settings or OodSettings()).validate()
+    started = time.perf_counter()
+    model = snapshot.model()
+    spec = feature_spec(model)
+    weight, bias = head(model)
+    del model
+    classifier = Classifier(snapshot, precision="fp32", engine="onnxruntime", warmup=False, ood=False)
+    fitted, threshold = data or held_out_halves(settings, snapshot.config)
+    names = [spec.penultimate, LOGITS, spec.low_level_output]
+    if log:
+        log(f"out-of-distribution fit: features of {fitted.count} + {threshold.count} held-out images")
+    fit_features, threshold_features = features(classifier, fitted, names), features(classifier, threshold, names)
+    if len(fit_features[LOGITS]) < ood.MIN_IMAGES:
+        raise InvalidArgumentError(f"fitted images: {len(fit_features[LOGITS])}; at least {ood.MIN_IMAGES} are "
+                                   f"needed", field="calibration_images")
+    detectors = [ood.Vim.fit(spec.penultimate, LOGITS, fit_features, weight.numpy(), bias.numpy()),
+                 ood.Knn.fit(spec.penultimate, fit_features),
+                 ood.Gaussian.fit(spec.low_level_output, fit_features)]
+    record = {"data": f"{fitted.description} (fitted); {threshold.description} (threshold)",
+              "fitted_images": int(len(fit_features[LOGITS])), "source": settings.calibration,
+              "fitted_by": f"zfserve {__version__}", "seconds": None}
+    detector = ood.calibrate(detectors, threshold_features, settings.acceptance, record)
+    detector.record["seconds"] = round(time.perf_counter() - started, 1)
+    return detector
+
+
+def writable_location(snapshot) -> Path:
+    """Where new statistics go: beside the weights when that folder is the user's and writable, else the cache."""
+    from ..export import _writable
+    from ..weights import EMBEDDED_DIR
+    for folder in ood.locations(snapshot):
+        embedded = folder.resolve().is_relative_to(EMBEDDED_DIR)
+        if not embedded and _writable(folder):
+            return folder
+    raise ModelLoadError(f"cannot write {ood.OOD_META}: neither the model's folder nor the cache is writable "
+                         f"(set ZFSERVE_CACHE_DIR)")
+
+
+def knows_its_data(config) -> bool:
+    """Whether held-out images of the model's own data are known without being given: its provenance says it was
+    trained on the synthetic set, of which any other seed is held out."""
+    data = (config.provenance or {}).get("data") or {}
+    return data.get("kind") == "synthetic"
+
+
+def ensure(snapshot, settings: OodSettings | None = None, *, refit: bool = False, log=None) -> tuple[str, Path | None]:
+    """Make sure the model has current statistics: fit them when there are none (or ``refit``), provided held-out
+    images are known (``settings`` given, or the model's provenance names the synthetic set). Returns what
+    happened, in words, and where they are (None when there are none)."""
+    detector, _ = ood.find(snapshot)
+    if detector is not None and not refit:
+        return "current", _current_location(snapshot)
+    if settings is None and not knows_its_data(snapshot.config):
+        return (f"not fitted: the held-out images of {snapshot.name}'s own data are unknown; give them with "
+                f"--calibration DIR (an ImageFolder)"), None
+    detector = fit(snapshot, settings, log=log)
+    folder = writable_location(snapshot)
+    ood.save(detector, folder, snapshot.sha256, ood.preprocess_hash(snapshot.config))
+    return "fitted", folder
+
+
+def _current_location(snapshot) -> Path | None:
+    digest = ood.preprocess_hash(snapshot.config)
+    return next((folder for folder in ood.locations(snapshot)
+                 if ood.is_current(ood.read_meta(folder), snapshot.sha256, digest)), None)
+
+
+__all__ = ["DEFAULT_FIT_IMAGES", "DEFAULT_THRESHOLD_IMAGES", "OodSettings", "ensure", "features", "fit",
+           "held_out_halves", "knows_its_data", "writable_location"]
