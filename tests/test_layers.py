@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # The layers, lowest first. A key is the first component below ``zfserve`` (the package root and the
 # generated stubs in ``_proto`` import nothing of ours above them, so they sit with the lowest layer).
 LAYERS = (
-    {"", "errors", "config", "architecture", "_proto"},
+    {"", "errors", "config", "architecture", "capabilities", "_proto"},
     {"kernels"},
     {"model"},
-    {"weights", "preprocess", "data", "_checks", "import_torchvision"},
-    {"engine", "export", "render"},
+    {"weights", "preprocess", "data", "_checks", "import_torchvision", "onnx_graph"},
+    {"engine", "export", "render", "import_onnx"},
     {"train", "evaluate"},
     {"paper"},
     {"audit"},

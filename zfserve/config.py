@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import architecture as arch
+from . import capabilities as caps
 from .errors import InvalidArgumentError, ModelLoadError
 
 # The ImageNet per-channel mean in raw pixel units (0..255), the paper's input units.
@@ -33,6 +34,12 @@ PRECISIONS = ("fp32", "int8", "bf16")
 ENGINES = ("onnxruntime", "openvino")
 # Keys of config.json that choose how the model is served, not what it computes (not part of the export's hash).
 SERVING_KEYS = ("precision", "engine")
+# An ONNX model's ``onnx`` section: its graph's image input, the layout, and what its class output holds.
+ONNX_KEYS = ("input", "layout", "output")
+ONNX_LAYOUTS = ("NCHW",)
+ONNX_OUTPUTS = ("logits", "probabilities")
+# Keys of config.json that only a layered model has (left out of an ONNX model's config.json).
+LAYERED_KEYS = ("fc_width", "widths", "architecture", "weights_dtype")
 
 
 def is_integer(value) -> bool:
@@ -180,18 +187,23 @@ class ModelConfig:
     precision: str | None = None
     engine: str | None = None
     architecture: str = arch.DEFAULT_ARCHITECTURE
+    # ``layered`` (ZFNet's family, the default) or ``onnx`` (an opaque graph: model.onnx; see zfserve.capabilities)
+    kind: str = caps.LAYERED
+    onnx: dict | None = None
 
     def __post_init__(self):
+        if self.kind not in caps.KINDS:
+            raise ModelLoadError(f"config: kind must be one of {list(caps.KINDS)}, got {self.kind!r}")
+        if self.kind == caps.ONNX:
+            self._check_onnx()
+        elif self.onnx is not None:
+            raise ModelLoadError("config: an 'onnx' section needs kind 'onnx'")
         sizes = {"num_classes": self.num_classes, "fc_width": self.fc_width, "input_size": self.input_size}
         for key, value in sizes.items():
             if not is_integer(value) or value < 1:
                 raise ModelLoadError(f"config: {key} must be a positive integer, got {value!r}")
-        arch.check_architecture(self.architecture)
-        if self.widths is None:
-            self.widths = arch.DEFAULT_WIDTHS[self.architecture]
-        if not isinstance(self.widths, (list, tuple)) or not all(is_integer(w) and w >= 1 for w in self.widths):
-            raise ModelLoadError(f"config: widths must list positive integers, got {self.widths!r}")
-        self.widths = tuple(int(w) for w in self.widths)
+        if self.kind == caps.LAYERED:
+            self._check_layered()
         self.num_classes, self.fc_width, self.input_size = (int(v) for v in sizes.values())
         if not isinstance(self.class_names, (list, tuple)):
             raise ModelLoadError(f"config: class_names must be a list of strings, got {self.class_names!r}")
@@ -200,7 +212,11 @@ class ModelConfig:
         if len(self.class_names) != self.num_classes:
             raise ModelLoadError(f"config: class_names has {len(self.class_names)} entries, "
                                  f"num_classes is {self.num_classes}")
-        arch.check_input_size(self.architecture, self.layer_table(), self.input_size)
+        if self.kind == caps.LAYERED:
+            arch.check_input_size(self.architecture, self.layer_table(), self.input_size)
+        elif self.input_size != self.preprocess.crop:
+            raise ModelLoadError(f"config: input_size {self.input_size} must equal preprocess.crop "
+                                 f"{self.preprocess.crop} (the graph's input side)")
         if not all(isinstance(n, str) for n in self.class_names):
             raise ModelLoadError("config: class_names must be a list of strings")
         for key, accepted in (("precision", PRECISIONS), ("engine", ENGINES)):
@@ -208,8 +224,32 @@ class ModelConfig:
                 raise ModelLoadError(f"config: {key} must be one of {list(accepted)} (or absent), got "
                                      f"{getattr(self, key)!r}")
 
+    def _check_onnx(self) -> None:
+        section = self.onnx
+        if not isinstance(section, dict) or sorted(section) != sorted(ONNX_KEYS):
+            raise ModelLoadError(f"config: kind 'onnx' needs an 'onnx' section with exactly the keys "
+                                 f"{list(ONNX_KEYS)}, got {section!r}")
+        if not isinstance(section["input"], str) or not section["input"]:
+            raise ModelLoadError(f"config: onnx.input must name the graph's image input, got {section['input']!r}")
+        if section["layout"] not in ONNX_LAYOUTS:
+            raise ModelLoadError(f"config: onnx.layout must be one of {list(ONNX_LAYOUTS)}, got "
+                                 f"{section['layout']!r}")
+        if section["output"] not in ONNX_OUTPUTS:
+            raise ModelLoadError(f"config: onnx.output must be one of {list(ONNX_OUTPUTS)}, got "
+                                 f"{section['output']!r}")
+
+    def _check_layered(self) -> None:
+        arch.check_architecture(self.architecture)
+        if self.widths is None:
+            self.widths = arch.DEFAULT_WIDTHS[self.architecture]
+        if not isinstance(self.widths, (list, tuple)) or not all(is_integer(w) and w >= 1 for w in self.widths):
+            raise ModelLoadError(f"config: widths must list positive integers, got {self.widths!r}")
+        self.widths = tuple(int(w) for w in self.widths)
+
     # The layer table and the names derived from it (see zfserve.architecture), without loading torch.
     def layer_table(self) -> tuple[arch.Layer, ...]:
+        if self.kind != caps.LAYERED:   # an opaque graph: no layer zfserve knows
+            return ()
         return arch.layer_table(self.architecture, self.widths, self.fc_width, self.num_classes)
 
     def layer_names(self, kinds=("conv", "pool", "fc")) -> tuple[str, ...]:
@@ -223,22 +263,29 @@ class ModelConfig:
     @property
     def spatial_layers(self) -> tuple[str, ...]:
         """The layers with a spatial map (what deconv projects, what an occluder changes), in forward order."""
+        caps.require(self, "layers", "deconv, activity and gradient maps (they name a layer of the network)")
         return self.layer_names(("conv", "pool"))
 
     @property
     def last_conv(self) -> str:
         """The deepest conv layer (conv5, conv5_3, ...): the default for deconv, activity maps and Grad-CAM."""
+        caps.require(self, "layers", "deconv, activity and gradient maps (they name a layer of the network)")
         return self.conv_layers[-1]
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["widths"] = list(self.widths)
+        out["widths"] = list(self.widths) if self.widths is not None else None
         out["preprocess"] = self.preprocess.to_json()
         for key in SERVING_KEYS:   # written only when set, so configs without them stay as they were
             if out[key] is None:
                 del out[key]
         if self.architecture == arch.DEFAULT_ARCHITECTURE:   # likewise: ZFNet configs stay as they were
             del out["architecture"]
+        if self.kind == caps.LAYERED:
+            del out["kind"], out["onnx"]
+        else:                                  # an opaque graph has none of the layer table's facts
+            for key in LAYERED_KEYS:
+                out.pop(key, None)
         return out
 
     @classmethod

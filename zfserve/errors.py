@@ -38,3 +38,8 @@ class ImageSizeError(ImageError):
 
 class ModelLoadError(ZFServeError):
     """A model directory that cannot be loaded: missing or corrupt file, wrong tensor, unknown config key."""
+
+
+class ModelKindError(ZFServeError):
+    """A capability this kind of model does not have (deconv of an ONNX graph, which has no layers to project
+    through): a precondition of the model, not a bad argument (gRPC FAILED_PRECONDITION, HTTP 409, CLI exit 2)."""

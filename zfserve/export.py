@@ -253,19 +253,9 @@ def export_onnx(model: LayeredCNN, path: str | Path, *, extra_outputs=(), opset:
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     proto = onnx.load_from_string(buffer.getvalue())
     del buffer
-    metadata = {
-        META_CLASS_NAMES: json.dumps(list(config.class_names)),
-        META_PREPROCESS: json.dumps(config.preprocess.to_json()),
-        META_MODEL_NAME: config.name,
-        META_MODEL_VERSION: str(config.version),
-        META_WEIGHTS_HASH: weights_sha256 or state_dict_hash(model),
-        META_WEIGHTS_SOURCE: weights_source,
-        META_CONFIG_HASH: config_hash(config),
-        META_OUTPUTS: json.dumps(output_names),
-        META_OOD_FEATURES: json.dumps(features.outputs if features else []),
-        META_FORMAT: EXPORT_FORMAT,
-        META_EXPORTER: f"zfserve {__version__}, torch {torch.__version__}, opset {opset}",
-    }
+    metadata = export_metadata(config, output_names, features.outputs if features else [],
+                               weights_sha256 or state_dict_hash(model), weights_source,
+                               f"zfserve {__version__}, torch {torch.__version__}, opset {opset}")
     del proto.metadata_props[:]
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
@@ -277,6 +267,17 @@ def export_onnx(model: LayeredCNN, path: str | Path, *, extra_outputs=(), opset:
                          verify=(lambda tmp: check_parity(tmp, model, extra_outputs=extra, features=features))
                          if check else None,
                          check=check)
+
+
+def export_metadata(config: ModelConfig, outputs, features, weights_sha256: str, weights_source: str,
+                    exporter: str) -> dict[str, str]:
+    """The metadata every served graph carries (what it was made from, with which config)."""
+    return {META_CLASS_NAMES: json.dumps(list(config.class_names)),
+            META_PREPROCESS: json.dumps(config.preprocess.to_json()), META_MODEL_NAME: config.name,
+            META_MODEL_VERSION: str(config.version), META_WEIGHTS_HASH: weights_sha256,
+            META_WEIGHTS_SOURCE: weights_source, META_CONFIG_HASH: config_hash(config),
+            META_OUTPUTS: json.dumps(list(outputs)), META_OOD_FEATURES: json.dumps(list(features)),
+            META_FORMAT: EXPORT_FORMAT, META_EXPORTER: exporter}
 
 
 def _input_spread(config: ModelConfig) -> float:
@@ -438,6 +439,8 @@ def ensure_onnx(model=None) -> Path:
                                                           lambda: model)
     else:
         snap = model if isinstance(model, Snapshot) else read_snapshot(model)
+        if snap.onnx_bytes is not None:
+            return _ensure_served(snap)
         source, config, build = snap.sha256, snap.config, snap.model
         source_kind = WEIGHTS_FILE if snap.directory is not None else "state_dict"
         # Embedded models are package data: never write beside them, use the cache.
@@ -454,3 +457,52 @@ def ensure_onnx(model=None) -> Path:
                                ood_features=True)
     raise ModelLoadError(f"cannot write {ONNX_FILE}: neither {candidates[0]} nor the cache directory "
                          f"{candidates[-1]} is writable (set ZFSERVE_CACHE_DIR)")
+
+
+# ---------------------------------------------------------------------------------------------------- ONNX models
+def _ensure_served(snap) -> Path:
+    """An ONNX model's served graph (:func:`zfserve.onnx_graph.served_graph`): ``served.onnx`` beside its
+    ``model.onnx`` (or in the cache), made again when model.onnx's bytes or config.json change."""
+    from .onnx_graph import FEATURES, SERVED_FILE, served_graph
+    digest = config_hash(snap.config)
+    local = snap.directory is not None and not snap.directory.resolve().is_relative_to(EMBEDDED_DIR)
+    candidates = ([snap.directory] if local else []) + [cache_root() / f"{snap.config.name}-{snap.sha256[:16]}"]
+    for folder in candidates:
+        if _is_current(folder / SERVED_FILE, snap.sha256, digest):
+            return folder / SERVED_FILE
+    import onnx
+    opset = next((o.version for o in onnx.load_from_string(snap.onnx_bytes).opset_import if o.domain in ("", "ai.onnx")),
+                 None)
+    outputs = [LOGITS, PROBABILITIES, FEATURES]
+    metadata = export_metadata(snap.config, outputs, [FEATURES], snap.sha256, ONNX_FILE,
+                               f"zfserve {__version__}: model.onnx wrapped (opset {opset})")
+    data = served_graph(snap.onnx_bytes, snap.config, metadata)
+    for folder in candidates:
+        if _writable(folder):
+            return write_checked(data, folder / SERVED_FILE, "import",
+                                 verify=lambda tmp: check_served(tmp, snap.onnx_bytes, snap.config))
+    raise ModelLoadError(f"cannot write {SERVED_FILE}: neither {candidates[0]} nor the cache directory "
+                         f"{candidates[-1]} is writable (set ZFSERVE_CACHE_DIR)")
+
+
+def check_served(served, original: bytes, config: ModelConfig, batch: int = PARITY_BATCH) -> float:
+    """Run the served graph and the user's graph on one random batch; raise ExportError unless the served
+    probabilities are the user's output (through a softmax when it gives logits) within 1e-5. Returns the largest
+    difference."""
+    rng = np.random.default_rng(1)
+    size = config.input_size
+    x = (rng.standard_normal((batch, 3, size, size)) * _input_spread(config)).astype(np.float32)
+    theirs = ort_session(original)
+    reference = theirs.run(None, {config.onnx["input"]: x})[0].reshape(batch, -1).astype(np.float64)
+    if config.onnx["output"] == "logits":
+        reference = np.exp(reference - reference.max(axis=1, keepdims=True))
+        reference /= reference.sum(axis=1, keepdims=True)
+    got = ort_session(served).run([PROBABILITIES], {INPUT_NAME: x})[0]
+    if got.shape != reference.shape:
+        raise ExportError(f"import: the served graph gives probabilities of shape {got.shape}, the model "
+                          f"{reference.shape}")
+    diff = float(np.abs(got - reference).max())
+    if not diff <= PROBABILITY_ATOL:
+        raise ExportError(f"import: the served graph's probabilities differ from the model's by {diff:.3g} "
+                          f"(accepted: at most {PROBABILITY_ATOL:g})")
+    return diff

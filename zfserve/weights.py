@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import capabilities as caps
 from .config import ModelConfig
 from .errors import ModelLoadError, NotFoundError
 
@@ -134,13 +135,21 @@ class Snapshot:
     whatever happens to the files afterwards.
 
     ``version`` is what a server reports: the config's version and a prefix of the weights hash, so it
-    changes with the weights."""
+    changes with the weights.
+
+    An ONNX model (``config.kind == "onnx"``) has no tensors: ``onnx_bytes`` holds its ``model.onnx`` as read, and
+    ``sha256`` is theirs."""
 
     source: str                       # the directory it was read from, or the built-in name
     directory: Path | None            # None for the built-in zfnet-paper
     config: ModelConfig
     tensors: dict                     # name -> CPU tensor as stored (the mean image is in ``config``)
     sha256: str
+    onnx_bytes: bytes | None = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
 
     @property
     def name(self) -> str:
@@ -152,7 +161,9 @@ class Snapshot:
 
     def model(self, device: str | torch.device = "cpu"):
         """A fresh ZFNet (float32, eval mode, on ``device``) with these weights; ``model.model_dir`` is the
-        directory. Tensors that do not fit the config are a ModelLoadError naming the file."""
+        directory. Tensors that do not fit the config are a ModelLoadError naming the file; an ONNX model has no
+        such model (a ModelKindError naming its kind)."""
+        caps.require(self.config, "layers", "the network's layers (a PyTorch model of them)")
         import torch
         from .model import build
         config = copy.deepcopy(self.config)
@@ -192,6 +203,8 @@ def read_snapshot(name_or_dir: str | Path | None = None) -> Snapshot:
         tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
         return Snapshot(source, None, model.config, tensors, state_dict_hash(model))
     config = read_config(directory)
+    if config.kind == caps.ONNX:
+        return _read_onnx(directory, config)
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing")
@@ -205,6 +218,16 @@ def read_snapshot(name_or_dir: str | Path | None = None) -> Snapshot:
         config.preprocess.mean_image = _check_mean_image(None if mean is None else mean.to(torch.float32).numpy(),
                                                          config, path)
     return Snapshot(str(directory), directory, config, tensors, hashlib.sha256(data).hexdigest())
+
+
+def _read_onnx(directory: Path, config: ModelConfig) -> Snapshot:
+    path = directory / ONNX_FILE
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot be read ({exc.strerror or exc}); an ONNX model directory holds "
+                             f"{ONNX_FILE} and {CONFIG_FILE}") from None
+    return Snapshot(str(directory), directory, config, {}, hashlib.sha256(data).hexdigest(), data)
 
 
 def load_model(name_or_dir: str | Path | None = None, *, device: str | torch.device = "cpu"):

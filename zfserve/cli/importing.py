@@ -1,17 +1,22 @@
 """``zfserve import``: turn weights from elsewhere into a model directory. ``import torchvision``: a
-torchvision-layout AlexNet or VGG state dict (:mod:`zfserve.import_torchvision`)."""
+torchvision-layout AlexNet or VGG state dict (:mod:`zfserve.import_torchvision`); ``import onnx``: any ONNX image
+classifier (:mod:`zfserve.import_onnx`)."""
 
 from __future__ import annotations
+
+import sys
 
 from .common import CommandError
 
 
 def add_import(sub) -> None:
     p = sub.add_parser("import", help="turn weights from elsewhere into a model directory (torchvision AlexNet, "
-                                      "VGG)", description="Turn weights from elsewhere into a model directory.")
+                                      "VGG; any ONNX image classifier)",
+                       description="Turn weights from elsewhere into a model directory.")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=type(p))
     add_torchvision(kinds)
-    p.set_defaults(func=lambda args: p.error("give a KIND: torchvision"))
+    add_onnx(kinds)
+    p.set_defaults(func=lambda args: p.error("give a KIND: torchvision or onnx"))
 
 
 def add_torchvision(kinds) -> None:
@@ -28,17 +33,64 @@ def add_torchvision(kinds) -> None:
     p.add_argument("--out", required=True, help="the model directory to write (new, or empty)")
     p.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
     p.add_argument("--version", default="1", help="model version recorded in config.json (default 1)")
-    p.add_argument("--resize", type=int, default=TV["resize"], help=f"short side before the crop (default "
-                                                                    f"{TV['resize']})")
-    p.add_argument("--crop", type=int, default=TV["crop"], help=f"centre crop = input size (default {TV['crop']}; "
-                                                                f"the classifier needs 224)")
+    _preprocess_options(p, f"centre crop = input size (default {TV['crop']}; the classifier needs 224)", TV["resize"],
+                        TV["crop"])
+    p.set_defaults(func=cmd_torchvision)
+
+
+def _preprocess_options(p, crop_help: str, resize_default, crop_default) -> None:
+    from ..import_torchvision import TORCHVISION_PREPROCESS as TV
+    p.add_argument("--resize", type=int, default=resize_default, help="short side before the crop (default "
+                                                                      f"{resize_default or 'crop x 256/224'})")
+    p.add_argument("--crop", type=int, default=crop_default, help=crop_help)
     p.add_argument("--scale", default="1/255", help="pixel scale before mean and std: a number or A/B (default "
                                                     "1/255, torchvision's 0..1 pixels)")
     p.add_argument("--mean", default=",".join(f"{v:g}" for v in TV["mean"]),
                    help="per-channel mean R,G,B in scaled units (default torchvision's %(default)s)")
     p.add_argument("--std", default=",".join(f"{v:g}" for v in TV["std"]),
                    help="per-channel std R,G,B in scaled units (default torchvision's %(default)s)")
-    p.set_defaults(func=cmd_torchvision)
+
+
+def add_onnx(kinds) -> None:
+    p = kinds.add_parser("onnx", help="any ONNX image classifier (one N x 3 x S x S float input, one class output)",
+                         description=cmd_onnx.__doc__)
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX file (weights inside it)")
+    p.add_argument("--classes", required=True, help="text file: one class name per line, in the order of the "
+                                                    "graph's outputs")
+    p.add_argument("--out", required=True, help="the model directory to write (new, or empty)")
+    p.add_argument("--name", default=None, help="model name (default: the --out directory's name)")
+    p.add_argument("--version", default="1", help="model version recorded in config.json (default 1)")
+    _preprocess_options(p, "centre crop = input side (default: the graph's; needed when the graph leaves it "
+                           "dynamic)", None, None)
+    p.add_argument("--output", default="logits", choices=("logits", "probabilities"),
+                   help="what the graph's output holds (default logits; probabilities: it ends in a softmax)")
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help="an ImageFolder of held-out images of the model's own data: fits the out-of-distribution "
+                        "score (without it, answers say there is none and how to fit it)")
+    p.set_defaults(func=cmd_onnx)
+
+
+def cmd_onnx(args) -> int:
+    """Import an ONNX image classifier as a model directory (model.onnx + config.json): the ONNX checker, one run
+    in ONNX Runtime, one classification of a test image. Refused in one line, exit status 2, nothing written: a
+    file that is not ONNX, more than one input, a non-float or non-4-D input, an output whose size is not the
+    class count, operators ONNX Runtime cannot run."""
+    from ..import_onnx import import_onnx
+    from ..weights import read_snapshot
+    preprocess = dict(scale=_number(args.scale, "--scale"), mean=_three(args.mean, "--mean"),
+                      std=_three(args.std, "--std"))
+    preprocess.update({key: value for key, value in (("resize", args.resize), ("crop", args.crop)) if value})
+    out = import_onnx(args.model, args.classes, args.out, name=args.name, version=args.version,
+                      preprocess=preprocess, output=args.output, calibration=args.calibration,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    snap = read_snapshot(out)
+    config = snap.config
+    ood = "fitted" if args.calibration else ("none: fit it with zfserve export --model DIR --calibration "
+                                             "HELD-OUT-IMAGEFOLDER")
+    print(f"imported {args.model} as {config.name} {snap.version} (ONNX model, input {config.onnx['input']!r} "
+          f"3x{config.input_size}x{config.input_size}, {config.num_classes} classes, output "
+          f"{config.onnx['output']}; out-of-distribution score: {ood}) into {out}")
+    return 0
 
 
 def _number(text: str, flag: str) -> float:

@@ -28,6 +28,8 @@ def cmd_info(args) -> int:
     from ..engine import ood
     from ..weights import read_snapshot
     snapshot = read_snapshot(args.model)
+    if snapshot.onnx_bytes is not None:
+        return _info_onnx(args, snapshot)
     model = snapshot.model()
     layers = model.layer_info()
     total = sum(p.numel() for p in model.parameters())
@@ -57,6 +59,32 @@ def cmd_info(args) -> int:
         rf = f"{li.receptive_field}px" if li.receptive_field else "-"
         print(f"{li.name:<8}{shape:>16}{li.params:>14,}{rf:>17}{li.jump or '-':>8}")
     print(f"{'total':<8}{'':>16}{total:>14,}")
+    return 0
+
+
+def _info_onnx(args, snapshot) -> int:
+    """``info`` of an ONNX model: what it knows and how it reads images; it has no layer table."""
+    from ..capabilities import KIND_NAMES, NO_LAYERS
+    from ..config import training_data
+    from ..engine import ood
+    cfg = snapshot.config
+    detector, note = ood.find(snapshot)
+    facts = {"model": cfg.name, "version": snapshot.version, "kind": cfg.kind, "num_classes": cfg.num_classes,
+             "class_names": list(cfg.class_names), "training_data": training_data(cfg),
+             "ood": {"available": True, **detector.describe()} if detector else {"available": False, "note": note},
+             "input": [3, cfg.input_size, cfg.input_size], "onnx": cfg.onnx, "preprocess": cfg.preprocess.to_json(),
+             "layers": None, "layers_note": NO_LAYERS}
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    print(f"model {cfg.name} (version {snapshot.version}), {KIND_NAMES[cfg.kind]}, {cfg.num_classes} classes, input "
+          f"{cfg.onnx['input']!r} 3x{cfg.input_size}x{cfg.input_size} ({cfg.onnx['layout']}), output "
+          f"{cfg.onnx['output']}")
+    print(f"preprocessing: {cfg.preprocess.describe()}")
+    print(f"classes: {', '.join(cfg.class_names)}")
+    print(f"trained on: {training_data(cfg)}")
+    print(f"out-of-distribution score: {_ood_line(detector, note)}")
+    print(f"layers: none listed: {NO_LAYERS}")
     return 0
 
 

@@ -116,28 +116,41 @@ def fit(snapshot, settings: OodSettings | None = None, *, data: tuple[HeldOut, H
     from .classifier import Classifier
     settings = (settings or OodSettings()).validate()
     started = time.perf_counter()
-    model = snapshot.model()
-    spec = feature_spec(model)
-    weight, bias = head(model)
-    del model
+    penultimate, low_level, weight, bias = _features_of(snapshot)
     classifier = Classifier(snapshot, precision="fp32", engine="onnxruntime", warmup=False, ood=False)
     fitted, threshold = data or held_out_halves(settings, snapshot.config)
-    names = [spec.penultimate, LOGITS, spec.low_level_output]
+    names = [penultimate, LOGITS] + ([low_level] if low_level else [])
     if log:
         log(f"out-of-distribution fit: features of {fitted.count} + {threshold.count} held-out images")
     fit_features, threshold_features = features(classifier, fitted, names), features(classifier, threshold, names)
     if len(fit_features[LOGITS]) < ood.MIN_IMAGES:
         raise InvalidArgumentError(f"fitted images: {len(fit_features[LOGITS])}; at least {ood.MIN_IMAGES} are "
                                    f"needed", field="calibration_images")
-    detectors = [ood.Vim.fit(spec.penultimate, LOGITS, fit_features, weight.numpy(), bias.numpy()),
-                 ood.Knn.fit(spec.penultimate, fit_features),
-                 ood.Gaussian.fit(spec.low_level_output, fit_features)]
+    detectors = ([ood.Vim.fit(penultimate, LOGITS, fit_features, weight, bias)] if weight is not None else []) + \
+        [ood.Knn.fit(penultimate, fit_features)] + ([ood.Gaussian.fit(low_level, fit_features)] if low_level else [])
     record = {"data": f"{fitted.description} (fitted); {threshold.description} (threshold)",
               "fitted_images": int(len(fit_features[LOGITS])), "source": settings.calibration,
               "fitted_by": f"zfserve {__version__}", "seconds": None}
     detector = ood.calibrate(detectors, threshold_features, settings.acceptance, record)
     detector.record["seconds"] = round(time.perf_counter() - started, 1)
     return detector
+
+
+def _features_of(snapshot) -> tuple:
+    """(penultimate output, low-level output or None, the logits layer's weight and bias or None) of a model's
+    served graph. An ONNX model's graph is opaque: its penultimate features are the input of its last Gemm/MatMul
+    (:mod:`zfserve.onnx_graph`) and it has no low-level layer zfserve can name."""
+    if snapshot.onnx_bytes is not None:
+        from ..onnx_graph import FEATURES, head as graph_head
+        try:
+            weight, bias = graph_head(snapshot.onnx_bytes)
+        except ModelLoadError:       # ViM needs the head's weights; the nearest-neighbour detector does not
+            weight = bias = None
+        return FEATURES, None, weight, bias
+    model = snapshot.model()
+    spec = feature_spec(model)
+    weight, bias = head(model)
+    return spec.penultimate, spec.low_level_output, weight.numpy(), bias.numpy()
 
 
 def writable_location(snapshot) -> Path:
