@@ -215,15 +215,24 @@ def cmd_faithfulness(args) -> int:
 
     from ..paper import faithfulness
     from ..paper.report import Settings, build
-    from ..weights import load_model
+    from ..weights import read_snapshot
     for name, low, high in (("images", 1, 100_000), ("sanity_images", 1, 1000), ("seed", 0, 2 ** 31 - 1),
                             ("window", 1, 224), ("stride", 1, args.window), ("steps", 1, 1000)):
         checks.integer(getattr(args, name), name, low, high, label="--" + name.replace("_", "-"))
     settings = Settings(n=args.images, seed=args.seed, data=args.data, window=args.window,
                         faithfulness_images=args.images, sanity_images=args.sanity_images,
                         faithfulness_stride=args.stride, deletion_steps=args.steps)
-    build(load_model(args.model), args.out, ("faithfulness",), settings)
-    metrics = json.loads((Path(args.out) / "section-faithfulness.json").read_text())["metrics"]
+    snapshot = read_snapshot(args.model)
+    if snapshot.onnx_bytes is not None:   # an ONNX model: forward-pass maps, randomisation of the graph itself
+        from ..paper.dataset import AnalysisData
+        from ..paper.faithfulness_graph import faithfulness_graph, write_graph_result
+        checks.integer(args.window, "window", 1, snapshot.config.input_size, label="--window")
+        result = faithfulness_graph(snapshot, AnalysisData(args.data, seed=args.seed, n=args.images), settings)
+        write_graph_result(args.out, result)
+        metrics = {"table": result["table"], "verdict": faithfulness.verdict(result["table"])}
+    else:
+        build(snapshot.model(), args.out, ("faithfulness",), settings)
+        metrics = json.loads((Path(args.out) / "section-faithfulness.json").read_text())["metrics"]
     if args.json:
         print(json.dumps({"table": metrics["table"], "verdict": metrics["verdict"]}, indent=2))
         return 0
@@ -233,5 +242,6 @@ def cmd_faithfulness(args) -> int:
     for row in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)) + "  " + str(row[-1]))
     print(f"Verdict: {metrics['verdict']}")
-    print(f"wrote {Path(args.out) / 'faithfulness.json'} and {Path(args.out) / 'report.html'}")
+    written = "" if snapshot.onnx_bytes is not None else f" and {Path(args.out) / 'report.html'}"
+    print(f"wrote {Path(args.out) / 'faithfulness.json'}{written}")
     return 0

@@ -9,7 +9,8 @@ them for a model.
 - ``ENGINE-PRECISION[+APPROXIMATION]``, e.g. ``openvino-int8``, ``onnxruntime-fp32+drilldown(coarse 2, refine 3)``:
   full forward passes of occluded copies, batched, on that classification engine (:mod:`.occlusion_runtime`),
   every position or an approximation (:mod:`.occlusion_plans`). ``onnxruntime-fp32`` with every position is
-  brute force: exact too, but slower than the incremental engine on the layered models it knows.
+  brute force: exact too, but slower than the incremental engine on the layered models it knows. An ONNX model
+  (an opaque graph, no layers to recompute) runs ``exact`` as this brute force.
 
 Every :class:`~.results.OcclusionResult` says which engine, precision and mode drew it.
 """
@@ -80,6 +81,9 @@ class OcclusionMode:
 
 
 EXACT_MODE = OcclusionMode()
+# An ONNX model's exact mode: every position, full forward passes on ONNX Runtime fp32 (brute force).
+BRUTE_FORCE_KEY = ("onnxruntime", "fp32")
+BRUTE_FORCE = OcclusionMode(*BRUTE_FORCE_KEY)
 
 
 def mode_from(engine: str | None = None, precision: str | None = None, approximation: str | None = None, *,
@@ -120,6 +124,12 @@ class OcclusionEngines:
         self._runtime: dict[tuple[str, str], RuntimeOcclusionEngine] = {}
         self._lock = threading.Lock()
 
+    @property
+    def layered(self) -> bool:
+        """Whether the model's layers are known; an ONNX model's exact sweep is brute force on ONNX Runtime fp32
+        (every position, full forward passes: equal to occlude-and-forward to float rounding)."""
+        return self.snapshot.onnx_bytes is None
+
     def exact_engine(self):
         with self._lock:
             if self._exact is None:
@@ -151,31 +161,54 @@ class OcclusionEngines:
     def warm(self, mode: OcclusionMode) -> None:
         """Build ``mode``'s engine and run it once (graph compilation, first-run allocations), so that the cost
         falls here rather than in the first sweep."""
-        if mode.exact:
+        if mode.exact and self.layered:
             self.exact_engine()
             return
+        mode = BRUTE_FORCE if mode.exact else mode
         engine = self.runtime_engine(mode.engine, mode.precision)
         engine.classifier.probabilities(np.zeros((1, 3, engine.size, engine.size), np.float32))
 
     def sweep(self, image, mode: OcclusionMode = EXACT_MODE, *, deadline: float | None = None, cancel=None,
               progress=None, **kwargs):
         """One sweep in ``mode`` (keyword arguments as the engines' ``sweep``); the result names its mode."""
-        if mode.exact:
+        if mode.exact and self.layered:
             result = self.exact_engine().sweep(image, progress=_checked(progress, deadline, cancel), **kwargs)
             result.mode = EXACT_NAME
             return result
-        for name in ("layer", "channel"):   # the activity map's settings, at their defaults, mean nothing here
-            if name in kwargs and kwargs[name] in (None, "conv5"):
-                kwargs.pop(name)
-        return self.runtime_engine(mode.engine, mode.precision).sweep(
+        kwargs = self._runtime_arguments(kwargs)
+        result = self.runtime_engine(*(BRUTE_FORCE_KEY if mode.exact else (mode.engine, mode.precision))).sweep(
             image, approximation=mode.approximation, progress=progress, deadline=deadline, cancel=cancel, **kwargs)
+        if mode.exact:
+            result.mode = EXACT_NAME
+        return result
+
+    def _runtime_arguments(self, kwargs: dict) -> dict:
+        """The batched engines' arguments: the activity map's settings, at their defaults, mean nothing there; an
+        ONNX model, which has no layer whose activity could be mapped, refuses others naming its kind."""
+        kwargs = dict(kwargs)
+        if not self.layered:
+            from ..capabilities import require
+            outputs = kwargs.get("outputs", ())
+            outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs or ())
+            if "activity" in outputs or kwargs.get("layer") not in (None, "") or kwargs.get("channel"):
+                require(self.snapshot.config, "incremental_occlusion", "the activity map of a layer")
+        for name in ("layer", "channel"):
+            if name in kwargs and kwargs[name] in (None, "", "conv5"):
+                kwargs.pop(name)
+        return kwargs
 
     def sweep_many(self, images, targets, mode: OcclusionMode = EXACT_MODE, **kwargs) -> list:
         """Several images in ``mode``: batched engines share their forward batches across the images."""
-        if mode.exact:
+        if mode.exact and self.layered:
             return [self.sweep(image, mode, target=target, **kwargs) for image, target in zip(images, targets)]
+        if mode.exact:
+            results = self.runtime_engine(*BRUTE_FORCE_KEY).sweep_many(images, targets,
+                                                                       **self._runtime_arguments(kwargs))
+            for result in results:
+                result.mode = EXACT_NAME
+            return results
         return self.runtime_engine(mode.engine, mode.precision).sweep_many(
-            images, targets, approximation=mode.approximation, **kwargs)
+            images, targets, approximation=mode.approximation, **self._runtime_arguments(kwargs))
 
 
 def _checked(progress, deadline: float | None, cancel):

@@ -112,12 +112,19 @@ def localisation(model: ZFNet, data: AnalysisData, indices, s, *, keep: int = 0,
     class). The maps of the first ``keep`` images are returned too (``maps``), for the sanity checks."""
     saliency = SaliencyMaps(model, window=s.window, stride=s.faithfulness_stride, units=s.deconv_units,
                             seed=s.seed)
-    predict = _predictor(model)
-    ood, ood_note = _ood_scorer(model)
-    size = model.input_size
+    return localise(saliency, _predictor(model), _ood_scorer(model), model, labels_match(model, data), data,
+                    indices, s, keep=keep, progress=progress)
+
+
+def localise(saliency, predict, scorer, model, match: bool, data: AnalysisData, indices, s, *, keep: int = 0,
+             progress=None) -> dict:
+    """:func:`localisation` for any maps (``saliency.maps(x, target, index)``), predictor (``predict(batch)`` ->
+    probabilities) and out-of-distribution scorer (``(f(batch) -> verdicts, or None; note)``); ``model`` gives the
+    preprocessing (``.config``); ``match``: the data's labels are the model's classes."""
+    ood, ood_note = scorer
+    size = model.config.input_size
     empty_probs = predict(np.zeros((1, 3, size, size), np.float32))[0].astype(np.float64)
     records, kept = [], {}
-    match = labels_match(model, data)
     for done, index in enumerate(indices, 1):
         x, mask, label = _item(model, data, index)
         probs = predict(x[None])[0].astype(np.float64)
@@ -152,17 +159,17 @@ def pointing_summary(records: list[dict], method: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- sanity checks
-def random_logit(saliency: SaliencyMaps, kept: dict, num_classes: int, seed: int) -> dict:
+def random_logit(saliency: SaliencyMaps, kept: dict, num_classes: int, seed: int, methods=METHODS) -> dict:
     """Per method, the SSIM between each kept image's map of its predicted class and of a random other class
     (drawn with ``(seed, image index)``)."""
-    out = {m: [] for m in METHODS}
+    out = {m: [] for m in methods}
     others = {}
     for index, entry in kept.items():
         rng = np.random.default_rng([seed, 7919, index])
         other = int(rng.choice([c for c in range(num_classes) if c != entry["target"]]))
         others[index] = other
         maps = saliency.maps(entry["x"], other, index)
-        for m in METHODS:
+        for m in methods:
             out[m].append(sm.map_ssim(entry["maps"][m], maps[m], signed=True))
     return {"ssim": out, "other_class": others}
 
@@ -224,11 +231,11 @@ def faithfulness(model: ZFNet, data: AnalysisData, s, *, progress=log) -> dict:
             "seconds": {"localisation": round(t1 - t0, 1), "sanity": round(t2 - t1, 1)}}
 
 
-def summary_table(records: list[dict], cascade: dict, logit: dict) -> dict:
+def summary_table(records: list[dict], cascade: dict, logit: dict, methods=METHODS) -> dict:
     """``{method: row}``: pointing (all, difficult), deletion / insertion AUC, MPRT at full randomisation,
     RandomLogit, the insensitivity flag and the checks the method fails."""
     rows = {}
-    for method in METHODS:
+    for method in methods:
         row = pointing_summary(records, method)
         row.update(deletion_auc=float(np.mean([r["methods"][method]["deletion_auc"] for r in records])),
                    insertion_auc=float(np.mean([r["methods"][method]["insertion_auc"] for r in records])),
@@ -284,7 +291,7 @@ def method_label(method: str, row: dict) -> str:
     """The method's name as the table prints it; the deconvnet carries its label when the figures bear it out."""
     if method == "deconvnet" and (row["insensitive_to_class"] or row["insensitive_to_model"]):
         return f"{LABELS[method]}: {DECONV_LABEL}"
-    return LABELS[method]
+    return LABELS.get(method, method)
 
 
 def table_rows(table: dict) -> list[list]:
@@ -299,7 +306,8 @@ def table_rows(table: dict) -> list[list]:
 def verdict(table: dict) -> str:
     """Which method the numbers back, in one paragraph built from the table."""
     model_free = set(MODEL_FREE)
-    insensitive = [LABELS[m] for m, r in table.items() if r["insensitive_to_model"]]
+    label = lambda m: LABELS.get(m, m)  # noqa: E731
+    insensitive = [label(m) for m, r in table.items() if r["insensitive_to_model"]]
     passing = [m for m, r in table.items() if not r["failed"] and m not in model_free]
     ranked = sorted((m for m in table if m not in model_free),
                     key=lambda m: (len(table[m]["failed"]), -table[m]["difficult_per_class"],
@@ -308,11 +316,13 @@ def verdict(table: dict) -> str:
     text = (f"Flagged insensitive to the model (MPRT Spearman >= {INSENSITIVE_SPEARMAN} with every layer "
             f"randomised): {', '.join(insensitive) or 'none'}. ")
     if passing:
-        text += f"Passing every check: {', '.join(LABELS[m] for m in passing)}. "
-    text += (f"Best supported: {LABELS[best]} (difficult-subset pointing {table[best]['difficult_per_class']:.1%} "
+        text += f"Passing every check: {', '.join(label(m) for m in passing)}. "
+    text += (f"Best supported: {label(best)} (difficult-subset pointing {table[best]['difficult_per_class']:.1%} "
              f"per class vs the centre baseline's {table['centre']['difficult_per_class']:.1%}; deletion AUC "
              f"{table[best]['deletion_auc']:.3f} vs the random map's {table['random']['deletion_auc']:.3f}; "
              f"fails: {'; '.join(table[best]['failed']) or 'none'}).")
+    if "deconvnet" not in table:     # an ONNX model: no deconvnet map
+        return text
     deconv = table["deconvnet"]
     text += (f" The deconvnet map (RandomLogit SSIM {deconv['random_logit_ssim']:.2f}, MPRT Spearman "
              f"{deconv['mprt_spearman']:.2f}) is "

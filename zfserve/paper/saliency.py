@@ -165,6 +165,11 @@ class SaliencyMaps:
         return np.random.default_rng([self.seed, int(index)]).random((self.size, self.size))
 
     def centre_map(self) -> np.ndarray:
-        centres = np.arange(self.size) + 0.5
-        distance = np.hypot(centres[:, None] - self.size / 2, centres[None, :] - self.size / 2)
-        return distance.max() - distance
+        return centre_map(self.size)
+
+
+def centre_map(size: int) -> np.ndarray:
+    """The centre baseline: highest in the middle, falling with the distance from it."""
+    centres = np.arange(size) + 0.5
+    distance = np.hypot(centres[:, None] - size / 2, centres[None, :] - size / 2)
+    return distance.max() - distance

@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from .. import wire
 from .._proto.v1 import zfserve_pb2 as pb
 from ..engine.results import DECONV_INTERPRETATION
-from ..errors import NotFoundError, ZFServeError
+from ..errors import ModelKindError, NotFoundError, ZFServeError
 from ..preprocess import DEFAULT_MAX_BYTES, read_header
 from .http import HttpContext, HttpError, read_body
 from .http_body import CONTROL_BODY_BYTES, load_json
@@ -95,7 +95,8 @@ def _endpoint(fn):
         except HttpError as exc:
             return _page_error(exc)
         except ZFServeError as exc:   # a check made here, before any handler (e.g. the sweep's arguments)
-            return _page_error(HttpError(404 if isinstance(exc, NotFoundError) else 400, str(exc), exc.field))
+            status = 404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ModelKindError) else 400
+            return _page_error(HttpError(status, str(exc), exc.field))
     return endpoint
 
 

@@ -33,9 +33,10 @@ from .status import to_status
 log = logging.getLogger("zfserve.server")
 
 HEADER_LENGTH = "inference-header-content-length"
-# gRPC status -> HTTP status (KServe's REST mapping: 400 bad request, 404 unknown, 503 overload / not ready).
+# gRPC status -> HTTP status (KServe's REST mapping: 400 bad request, 404 unknown, 503 overload / not ready; 409 for
+# what the model or the server is not set up to do, such as deconv of an ONNX model).
 HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 409,
     grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.CANCELLED: 499,

@@ -91,8 +91,16 @@ class Runtime:
         thread: deconv and occlusion workers), or None without statistics."""
         return None if self.ood_detector is None else self.classifier.scored(images).ood
 
+    @property
+    def has_layers(self) -> bool:
+        """Whether the model's layers are known (a layered CNN: deconv, the unit index, layer facts); False for an
+        ONNX model, which runs only what needs forward passes (zfserve.capabilities)."""
+        from ..capabilities import supports
+        return supports(self.config.kind, "layers")
+
     def torch_model(self):
-        """The PyTorch model (layer facts, deconv, occlusion), built once from the snapshot's weights."""
+        """The PyTorch model (layer facts, deconv, occlusion), built once from the snapshot's weights; an ONNX
+        model has none (ModelKindError)."""
         with self._lock:
             if self._torch_model is None:
                 self._torch_model = self.snapshot.model(self.device)
@@ -118,7 +126,8 @@ class Runtime:
                 served = {(self.classifier.engine, self.classifier.precision): self.classifier} \
                     if self.device == "cpu" else {}
                 self._occlusion = OcclusionEngines(self.snapshot, device=self.device, threads=torch.get_num_threads(),
-                                                   classifiers=served, torch_model=self.torch_model)
+                                                   classifiers=served,
+                                                   torch_model=self.torch_model if self.has_layers else None)
             return self._occlusion
 
 

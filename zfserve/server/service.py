@@ -195,7 +195,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
     @unary("GetModelInfo")
     async def GetModelInfo(self, request, context):
         model = self._model(request.model, context)
-        torch_model = await asyncio.to_thread(model.torch_model)
+        torch_model = await asyncio.to_thread(model.torch_model) if model.has_layers else None
         config = model.config
         info = pb.ModelInfo(name=model.name, version=model.version, oip_version=model.oip_version,
                             num_classes=model.num_classes, class_names=list(config.class_names),
@@ -209,7 +209,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                                          data=described["data"]))
         else:
             info.ood.CopyFrom(pb.OodInfo(available=False, note=model.ood_note))
-        for layer in torch_model.layer_info():
+        for layer in torch_model.layer_info() if torch_model is not None else ():   # an ONNX model lists none
             info.layers.add(name=layer.name, shape=list(layer.shape), parameters=int(layer.params),
                             receptive_field=int(layer.receptive_field or 0), stride=int(layer.jump or 0))
         return info

@@ -3,7 +3,8 @@
 - zfserve's typed errors: NotFoundError -> NOT_FOUND, every other input error -> INVALID_ARGUMENT, with the
   error's own message (it names the field and the accepted range);
 - :class:`ServiceError` subclasses carry their own code (UNAVAILABLE for overload and shutdown,
-  DEADLINE_EXCEEDED, CANCELLED, FAILED_PRECONDITION for a feature the server was started without);
+  DEADLINE_EXCEEDED, CANCELLED, FAILED_PRECONDITION for a feature the server was started without); a
+  capability the model's kind lacks (ModelKindError) is FAILED_PRECONDITION too;
 - anything else is a bug: INTERNAL with a generic message (the traceback goes to the log, never to a client).
 No message to a client carries a server path: directories are cut from any path in it (the file name stays).
 """
@@ -15,7 +16,7 @@ import re
 
 import grpc
 
-from ..errors import ModelLoadError, NotFoundError, ZFServeError
+from ..errors import ModelKindError, ModelLoadError, NotFoundError, ZFServeError
 
 log = logging.getLogger("zfserve.server")
 
@@ -62,6 +63,8 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, str(exc)
     if isinstance(exc, NotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, ModelKindError):   # the model cannot do this (deconv of an ONNX graph): not worth a retry
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ModelLoadError):
         log.error("model error: %s", exc)
         return grpc.StatusCode.INTERNAL, f"model error: {exc}"
