@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from .. import wire
 from .._proto.v1 import zfserve_pb2 as pb
 from ..engine.results import DECONV_INTERPRETATION
+from ..capabilities import refusal
 from ..errors import ModelKindError, NotFoundError, ZFServeError
 from ..preprocess import DEFAULT_MAX_BYTES, read_header
 from .http import HttpContext, HttpError, read_body
@@ -164,6 +165,9 @@ class ExplorerApi:
                 runtime = self.state.repository.get(m.name).runtime
                 # The page's layer tabs: the model's conv layers, by its own names (conv1.., conv1_1.., ...).
                 entry["conv_layers"] = list(runtime.config.conv_layers) if runtime is not None else []
+                # What replaces the units panel when the model's layers are unknown (an ONNX model).
+                entry["layers_note"] = "" if runtime is None or runtime.has_layers else \
+                    refusal(runtime.config.kind, "Strongest units per layer (deconv)")
                 index = _unit_index(self.state, m.name)
                 entry["index"] = index.describe() if index is not None else None
             out.append(entry)

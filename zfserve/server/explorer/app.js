@@ -20,6 +20,8 @@
  *   deconv-label, layer-tabs (button#tab-<layer>, one per conv layer of the model, by its own names:
  *   conv1..conv5, conv1_1..conv5_3, ...), deconv-status,
  *   units                                 button.unit[data-channel] > canvas.projection, img.patch, .caption
+ *                                         (a model without known layers, an ONNX model: no tabs, no units, and
+ *                                         deconv-status says why in one line)
  *   unit-detail, unit-title, unit-data, unit-message, unit-top9 (figure > img.top9-patch)
  *
  * The URL's hash is the view, so a link restores it while the server still holds the image:
@@ -469,6 +471,15 @@
 
   async function loadUnits() {
     markTab();
+    const note = (currentModel() || {}).layers_note;
+    if (note) {   // the model's layers are unknown (an ONNX model): the panel says why instead
+      $("units").replaceChildren();
+      app.units = [];
+      drawBoxes();
+      $("deconv-label").textContent = "";
+      $("deconv-status").textContent = note;
+      return;
+    }
     const controller = begin("deconv");
     const layer = view.layer;
     $("units").replaceChildren();
