@@ -138,7 +138,24 @@ def build(name: str, seed: int = 0) -> nn.Module:
             module.running_var.copy_(torch.rand(c, generator=generator) * 0.5 + 0.75)
             module.weight.data.copy_(torch.rand(c, generator=generator) * 0.5 + 0.75)
             module.bias.data.copy_(torch.randn(c, generator=generator) * 0.1)
-    return model.eval()
+    return _decisive(model.eval(), spec.crop, generator)
+
+
+@torch.no_grad()
+def _decisive(model: nn.Module, size: int, generator: torch.Generator, spread: float = 4.0) -> nn.Module:
+    """Scale the last Linear so the logits of random images spread by about ``spread`` (standard deviation over
+    the classes): random weights otherwise give near-uniform probabilities that barely move when part of the image
+    is occluded, which would make the parity and occlusion checks weak."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    softmax = getattr(model, "softmax", False)
+    model.softmax = False
+    x = torch.randn(4, 3, size, size, generator=generator)
+    scale = spread / float(model(x).std(dim=1).mean())
+    last.weight.mul_(scale)
+    last.bias.mul_(scale)
+    if softmax:
+        model.softmax = True
+    return model
 
 
 def export(model: nn.Module, path: str | Path, size: int, *, input_name: str = "input",
