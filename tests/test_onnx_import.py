@@ -153,6 +153,8 @@ def test_layers_refused_naming_the_kind(imported, tmp_path):
     from PIL import Image
     Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(tmp_path / "z.png")
     for args in (("deconv", tmp_path / "z.png", "--model", directory, "--out", tmp_path / "d"),
+                 ("index", "--model", directory), ("report", "all", "--model", directory, "--out", tmp_path / "r"),
+                 ("occlude", tmp_path / "z.png", "--model", directory, "--layer", "conv5", "--out", tmp_path / "o"),
                  ("info", "--model", directory)):
         done = zfserve(*args)
         if args[0] == "info":
@@ -160,3 +162,9 @@ def test_layers_refused_naming_the_kind(imported, tmp_path):
             continue
         assert done.returncode == 2, done.stdout + done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "ONNX model" in done.stderr, done.stderr
+
+
+def test_readme_table_is_the_capability_table():
+    from zfserve.capabilities import table_markdown
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert table_markdown() in readme

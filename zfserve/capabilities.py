@@ -19,20 +19,27 @@ KIND_NAMES = {LAYERED: "a layered CNN of ZFNet's family", ONNX: "an ONNX model (
 NO_LAYERS = ("its layers are not known to zfserve (no layer table, no backward pass through the graph); it runs "
              "what needs only forward passes: classify, occlusion, audit, faithfulness by perturbation")
 
-# capability -> (what it is, for the README's table; the kinds it runs on)
+# capability -> (what it is, for the README's table; {kind: what runs on it}); a kind absent from the dict lacks it
 CAPABILITIES = {
-    "classify": ("classify: ONNX Runtime fp32, OpenVINO, int8 calibrated with the accuracy gate", KINDS),
-    "ood": ("out-of-distribution score (fitted on held-out images with --calibration)", KINDS),
-    "occlusion": ("occlusion maps, exact (= brute force) and the fast batched modes with the gate", KINDS),
-    "incremental_occlusion": ("incremental occlusion engine and the activity map of a layer", (LAYERED,)),
-    "server": ("server: zfserve.v1 Classify and OcclusionSweep, both OIP models, statistics, reload", KINDS),
-    "audit": ("zfserve audit (local, --server, --ray)", KINDS),
-    "faithfulness": ("faithfulness: occlusion, random map, centre baseline, pointing game, deletion/insertion, "
-                     "model randomisation", KINDS),
-    "explorer": ("explorer page: upload, top-5, occlusion map", KINDS),
-    "layers": ("deconv, the unit index, the explorer's units panel, gradient maps (Grad-CAM, saliency), the "
-               "paper's analyses (zfserve report), zfserve info's layer table", (LAYERED,)),
-    "train": ("zfserve train", (LAYERED,)),
+    "classify": ("classify: ONNX Runtime fp32, OpenVINO fp32/bf16, int8 calibrated on held-out images with the "
+                 "accuracy gate", {LAYERED: "yes", ONNX: "yes"}),
+    "ood": ("out-of-distribution score on every answer (fitted with --calibration)",
+            {LAYERED: "yes: ViM, KNN (penultimate layer), Gaussian (a low-level layer)",
+             ONNX: "yes: ViM, KNN (the input of the last Gemm/MatMul)"}),
+    "occlusion": ("occlusion maps (probability, argmax class, attribution): exact, and the fast modes with the "
+                  "agreement gate", {LAYERED: "yes; exact: the incremental engine",
+                                     ONNX: "yes; exact: every position, batched forward passes (brute force)"}),
+    "incremental_occlusion": ("the activity map of a layer during occlusion", {LAYERED: "yes"}),
+    "server": ("server: zfserve.v1 Classify and OcclusionSweep (streaming, cancel), both OIP models, statistics, "
+               "reload", {LAYERED: "yes", ONNX: "yes"}),
+    "audit": ("zfserve audit (local, --server, --ray)", {LAYERED: "yes", ONNX: "yes"}),
+    "faithfulness": ("zfserve faithfulness: pointing game, deletion/insertion, model randomisation, RandomLogit",
+                     {LAYERED: "yes: occlusion, deconvnet, gradient, Grad-CAM, random map, centre baseline",
+                      ONNX: "yes: occlusion, random map, centre baseline; randomisation of the graph's initializers"}),
+    "explorer": ("explorer page: upload, top-5, occlusion map", {LAYERED: "yes", ONNX: "yes"}),
+    "layers": ("deconv, the unit index and the explorer's units panel, gradient maps, the paper's analyses "
+               "(zfserve report), the layer table of zfserve info and ModelInfo", {LAYERED: "yes"}),
+    "train": ("zfserve train", {LAYERED: "yes (ZFNet)"}),
 }
 
 
@@ -55,10 +62,10 @@ def require(config, capability: str, what: str | None = None) -> None:
 
 
 def table_markdown() -> str:
-    """The README's table of what runs on which kind of model."""
+    """The README's table of what runs on which kind of model (refused where it says "-")."""
     rows = ["| capability | ZFNet's family (ZFNet, AlexNet, VGG) | ONNX model |", "|---|---|---|"]
     for description, kinds in CAPABILITIES.values():
-        rows.append(f"| {description} | {'yes' if LAYERED in kinds else '-'} | {'yes' if ONNX in kinds else '-'} |")
+        rows.append(f"| {description} | {kinds.get(LAYERED, '-')} | {kinds.get(ONNX, '-')} |")
     return "\n".join(rows)
 
 

@@ -64,7 +64,9 @@ def cmd_index(args) -> int:
     checks.integer(args.seed, "seed", 0, label="--seed")
     from ..paper.unit_index import build_index
     from ..weights import read_snapshot
+    from ..capabilities import require
     snapshot = read_snapshot(args.model)
+    require(snapshot.config, "layers", "zfserve index (the top-9 of the layers' units)")
     layers = _layers(args.layers, snapshot.config.conv_layers)
     index = build_index(snapshot, args.data, n=args.n, seed=args.seed, layers=layers,
                         batch_size=args.batch_size, progress=None if args.quiet else _progress_printer())

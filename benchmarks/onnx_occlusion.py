@@ -1,0 +1,168 @@
+"""Occlusion on an ONNX model: zfserve vs Captum ``Occlusion`` on the same PyTorch ResNet-18, same run.
+
+Workload: a torchvision-layout ResNet-18 (tests/onnx_models.py: random weights, seeded, 1000 classes) exported
+to ONNX and imported (``zfserve.import_onnx``), input 224, window 32, stride 16 = 13 x 13 = 169 positions, fill 0
+(the mean), the target the class predicted on the intact image. Contenders:
+- zfserve fp32: the exact sweep of an ONNX model (every position, ONNX Runtime fp32: brute force, batched);
+- zfserve int8: the ONNX Runtime and OpenVINO int8 sweeps of the int8 graph (calibrated on held-out synthetic
+  images, which passed the accuracy gate), each agreement-checked against fp32 on ``--images`` images: the
+  per-image location of the largest probability drop must be the same window;
+- Captum: ``Occlusion(softmax(model)).attribute`` with the best ``perturbations_per_eval`` of 16/32/64/169
+  (chosen on the first image), ``torch.no_grad()``, the same threads.
+Speed: ``--rounds`` rounds over ``--speed-images`` images, each round running every contender in turn (so load
+bursts fall on all), medians per contender; ratios = Captum / contender. zfserve's fp32 attribution is checked
+against Captum's (1e-5) before any figure is written.
+
+    .venv/bin/python benchmarks/onnx_occlusion.py --out benchmarks/results/cpu-2core-2026-12-06-onnx.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import onnx_models as om  # noqa: E402
+
+WINDOW, STRIDE = 32, 16
+PPE = (16, 32, 64, 169)
+OUTPUTS = ("probability", "attribution")
+
+
+def setup(root: Path, threads: int):
+    from zfserve.engine.occlusion_modes import EXACT_MODE, OcclusionEngines, OcclusionMode
+    from zfserve.engine.quantize import Int8Settings, ensure_int8
+    from zfserve.export import ensure_onnx
+    from zfserve.import_onnx import import_onnx
+    from zfserve.weights import read_snapshot
+    model, path = om.export_named("resnet18", root)
+    directory = import_onnx(path, om.classes_file(root, 1000), root / "resnet18")
+    snapshot = read_snapshot(directory)
+    t0 = time.perf_counter()
+    int8 = ensure_int8(ensure_onnx(snapshot), snapshot.config, Int8Settings(calibration="synthetic"))
+    made = time.perf_counter() - t0
+    engines = OcclusionEngines(snapshot, threads=threads, batch_size=32)
+    modes = {"zfserve onnxruntime fp32 (exact)": EXACT_MODE,
+             "zfserve onnxruntime int8": OcclusionMode("onnxruntime", "int8"),
+             "zfserve openvino int8": OcclusionMode("openvino", "int8")}
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        modes.pop("zfserve openvino int8")
+    return model, snapshot, engines, modes, int8, made
+
+
+def images(snapshot, n: int, seed: int = 3) -> np.ndarray:
+    from zfserve.data import render_images
+    from zfserve.preprocess import to_input
+    return np.stack([to_input(image, snapshot.config) for image in render_images(seed, range(n))])
+
+
+def captum(model, x: np.ndarray, target: int, ppe: int) -> np.ndarray:
+    from captum.attr import Occlusion
+    occlusion = Occlusion(lambda batch: torch.softmax(model(batch), dim=1))
+    with torch.no_grad():
+        return occlusion.attribute(torch.from_numpy(x)[None], sliding_window_shapes=(3, WINDOW, WINDOW),
+                                   strides=(3, STRIDE, STRIDE), baselines=0.0, target=int(target),
+                                   perturbations_per_eval=ppe)[0].numpy()
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def speed(model, engines, modes, xs, targets, rounds: int) -> dict:
+    """Median seconds per image of every contender, rounds interleaved."""
+    best = {}
+    for ppe in PPE:   # Captum's best batching, on the first image
+        best[ppe] = timed(lambda: captum(model, xs[0], targets[0], ppe))[0]
+    ppe = min(best, key=best.get)
+    ours = engines.sweep(xs[0], modes["zfserve onnxruntime fp32 (exact)"], window=WINDOW, stride=STRIDE,
+                         target=int(targets[0]), outputs=OUTPUTS)
+    theirs = captum(model, xs[0], targets[0], ppe)
+    diff = float(np.abs(ours.attribution - theirs.mean(0)).max())
+    assert diff <= 1e-5, f"attribution differs from Captum's by {diff}"
+    for mode in modes.values():   # warm: sessions built, first-run allocations paid
+        engines.sweep(xs[0], mode, window=WINDOW, stride=STRIDE, target=int(targets[0]), outputs=OUTPUTS)
+    seconds = {name: [] for name in [*modes, f"captum ppe={ppe}"]}
+    for _ in range(rounds):
+        for x, target in zip(xs, targets):
+            for name, mode in modes.items():
+                seconds[name].append(timed(lambda: engines.sweep(x, mode, window=WINDOW, stride=STRIDE,
+                                                                  target=int(target), outputs=OUTPUTS))[0])
+            seconds[f"captum ppe={ppe}"].append(timed(lambda: captum(model, x, target, ppe))[0])
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    baseline = medians[f"captum ppe={ppe}"]
+    return {"captum_ppe_search_s": best, "captum_ppe": ppe, "attribution_max_diff_vs_captum": diff,
+            "seconds_per_image": medians, "samples": seconds,
+            "speedup_vs_captum": {name: baseline / value for name, value in medians.items()}}
+
+
+def agreement(engines, modes, xs, targets) -> dict:
+    """Per fast mode: the share of images whose largest-drop window is fp32's (strictly, and allowing windows
+    whose fp32 drop ties with the largest within 1e-3)."""
+    exact_mode = modes["zfserve onnxruntime fp32 (exact)"]
+    maps = {name: [engines.sweep(x, mode, window=WINDOW, stride=STRIDE, target=int(t), outputs=("probability",))
+                   .probability for x, t in zip(xs, targets)] for name, mode in modes.items()}
+    exact = maps.pop("zfserve onnxruntime fp32 (exact)")
+    del exact_mode
+    out = {}
+    for name, fast in maps.items():
+        strict = [int(np.argmin(e)) == int(np.argmin(f)) for e, f in zip(exact, fast)]
+        tied = [e.flat[int(np.argmin(f))] - e.min() <= 1e-3 for e, f in zip(exact, fast)]
+        out[name] = {"images": len(exact), "location_agreement": float(np.mean(strict)),
+                     "location_agreement_with_ties": float(np.mean(tied)),
+                     "max_abs_probability_diff": float(max(np.abs(e - f).max() for e, f in zip(exact, fast))),
+                     "fp32_largest_drop_median": float(np.median([e.max() - e.min() for e in exact]))}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=100, help="images of the location-agreement check (default 100)")
+    p.add_argument("--speed-images", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="zfserve-onnx-bench.") as tmp:
+        os.environ.setdefault("ZFSERVE_CACHE_DIR", str(Path(tmp) / "cache"))
+        model, snapshot, engines, modes, int8, made = setup(Path(tmp), args.threads)
+        xs = images(snapshot, max(args.images, args.speed_images))     # held out: seed 3
+        targets = engines.runtime_engine("onnxruntime", "fp32").classifier.probabilities(xs).argmax(1)
+        from zfserve.export import read_metadata
+        gate = json.loads(read_metadata(int8)["zfserve.accuracy"])
+        result = {"workload": {"model": "ResNet-18 (torchvision layout, random weights, 1000 classes, "
+                                        "tests/onnx_models.py)", "images": "synthetic, seed 3 (held out)",
+                               "input": 224, "window": WINDOW, "stride": STRIDE, "positions": 169,
+                               "threads": args.threads, "fill": 0.0, "target": "predicted class"},
+                  "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                              "load_average_at_start": os.getloadavg()},
+                  "int8": {"seconds_to_make": round(made, 1), "accuracy_gate": gate}}
+        result["speed"] = speed(model, engines, modes, xs[:args.speed_images], targets[:args.speed_images],
+                                args.rounds)
+        print(json.dumps(result["speed"]["speedup_vs_captum"], indent=2), flush=True)
+        result["agreement"] = agreement(engines, modes, xs[:args.images], targets[:args.images])
+        result["machine"]["load_average_at_end"] = os.getloadavg()
+    print(json.dumps({k: result[k] for k in ("agreement",)}, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
