@@ -6,7 +6,6 @@ explorer page serves the ONNX model (upload, top-5, a finished occlusion map, th
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import signal
@@ -16,11 +15,11 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import onnx_models as om
 from test_explorer_page import (CHROMEDRIVER, CHROMIUM, HAVE_SELENIUM, MISSING, ExplorerServer, _browser, by_id,
                                 canvas_pixels, open_page, predictions, script_errors, upload, wait)
+from test_family_server import _jpeg
 from test_onnx_explain import brute_force
 from zfserve.import_onnx import import_onnx
 from zfserve.preprocess import load_image
@@ -52,13 +51,6 @@ def server(repository, tmp_path_factory):
                          env={"ZFSERVE_CACHE_DIR": str(tmp_path_factory.mktemp("onnx-cache"))})
     yield srv
     srv.stop()
-
-
-def _jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (200, 260, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _pytorch(model, x: np.ndarray, output: str) -> np.ndarray:

@@ -181,8 +181,9 @@ def cmd_export(args) -> int:
         source = dict(weights_sha256=snapshot.sha256, weights_source=WEIGHTS_FILE) if snapshot.directory else {}
         path = export_onnx(snapshot.model(), path, extra_outputs=extra, opset=args.opset, **source)
     meta = read_metadata(path)
+    reference = "model.onnx" if read_snapshot(args.model).onnx_bytes is not None else "PyTorch"
     print(f"{path}: {path.stat().st_size / 1e6:.1f} MB, outputs {', '.join(json.loads(meta[META_OUTPUTS]))}, "
-          f"weights sha256 {meta[META_WEIGHTS_HASH][:16]}, checked against PyTorch")
+          f"weights sha256 {meta[META_WEIGHTS_HASH][:16]}, checked against {reference}")
     _ensure_ood(args, read_snapshot(args.model))
     return 0
 
