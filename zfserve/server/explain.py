@@ -23,11 +23,11 @@ MAX_DECONV_UNITS = 96
 
 def sweep(model, image, job, *, asked: dict, gated: bool, **args):
     """One occlusion sweep of the preprocessed ``image`` on ``model`` (a runtime) in the mode asked for (or the
-    gate's), stopped by ``job`` (cancellation, deadline) at its next progress report."""
+    gate's), stopped by ``job`` (cancellation, deadline) at its next check: between the exact engine's stages."""
     mode, note = resolve_mode(model, asked, gated, args["window"], args["stride"])
     engines = model.occlusion_engines()
     job.check()
-    result = engines.sweep(image, mode, progress=job.progress, **args)
+    result = engines.sweep(image, mode, progress=job.progress, check=job.check, **args)
     result.gate = note
     return result
 
