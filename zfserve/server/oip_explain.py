@@ -18,7 +18,8 @@ unmodified OIP client (tritonclient, KServe's, perf_analyzer) gets heatmaps: ten
 Settings are request parameters, not inputs (generic clients send every declared input): occlusion ``window``,
 ``stride``, ``target``, ``fill`` ("mean", a number, or "r,g,b", in network-input units); deconv ``layer``,
 ``top_k``, ``units`` ("channel,y,x;channel,y,x"). Each is checked, naming ``parameters.<name>`` and the accepted
-range; ModelConfig lists them in its parameters. ``timeout`` (microseconds) lowers the call's deadline. The
+range (an unknown one is refused, except Triton's own ``triton_*``); ModelConfig lists them in its parameters.
+``timeout`` (microseconds) lowers the call's deadline. The
 response parameters say the zfserve ``model_version`` and the settings used, and for deconv the ``interpretation``
 (a projection is a feature visualisation, not an attribution of the class decision).
 
@@ -40,8 +41,10 @@ from . import explain
 
 HEATMAP, PROBABILITIES, TARGET = "heatmap", "probabilities", "target"
 PROJECTIONS, UNITS, ACTIVATIONS, BOXES = "projections", "units", "activations", "boxes"
-# Request parameters every model takes (Triton's; ``priority`` is accepted and ignored).
+# Request parameters every model takes (Triton's; ``priority`` is accepted and ignored), and the prefix Triton
+# reserves for its own (perf_analyzer sends triton_enable_empty_final_response with request parameters): ignored.
 COMMON_PARAMETERS = ("timeout", "priority")
+RESERVED_PREFIX = "triton_"
 PLATFORMS = {OCCLUSION: "zfserve_occlusion", DECONV: "zfserve_deconv"}
 DATATYPES = {"FP32": mc.TYPE_FP32, "INT64": mc.TYPE_INT64, "BYTES": mc.TYPE_STRING}
 
@@ -125,7 +128,8 @@ def _settings(request, model, runtime) -> dict:
     """The request's parameters, checked, as the keyword arguments of the engine call."""
     params = {key: _value(value) for key, value in request.parameters.items()}
     accepted = accepted_parameters(model.task, runtime)
-    unknown = sorted(set(params) - set(accepted) - set(COMMON_PARAMETERS))
+    unknown = sorted(key for key in set(params) - set(accepted) - set(COMMON_PARAMETERS)
+                     if not key.startswith(RESERVED_PREFIX))
     if unknown:
         raise InvalidArgumentError(f"parameters: {', '.join(map(repr, unknown))} not accepted by model {model.name!r};"
                                    f" accepted: {', '.join((*accepted, *COMMON_PARAMETERS))}", field="parameters")
