@@ -8,7 +8,6 @@ OcclusionSweep and DeconvProject with the OIP models'; and a cancelled OIP occlu
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -20,9 +19,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
+from test_interop import _jpeg
 from torchvision_reference import randomize, reference
 from zfserve.import_torchvision import import_torchvision
 from zfserve.preprocess import load_image
@@ -70,13 +69,6 @@ def triton_http(server):
     client = th.InferenceServerClient(server.http, network_timeout=300, connection_timeout=300)
     yield client
     client.close()
-
-
-def _jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (240, 300, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _brute_force_heatmaps(directory, images: np.ndarray, window: int, stride: int):
@@ -361,8 +353,8 @@ def test_a_cancelled_oip_occlusion_call_stops_the_sweep(tmp_path):
             return (sum(process.cpu_times()[:2]) - start) / seconds
 
         answers = []
-        call = client.async_infer("zfnet-demo-occlusion", _inputs(tc, x, None), callback=lambda result, error: answers.append((result, error)),
-                                  parameters={"window": 8, "stride": 4})
+        call = client.async_infer("zfnet-demo-occlusion", _inputs(tc, x, None), parameters={"window": 8, "stride": 4},
+                                  callback=lambda result, error: answers.append((result, error)))
         running = time.monotonic() + 60
         while busy(0.2) < 0.5:
             assert time.monotonic() < running, "the sweep never started"

@@ -1,6 +1,6 @@
-"""Serving the HTTP side (:mod:`.http`'s routes: :mod:`.rest`, :mod:`.kserve_v1` and :mod:`.explorer_api`) and ``/metrics``: the
-Starlette app, and :class:`~.http_listener.HttpListener` on the gRPC server's event loop for each port
-(``zfserve serve --http-port`` / ``--metrics-port``), under one :class:`~.http_guard.HttpPolicy` each and one
+"""Serving the HTTP side (:mod:`.http`'s routes: :mod:`.rest`, :mod:`.kserve_v1` and :mod:`.explorer_api`) and
+``/metrics``: the Starlette app, and :class:`~.http_listener.HttpListener` on the gRPC server's event loop for each
+port (``zfserve serve --http-port`` / ``--metrics-port``), under one :class:`~.http_guard.HttpPolicy` each and one
 shared :class:`~.http_listener.ByteBudget`.
 
 Why a listener of our own rather than uvicorn: uvicorn (0.55, httptools) has no limit on a request head's size
@@ -22,8 +22,8 @@ log = logging.getLogger("zfserve.server")
 
 
 def build_app(state, oip, zfserve, max_body_bytes: int, parse_pool=None):
-    """The Starlette app: OIP REST and KServe v1 (``oip``: the InferenceServicer), the page's API and files (``zfserve``: the
-    ZFServeServicer); ``parse_pool`` parses REST infer bodies off the event loop."""
+    """The Starlette app: OIP REST and KServe v1 (``oip``: the InferenceServicer), the page's API and files
+    (``zfserve``: the ZFServeServicer); ``parse_pool`` parses REST infer bodies off the event loop."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
 
