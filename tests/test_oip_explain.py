@@ -291,6 +291,10 @@ def test_kserve_v1_errors_and_limits(server):
     with httpx.Client(base_url=base, timeout=120) as web:
         assert web.get("/v1/models").json() == {"models": ["alexnet", "zfnet-demo"]}
         assert web.get("/v1/models/alexnet").json() == {"name": "alexnet", "ready": True}
+        # zfnet-demo answers ModelInfer with its out-of-distribution tensors too; v1 predicts the probabilities.
+        jpeg = base64.b64encode(_jpeg(10)).decode()
+        got = web.post("/v1/models/zfnet-demo:predict", json={"instances": [{"b64": jpeg}]}).json()
+        assert np.asarray(got["predictions"]).shape == (1, 11) and abs(sum(got["predictions"][0]) - 1) < 1e-5
         cases = [
             ("/v1/models/absent:predict", {"instances": [{"b64": ""}]}, 404, "model: unknown model 'absent'"),
             ("/v1/models/alexnet:predict", {"instances": []}, 400, "instances: missing or empty"),

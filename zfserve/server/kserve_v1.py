@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .._proto.inference import grpc_service_pb2 as pb
-from ..wire import BYTES_INPUT, CLASSIFY, IMAGE_INPUT, OCCLUSION, encode_bytes_elements, oip_model_name
+from ..wire import BYTES_INPUT, CLASSIFY, IMAGE_INPUT, OCCLUSION, OIP_DTYPES, encode_bytes_elements, oip_model_name
 from .http import HttpContext, HttpError, copy_parameters, http_error, read_body
 from .http_body import load_json, numbers
 from .http_guard import with_limit
@@ -79,8 +79,7 @@ def _infer_request(doc, model: str, task: str) -> pb.ModelInferRequest:
 
 
 def _outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    return {tensor.name: np.frombuffer(raw, dtype="<i8" if tensor.datatype == "INT64" else "<f4")
-            .reshape([int(s) for s in tensor.shape])
+    return {tensor.name: np.frombuffer(raw, dtype=OIP_DTYPES[tensor.datatype]).reshape([int(s) for s in tensor.shape])
             for tensor, raw in zip(response.outputs, response.raw_output_contents)}
 
 
