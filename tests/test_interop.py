@@ -107,6 +107,14 @@ def test_metadata_and_config_agree_for_every_model(triton):
                 assert tensor.datatype == datatypes[entry.data_type], (name, tensor.name)
         assert len(meta.inputs) == 1   # generic clients send every declared input: one per model
         assert [t.name for t in meta.inputs] == ["image_bytes" if name.endswith("-bytes") else "image"]
+        # And the answers carry exactly the declared outputs, datatypes and shapes (-1: any size).
+        inp = _bytes_input([_jpeg(1), _jpeg(2)]) if name.endswith("-bytes") else _tensor_input(_images(2, seed=1))
+        settings = {"window": 112, "stride": 112} if "-occlusion" in name else None
+        response = triton.infer(name, [inp], parameters=settings).get_response()
+        assert [(t.name, t.datatype) for t in response.outputs] == [(t.name, t.datatype) for t in meta.outputs]
+        for tensor, declared in zip(response.outputs, meta.outputs):
+            assert len(tensor.shape) == len(declared.shape), (name, tensor.name)
+            assert all(d in (-1, s) for s, d in zip(tensor.shape, declared.shape)), (name, tensor.name)
 
 
 def test_config_limits_are_the_enforced_ones(triton, classifier):
