@@ -77,8 +77,8 @@ def _input_data_module():
     return module
 
 
-def write_jpeg_input_data(path: Path, count: int = 8, seed: int = 0) -> Path:
-    """perf_analyzer --input-data with ``count`` JPEGs of the synthetic set (the embedded model's classes)."""
+def synthetic_jpegs(count: int = 8, seed: int = 0) -> list[bytes]:
+    """``count`` JPEGs of the synthetic set (the embedded model's classes)."""
     from PIL import Image
 
     from zfserve.data import render_images
@@ -87,19 +87,39 @@ def write_jpeg_input_data(path: Path, count: int = 8, seed: int = 0) -> Path:
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
         jpegs.append(buf.getvalue())
-    path.write_text(json.dumps(_input_data_module().input_data(jpegs)))
+    return jpegs
+
+
+def write_jpeg_input_data(path: Path, count: int = 8, seed: int = 0) -> Path:
+    """perf_analyzer --input-data with ``count`` JPEGs of the synthetic set (the embedded model's classes)."""
+    path.write_text(json.dumps(_input_data_module().input_data(synthetic_jpegs(count, seed))))
+    return path
+
+
+def write_tensor_input_data(path: Path, images) -> Path:
+    """perf_analyzer --input-data sending each preprocessed float32 (3, S, S) image of ``images`` to a model's
+    ``image`` input in turn (base64 of the raw little-endian floats)."""
+    import base64
+
+    import numpy as np
+    data = [{"image": {"b64": base64.b64encode(np.ascontiguousarray(image, dtype="<f4").tobytes()).decode()}}
+            for image in images]
+    path.write_text(json.dumps({"data": data}))
     return path
 
 
 def command(binary: str, model: str, target: str, concurrency: str, input_data: Path | None = None,
-            request_count: int = 200, stability_percentage: int | None = None, protocol: str = "grpc") -> list[str]:
+            request_count: int = 200, stability_percentage: int | None = None, protocol: str = "grpc",
+            parameters: dict[str, int] | None = None) -> list[str]:
     """The perf_analyzer command line. ``stability_percentage`` widens perf_analyzer's stability test (default
     10%: three windows within 10% of each other), for runs that check behaviour rather than measure on a busy
-    host."""
+    host; ``parameters`` are integer request parameters (an explanation model's settings)."""
     cmd = [binary, "-m", model, "-i", protocol, "-u", target, "--concurrency-range", concurrency,
            "--measurement-mode", "count_windows", "--measurement-request-count", str(request_count)]
     if stability_percentage is not None:
         cmd += ["--stability-percentage", str(stability_percentage)]
+    for name, value in (parameters or {}).items():
+        cmd += ["--request-parameter", f"{name}:{int(value)}:int"]
     return cmd + (["--input-data", str(input_data)] if input_data else [])
 
 

@@ -185,6 +185,9 @@ KSERVE_BROKEN = {
     "minReplicas as a string": (INFERENCE_SERVICE, lambda d: d["spec"]["predictor"].update(minReplicas="1"),
                                 "minReplicas: expected int"),
     "container without a name": (SERVING_RUNTIME, lambda d: d["spec"]["containers"][0].pop("name"), "name"),
+    "explainer's misspelled containers": (INFERENCE_SERVICE, lambda d: _rename(d["spec"]["explainer"], "containers",
+                                                                              "container"),
+                                          "V1beta1ExplainerSpec has no field 'container'"),
 }
 
 
@@ -280,6 +283,31 @@ def test_the_inference_service_selects_the_runtime():
     assert re.fullmatch(r"(pvc|s3|gs|https?)://\S+", model["storageUri"])
     args = serve_args(runtime["spec"]["containers"][0]["args"])
     assert cpu_request(model) == args.threads
+
+
+def test_the_explainer_serves_kserve_v1_from_the_predictors_models():
+    """The explainer component: zfserve serving KServe's v1 HTTP protocol on KServe's port, from the same PVC the
+    predictor's storageUri names, answering to the service's host name, probed on its health routes."""
+    service = one(INFERENCE_SERVICE)
+    explainer = service["spec"]["explainer"]
+    (container,) = explainer["containers"]
+    assert container["name"] == "kserve-container"
+    args = serve_args(container["args"])
+    assert (args.host, args.http_port, args.allowed_hosts) == ("0.0.0.0", 8080, "*")
+    assert container["ports"] == [{"name": "http1", "containerPort": args.http_port, "protocol": "TCP"}]
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": args.http_port}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in explainer["volumes"]}
+    assert set(mounts) <= set(volumes)
+    models = mounts["models"]
+    assert models["mountPath"] == args.model_repository and models["readOnly"] is True
+    claim, path = re.fullmatch(r"pvc://([^/]+)/(.+)", _model(service)["storageUri"]).groups()
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == claim and models["subPath"] == path
+    assert_non_root(container["securityContext"])
+    assert_cache_is_writable(container)
+    assert k8s_error({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "explainer"},
+                      "spec": {"containers": [container], "volumes": explainer["volumes"]}}) is None
 
 
 def test_the_plain_deployment_matches_zfserve_serve():

@@ -104,7 +104,8 @@ def test_tritonclient_http_and_grpc_agree(server, classifier):
 
 def test_repository_routes_over_http(server, web):
     index = web.post("/v2/repository/index").json()
-    assert [(m["name"], m["state"]) for m in index] == [("tiny", "READY"), ("tiny-bytes", "READY")]
+    assert [(m["name"], m["state"]) for m in index] == [(f"tiny{suffix}", "READY") for suffix in (
+        "", "-bytes", "-deconv", "-deconv-bytes", "-occlusion", "-occlusion-bytes")]
     assert web.post("/v2/repository/models/tiny/unload", json={"parameters": {"unload_dependents": False}}
                     ).status_code == 200
     try:

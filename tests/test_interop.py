@@ -89,22 +89,32 @@ def _bytes_input(images: list[bytes]):
 # ------------------------------------------------------------------------------------------------ conformance
 def test_metadata_and_config_agree_for_every_model(triton):
     from tritonclient.grpc import model_config_pb2 as mc
-    datatypes = {mc.TYPE_FP32: "FP32", mc.TYPE_STRING: "BYTES"}
+    datatypes = {mc.TYPE_FP32: "FP32", mc.TYPE_STRING: "BYTES", mc.TYPE_INT64: "INT64", mc.TYPE_BOOL: "BOOL"}
     names = [m.name for m in triton.get_model_repository_index().models]
-    assert names == ["tiny", "tiny-bytes"]
+    assert names == ["tiny", "tiny-bytes", "tiny-deconv", "tiny-deconv-bytes", "tiny-occlusion",
+                     "tiny-occlusion-bytes"]
     for name in names:
         meta = triton.get_model_metadata(name)
         config = triton.get_model_config(name).config
-        assert config.name == name and config.max_batch_size == MAX_IMAGES
+        # Deconv answers per unit, not per image: no batch dimension (its shapes are whole).
+        assert config.name == name and config.max_batch_size == (0 if "-deconv" in name else MAX_IMAGES)
+        batch = [-1] if config.max_batch_size else []
         for declared, configured in ((meta.inputs, config.input), (meta.outputs, config.output)):
             assert [t.name for t in declared] == [t.name for t in configured]
             for tensor, entry in zip(declared, configured):
                 # perf_analyzer's rule: with max_batch_size > 0 the metadata shape is [-1] + the config dims.
-                assert list(tensor.shape) == [-1, *entry.dims], (name, tensor.name)
+                assert list(tensor.shape) == [*batch, *entry.dims], (name, tensor.name)
                 assert tensor.datatype == datatypes[entry.data_type], (name, tensor.name)
         assert len(meta.inputs) == 1   # generic clients send every declared input: one per model
-    assert [t.name for t in triton.get_model_metadata("tiny").inputs] == ["image"]
-    assert [t.name for t in triton.get_model_metadata("tiny-bytes").inputs] == ["image_bytes"]
+        assert [t.name for t in meta.inputs] == ["image_bytes" if name.endswith("-bytes") else "image"]
+        # And the answers carry exactly the declared outputs, datatypes and shapes (-1: any size).
+        inp = _bytes_input([_jpeg(1), _jpeg(2)]) if name.endswith("-bytes") else _tensor_input(_images(2, seed=1))
+        settings = {"window": 112, "stride": 112} if "-occlusion" in name else None
+        response = triton.infer(name, [inp], parameters=settings).get_response()
+        assert [(t.name, t.datatype) for t in response.outputs] == [(t.name, t.datatype) for t in meta.outputs]
+        for tensor, declared in zip(response.outputs, meta.outputs):
+            assert len(tensor.shape) == len(declared.shape), (name, tensor.name)
+            assert all(d in (-1, s) for s, d in zip(tensor.shape, declared.shape)), (name, tensor.name)
 
 
 def test_config_limits_are_the_enforced_ones(triton, classifier):
@@ -188,7 +198,8 @@ def test_statistics_count_every_request_and_its_durations(server, triton):
         assert all(1 <= b.batch_size <= MAX_IMAGES for b in entry.batch_stats)
         assert entry.last_inference >= old.last_inference > 0
     every = triton.get_inference_statistics("").model_stats
-    assert [m.name for m in every] == ["tiny", "tiny-bytes"]
+    assert [m.name for m in every] == ["tiny", "tiny-bytes", "tiny-occlusion", "tiny-occlusion-bytes", "tiny-deconv",
+                                       "tiny-deconv-bytes"]
     with pytest.raises(InferenceServerException) as info:
         triton.get_inference_statistics("tiny", model_version="7")
     assert info.value.status() == "StatusCode.NOT_FOUND"
@@ -199,8 +210,9 @@ def test_repository_index_unload_and_load(server, triton, classifier):
     from tritonclient.utils import InferenceServerException
     version = server.server.repository.get("tiny").runtime.oip_version
     index = triton.get_model_repository_index().models
-    assert [(m.name, m.version, m.state, m.reason) for m in index] == [
+    assert [(m.name, m.version, m.state, m.reason) for m in index][:2] == [
         ("tiny", version, "READY", ""), ("tiny-bytes", version, "READY", "")]
+    assert len(index) == 6 and {(m.version, m.state) for m in index} == {(version, "READY")}
     x = _images(2, seed=12)
     try:
         triton.unload_model("tiny-bytes")     # both OIP models share the runtime: both go
@@ -240,7 +252,7 @@ def test_load_and_unload_need_explicit_model_control(model_dir):
             assert info.value.status() == "StatusCode.FAILED_PRECONDITION"
             assert "--model-control explicit" in info.value.message()
         assert client.is_model_ready("tiny")
-        assert [m.state for m in client.get_model_repository_index().models] == ["READY", "READY"]
+        assert [m.state for m in client.get_model_repository_index().models] == ["READY"] * 6
         client.close()
 
 
@@ -248,10 +260,11 @@ def test_colliding_oip_names_are_refused(model_dir, tmp_path):
     import shutil
     from zfserve.errors import InvalidArgumentError
     from zfserve.server import ZFServer
-    for name in ("m", "m-bytes"):
-        shutil.copytree(model_dir, tmp_path / name)
-    with pytest.raises(InvalidArgumentError, match="'m' and 'm-bytes' collide"):
-        ZFServer(ServerOptions(port=0, model_repository=str(tmp_path)))
+    for other in ("m-bytes", "m-occlusion"):
+        for name in ("m", other):
+            shutil.copytree(model_dir, tmp_path / other / name)
+        with pytest.raises(InvalidArgumentError, match=f"'m' and '{other}' collide"):
+            ZFServer(ServerOptions(port=0, model_repository=str(tmp_path / other)))
 
 
 # ------------------------------------------------------------------------------------------------ clients

@@ -86,6 +86,20 @@ def test_bytes_model_with_real_jpegs(perf_analyzer, plain_server, tmp_path):
     assert all(r["server"]["compute_input_us"] > 0 for r in rows)   # decoding is the bytes model's input stage
 
 
+def test_occlusion_models_with_real_images(perf_analyzer, plain_server, tmp_path):
+    """NAME-occlusion (the preprocessed images as a tensor input data file) and NAME-occlusion-bytes (the JPEGs),
+    with the sweep's settings as request parameters (9 positions: a short run)."""
+    from zfserve.preprocess import load_images
+    from zfserve.weights import read_snapshot
+    jpegs = sweep.write_jpeg_input_data(tmp_path / "jpegs.json", count=2)
+    images = load_images(sweep.synthetic_jpegs(count=2), read_snapshot("zfnet-demo").config)
+    tensors = sweep.write_tensor_input_data(tmp_path / "tensors.json", images)
+    settings = {"window": 112, "stride": 56}
+    for model, data in (("zfnet-demo-occlusion", tensors), ("zfnet-demo-occlusion-bytes", jpegs)):
+        _run(sweep.command(perf_analyzer, model, plain_server, "1:2", data, request_count=6,
+                           stability_percentage=STABILITY, parameters=settings))
+
+
 def test_parse_reads_perf_analyzer_output():
     """The parser on a fixed perf_analyzer 2.51 report (so a format change fails here, not silently)."""
     report = """Request concurrency: 3

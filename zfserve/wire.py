@@ -358,11 +358,14 @@ def occlusion_result(r: pb.OcclusionResponse) -> OcclusionResult:
 
 
 # ---------------------------------------------------------------------------------------------- OIP
-# Each model NAME is two OIP models, one per input kind, so that metadata and config say exactly what a
-# request carries (perf_analyzer and other generic clients send every input a model declares).
+# Each model NAME is several OIP models: one per task (classification, and the explanations occlusion and deconv)
+# and input kind, so that metadata and config say exactly what a request carries (perf_analyzer and other generic
+# clients send every input a model declares). The task's suffix comes first: NAME-occlusion-bytes.
 IMAGE_INPUT = "image"          # model NAME:        FP32 [-1, 3, S, S], preprocessed images
 BYTES_INPUT = "image_bytes"    # model NAME-bytes:  BYTES [-1, 1] (or [-1]), encoded JPEG / PNG / WebP images
 BYTES_MODEL_SUFFIX = "-bytes"
+CLASSIFY, OCCLUSION, DECONV = "classify", "occlusion", "deconv"
+TASK_SUFFIXES = {CLASSIFY: "", OCCLUSION: "-occlusion", DECONV: "-deconv"}
 
 
 def oip_version(version: str) -> str:
@@ -373,9 +376,17 @@ def oip_version(version: str) -> str:
     return str(int(hashlib.sha256(version.encode()).hexdigest()[:13], 16))
 
 
-def oip_model_name(model: str, input_name: str) -> str:
-    """The OIP name of ``model``'s ``input_name`` kind."""
-    return model + BYTES_MODEL_SUFFIX if input_name == BYTES_INPUT else model
+def oip_model_name(model: str, input_name: str, task: str = CLASSIFY) -> str:
+    """The OIP name of ``model``'s ``task`` with ``input_name``, e.g. NAME-occlusion-bytes."""
+    return model + TASK_SUFFIXES[task] + (BYTES_MODEL_SUFFIX if input_name == BYTES_INPUT else "")
+
+
+def parse_oip_model_name(name: str) -> list[tuple[str, str, str]]:
+    """Every (model, input name, task) whose OIP name is ``name`` (the caller keeps the one it serves)."""
+    input_name, rest = (BYTES_INPUT, name[:-len(BYTES_MODEL_SUFFIX)]) if name.endswith(BYTES_MODEL_SUFFIX) \
+        else (IMAGE_INPUT, name)
+    return [(rest[:len(rest) - len(suffix)], input_name, task) for task, suffix in TASK_SUFFIXES.items()
+            if rest.endswith(suffix) and len(rest) > len(suffix)]
 
 
 def infer_input(request, input_name: str, input_size: int, max_images: int, model: str = "model"):

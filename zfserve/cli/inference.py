@@ -433,6 +433,7 @@ def add_serve(sub) -> None:
     g = p.add_argument_group("operations (SIGHUP reloads the models' files; SIGTERM shuts down)")
     g.add_argument("--http-port", type=int, default=None,
                    help="also serve HTTP on this port (0 = a free one): the Open Inference Protocol's REST API (/v2), "
+                        "KServe's v1 protocol (/v1: predict, explain), "
                         "the explorer page (/) and its API; same auth and TLS; default off")
     g.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus /metrics on this port (with --auth-token-file it needs the token too; the "

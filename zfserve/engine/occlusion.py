@@ -144,13 +144,16 @@ class OcclusionEngine:
               target: int | None = None,
               outputs: Sequence[str] = OUTPUTS, layer: str | None = None, channel: int | None = None,
               attribution_on: str = "probability", progress: Callable[[int, int], None] | None = None,
-              fill_units: str = "input", max_positions: int | None = None) -> OcclusionResult:
+              fill_units: str = "input", max_positions: int | None = None,
+              check: Callable[[], None] | None = None) -> OcclusionResult:
         """Slide a ``window`` square with ``stride`` over ``image`` (a (3, 224, 224) network input) and return
         the maps named in ``outputs``. ``fill``: ``"mean"`` (0 in input units), a number, or (r, g, b), in
         ``fill_units`` ("input": normalized network units; "pixel": 0..255, normalized like an image).
         ``target``: the class whose probability is mapped (default: the unoccluded top-1). ``layer`` /
         ``channel``: the feature map whose total activation is mapped (default: the last conv layer, the channel
-        strongest on the unoccluded image). ``progress(done, total)`` is called after each batch of positions.
+        strongest on the unoccluded image). ``progress(done, total)`` is called after each batch of positions;
+        ``check()`` before each stage of a batch (one that raises stops the sweep within a stage, where a batch
+        takes up to ~1 s of a CPU core: how a server stops the sweep of a cancelled request at once).
         ``max_positions`` refuses sweeps of more positions (a server's cost cap)."""
         outputs = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         layer = self.last_conv if layer is None else layer
@@ -168,7 +171,8 @@ class OcclusionEngine:
         t0 = time.perf_counter()
         base = self._base_pass(x, fill_map, layer, channel, target, want_activity)
         timings = {"base_s": time.perf_counter() - t0}
-        logits, activity = self._occluded_passes(base, starts, window, layer if want_activity else None, progress)
+        logits, activity = self._occluded_passes(base, starts, window, layer if want_activity else None, progress,
+                                                 check)
         timings["sweep_s"] = time.perf_counter() - t0 - timings["base_s"]
         timings["stages_s"] = dict(self.stage_s)   # summed over the base pass and the sweep
         result = OcclusionResult(
@@ -210,7 +214,8 @@ class OcclusionEngine:
         return _Base(caches, logits, int(logits.argmax()) if target is None else int(target), channel,
                      float(per_channel[channel]))
 
-    def _occluded_passes(self, base: _Base, starts: np.ndarray, window: int, layer: str | None, progress):
+    def _occluded_passes(self, base: _Base, starts: np.ndarray, window: int, layer: str | None, progress,
+                         check=None):
         """Logits (ny, nx, C) float32 of every occluded position and, when ``layer`` is given, the activity of
         its ``base.channel`` (ny, nx) float64; tiles run in batches, the head on batches pooled across groups."""
         count = len(starts)
@@ -224,6 +229,8 @@ class OcclusionEngine:
 
         def run_head():
             nonlocal queue, done
+            if check is not None:
+                check()
             rows = np.concatenate([q[0] for q in queue])
             cols = np.concatenate([q[1] for q in queue])
             last = [q[2] for q in queue]
@@ -247,7 +254,7 @@ class OcclusionEngine:
                     batches.append((gy[iy[part]], gx[ix[part]], plan_y, plan_x, iy[part], ix[part]))
 
         def tile_batch(b):
-            return b, self._tiles(base.caches, b[2], b[3], b[4], b[5], layer, channel=base.channel)
+            return b, self._tiles(base.caches, b[2], b[3], b[4], b[5], layer, channel=base.channel, checkpoint=check)
         for (rows, cols, *_), got in ordered_map(tile_batch, batches, self.workers):   # workers > 1: batches at once
             queue.append((rows, cols, got["last"], got.get("activity")))
             if sum(len(q[0]) for q in queue) >= self.batch_size:
@@ -275,7 +282,7 @@ class OcclusionEngine:
 
     # -------------------------------------------------------------------------------------- one batch
     def _tiles(self, caches, plan_y: tiles.AxisPlan, plan_x: tiles.AxisPlan, by, bx, layer, *, channel=0,
-               want_all=False):
+               want_all=False, checkpoint=None):
         """Recompute the tiles of a batch of positions (``by``/``bx`` index the axis plans): full last-conv maps,
         the activity of ``layer``/``channel`` if it is below the last conv and, with ``want_all``, every map
         (``maps[name]``: a layer's tile as recorded; ``maps["input:" + name]``: what the next stage reads)."""
@@ -286,6 +293,8 @@ class OcclusionEngine:
         act_region = None   # (tile, row0, col0) holding the changed part of the activity layer
         below = None        # (tile the next stage pastes, row0, col0)
         for stage in self.plan:
+            if checkpoint is not None:
+                checkpoint()
             (ay, sy), (ax, sx) = py.tiles[stage.name], px.tiles[stage.name]
             if stage.below is None:
                 made = self._first_stage(stage, caches, py, px, want_all or layer == stage.name,

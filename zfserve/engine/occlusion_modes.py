@@ -169,10 +169,13 @@ class OcclusionEngines:
         engine.classifier.probabilities(np.zeros((1, 3, engine.size, engine.size), np.float32))
 
     def sweep(self, image, mode: OcclusionMode = EXACT_MODE, *, deadline: float | None = None, cancel=None,
-              progress=None, **kwargs):
-        """One sweep in ``mode`` (keyword arguments as the engines' ``sweep``); the result names its mode."""
+              progress=None, check=None, **kwargs):
+        """One sweep in ``mode`` (keyword arguments as the engines' ``sweep``); the result names its mode.
+        ``check()``, which stops the sweep by raising, runs between the exact engine's stages (the batched engines
+        stop at their progress reports, ``deadline`` and ``cancel``)."""
         if mode.exact and self.layered:
-            result = self.exact_engine().sweep(image, progress=_checked(progress, deadline, cancel), **kwargs)
+            result = self.exact_engine().sweep(image, progress=_checked(progress, deadline, cancel), check=check,
+                                               **kwargs)
             result.mode = EXACT_NAME
             return result
         kwargs = self._runtime_arguments(kwargs)

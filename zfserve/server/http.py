@@ -132,6 +132,23 @@ def int64(value, field: str, low: int = _INT64_RANGE[0]) -> int:
     raise HttpError(400, f"{field}: {value!r:.40} is not an integer in {low}..{_INT64_RANGE[1]}", field)
 
 
+def copy_parameters(message, params: dict, field: str = "parameters") -> None:
+    """A REST ``parameters`` object into a protobuf request's parameter map (JSON booleans, integers, numbers and
+    strings: InferParameter's bool, int64, double and string)."""
+    for key, value in _object(params, field).items():
+        slot = message.parameters[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.int64_param = int64(value, f"{field}.{key}")
+        elif isinstance(value, float) and math.isfinite(value):
+            slot.double_param = value
+        elif isinstance(value, str):
+            slot.string_param = value
+        else:
+            raise HttpError(400, f"{field}.{key}: must be a boolean, a number or a string", f"{field}.{key}")
+
+
 def _input_raw(tensor: dict, index: int, binary: memoryview, offset: int) -> tuple[bytes, int]:
     """The raw bytes of one REST input (from the binary section or its JSON ``data``) and the new offset. The
     gRPC handler then checks them against the shape and datatype as it checks raw_input_contents."""
@@ -194,9 +211,8 @@ def parse_infer(body, header_length: str | None, model: str, version: str,
                         "inputs")
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=_string(doc.get("id", ""), "id"))
     params = _object(doc.get("parameters") or {}, "parameters")
-    for key in ("timeout", "priority"):
-        if key in params:
-            request.parameters[key].int64_param = int64(params[key], f"parameters.{key}")
+    # Every parameter travels on (the explanation models' settings among them); the model checks its own.
+    copy_parameters(request, {k: v for k, v in params.items() if k != "binary_data_output"})
     binary_out = bool(params.get("binary_data_output"))
     offset = 0
     for i, tensor in enumerate(doc["inputs"]):
@@ -234,12 +250,16 @@ def infer_response(response: pb.ModelInferResponse, binary: bool) -> tuple[bytes
         else:
             entry["data"] = np.frombuffer(raw, dtype=OIP_DTYPES[tensor.datatype]).tolist()
         outputs.append(entry)
-    head = json.dumps({"model_name": response.model_name, "model_version": response.model_version,
-                       "id": response.id, "outputs": outputs}).encode()
+    answer = {"model_name": response.model_name, "model_version": response.model_version, "id": response.id}
+    if response.parameters:   # e.g. an explanation's settings and zfserve model version
+        answer["parameters"] = {key: getattr(value, value.WhichOneof("parameter_choice"))
+                                for key, value in response.parameters.items()}
+    head = json.dumps({**answer, "outputs": outputs}).encode()
     if not binary:
         return head, {"content-type": "application/json"}
     return head + b"".join(tail), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
 
 
-__all__ = ["HTTP_STATUS", "HEADER_LENGTH", "HttpContext", "HttpError", "http_error", "infer_response", "int64",
+__all__ = ["HTTP_STATUS", "HEADER_LENGTH", "HttpContext", "HttpError", "copy_parameters", "http_error",
+           "infer_response", "int64",
            "parse_infer", "read_body", "to_json"]

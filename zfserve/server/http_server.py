@@ -1,6 +1,6 @@
-"""Serving the HTTP side (:mod:`.http`'s routes: :mod:`.rest` and :mod:`.explorer_api`) and ``/metrics``: the
-Starlette app, and :class:`~.http_listener.HttpListener` on the gRPC server's event loop for each port
-(``zfserve serve --http-port`` / ``--metrics-port``), under one :class:`~.http_guard.HttpPolicy` each and one
+"""Serving the HTTP side (:mod:`.http`'s routes: :mod:`.rest`, :mod:`.kserve_v1` and :mod:`.explorer_api`) and
+``/metrics``: the Starlette app, and :class:`~.http_listener.HttpListener` on the gRPC server's event loop for each
+port (``zfserve serve --http-port`` / ``--metrics-port``), under one :class:`~.http_guard.HttpPolicy` each and one
 shared :class:`~.http_listener.ByteBudget`.
 
 Why a listener of our own rather than uvicorn: uvicorn (0.55, httptools) has no limit on a request head's size
@@ -22,14 +22,17 @@ log = logging.getLogger("zfserve.server")
 
 
 def build_app(state, oip, zfserve, max_body_bytes: int, parse_pool=None):
-    """The Starlette app: OIP REST (``oip``: the InferenceServicer), the page's API and files (``zfserve``: the
-    ZFServeServicer); ``parse_pool`` parses REST infer bodies off the event loop."""
+    """The Starlette app: OIP REST and KServe v1 (``oip``: the InferenceServicer), the page's API and files
+    (``zfserve``: the ZFServeServicer); ``parse_pool`` parses REST infer bodies off the event loop."""
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
 
     from .explorer_api import explorer_routes
+    from .kserve_v1 import kserve_v1_routes
     from .rest import oip_routes
-    routes = oip_routes(oip, max_body_bytes, parse_pool, state.options.http.max_json_values) + \
+    max_json_values = state.options.http.max_json_values
+    routes = oip_routes(oip, max_body_bytes, parse_pool, max_json_values) + \
+        kserve_v1_routes(oip, max_body_bytes, parse_pool, max_json_values) + \
         explorer_routes(state, zfserve, max_body_bytes)
     return Starlette(routes=routes, middleware=[Middleware(_Guard)])
 
@@ -41,7 +44,7 @@ def is_page(path: str) -> bool:
 
 def protected(path: str) -> bool:
     """The routes that need the token (the page's own files are public: it asks for the token itself)."""
-    return path.startswith(("/v2", "/api/"))
+    return path.startswith(("/v1/", "/v2", "/api/"))
 
 
 class _Guard:

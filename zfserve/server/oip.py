@@ -1,7 +1,8 @@
 """The Open Inference Protocol (KServe v2) service ``inference.GRPCInferenceService``.
 
-Each served model NAME is two OIP models, one per input kind, so that metadata and config describe exactly what
-a request must carry (perf_analyzer and other generic clients send every input a model declares):
+Each served model NAME is two classification OIP models, one per input kind, so that metadata and config describe
+exactly what a request must carry (perf_analyzer and other generic clients send every input a model declares),
+and its explanations NAME-occlusion[-bytes] and NAME-deconv[-bytes] (see :mod:`.oip_explain`):
   ``NAME``        input ``image``        FP32  [-1, 3, S, S]  preprocessed images (the model's input units)
   ``NAME-bytes``  input ``image_bytes``  BYTES [-1, 1]        encoded JPEG / PNG / WebP images ([N] accepted too)
 Both have the output ``probabilities`` FP32 [-1, C] and, when the model has out-of-distribution statistics, two
@@ -38,7 +39,8 @@ from .._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from .._proto.inference import model_config_pb2 as mc
 from ..engine.results import DECONV_INTERPRETATION
 from ..errors import InvalidArgumentError, NotFoundError
-from ..wire import BYTES_INPUT, BYTES_MODEL_SUFFIX, IMAGE_INPUT, infer_input, oip_model_name
+from ..wire import BYTES_INPUT, CLASSIFY, IMAGE_INPUT, infer_input, oip_model_name, parse_oip_model_name
+from . import oip_explain
 from .handlers import deadline_of, peer_of, unary
 from .repository import Runtime, ServedModel
 from .status import FailedPrecondition
@@ -55,11 +57,12 @@ EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 
 @dataclass(frozen=True)
 class OipModel:
-    """One OIP model: a served model seen through one of its two inputs."""
+    """One OIP model: a served model's task seen through one of its two inputs."""
 
     name: str
     served: ServedModel
     input: str      # IMAGE_INPUT or BYTES_INPUT
+    task: str = CLASSIFY   # or an explanation: wire.OCCLUSION, wire.DECONV
 
 
 def platform(runtime: Runtime) -> str:
@@ -95,19 +98,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------------------------------- models
     def _oip_models(self) -> list[OipModel]:
-        return [OipModel(oip_model_name(m.name, kind), m, kind)
-                for m in self.state.repository for kind in (IMAGE_INPUT, BYTES_INPUT)]
+        return [OipModel(oip_model_name(m.name, kind, task), m, kind, task)
+                for m in self.state.repository for task in (CLASSIFY, *oip_explain.tasks(m.runtime))
+                for kind in (IMAGE_INPUT, BYTES_INPUT)]
 
     def _model(self, name: str, field: str = "model_name") -> OipModel:
         if not name:
             raise InvalidArgumentError(f"{field}: required; served: {[m.name for m in self._oip_models()]}",
                                        field=field)
         models = self.state.repository.models
-        if name in models:
-            return OipModel(name, models[name], IMAGE_INPUT)
-        base = name[:-len(BYTES_MODEL_SUFFIX)] if name.endswith(BYTES_MODEL_SUFFIX) else None
-        if base in models:
-            return OipModel(name, models[base], BYTES_INPUT)
+        for base, kind, task in parse_oip_model_name(name):
+            served = models.get(base)
+            if served is not None and (task == CLASSIFY or task in oip_explain.tasks(served.runtime)):
+                return OipModel(name, served, kind, task)
         raise NotFoundError(f"{field}: unknown model {name!r}; served: {[m.name for m in self._oip_models()]}",
                             field=field)
 
@@ -153,6 +156,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelMetadata")
     async def ModelMetadata(self, request, context):
         model, runtime = self._serving(request.name, request.version)
+        if model.task != CLASSIFY:
+            return oip_explain.metadata(model, runtime, self.state.options)
         datatype, dims = self._input_dims(model, runtime)
         tm = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -163,6 +168,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelConfig")
     async def ModelConfig(self, request, context):
         model, runtime = self._serving(request.name, request.version)
+        if model.task != CLASSIFY:
+            return pb.ModelConfigResponse(config=oip_explain.config(model, runtime, self.state.options))
         datatype, dims = self._input_dims(model, runtime)
         o = self.state.options
         batching = o.batching
@@ -207,7 +214,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @unary("ModelInfer")
     async def ModelInfer(self, request, context):
         model, runtime = self._serving(request.model_name, request.model_version, context)
-        with runtime.statistics[model.input].measure() as measured:
+        if model.task != CLASSIFY:
+            return await oip_explain.infer(self, request, model, runtime, context)
+        with runtime.stats(model.input).measure() as measured:
             served = [name for name, _, _ in outputs(runtime)]
             for out in request.outputs:
                 if out.name not in served:
@@ -250,7 +259,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             pairs = [(m, m.served.runtime) for m in self._oip_models() if m.served.runtime is not None
                      and request.version in ("", m.served.runtime.oip_version, m.served.runtime.version)]
         return pb.ModelStatisticsResponse(model_stats=[
-            runtime.statistics[model.input].proto(model.name, runtime.oip_version) for model, runtime in pairs])
+            runtime.stats(model.input, model.task).proto(model.name, runtime.oip_version) for model, runtime in pairs])
 
     # ------------------------------------------------------------------------------------------- repository
     @unary("RepositoryIndex")

@@ -11,7 +11,7 @@ from ..errors import InvalidArgumentError
 from .batcher import BatcherConfig
 from .decode import DEFAULT_MAX_REQUEST_PIXELS
 from .http_listener import HttpLimits
-from .service import DEFAULT_MAX_OCCLUSION_POSITIONS
+from .explain import DEFAULT_MAX_OCCLUSION_POSITIONS
 
 DEFAULT_PORT = 8001                      # Triton's gRPC port, which tritonclient users expect
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20     # 64 MiB: ~100 preprocessed 224x224 images, or 96 deconv projections

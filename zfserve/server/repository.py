@@ -13,8 +13,9 @@ A model that fails to load is listed as not ready, with a reason that carries no
 are served (``--strict`` makes any failure stop the server instead). With ``--model-control explicit`` a
 client may also unload a model and load it again (the OIP repository extension).
 
-Over the Open Inference Protocol each model NAME is two models, NAME (FP32 tensor input) and NAME-bytes
-(encoded images), which share its runtime; a repository whose names would collide that way is refused.
+Over the Open Inference Protocol each model NAME is several models, NAME (FP32 tensor input) and NAME-bytes
+(encoded images), and its explanations NAME-occlusion[-bytes] and NAME-deconv[-bytes], which share its runtime; a
+repository whose names would collide that way is refused.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import defaultdict
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, NotFoundError
-from ..wire import BYTES_INPUT, BYTES_MODEL_SUFFIX, IMAGE_INPUT, oip_version
+from ..wire import BYTES_INPUT, CLASSIFY, IMAGE_INPUT, TASK_SUFFIXES, oip_model_name, oip_version
 from ..weights import CONFIG_FILE, Snapshot, default_model_name, read_config, read_snapshot, resolve_model_dir
 from .statistics import InferenceStatistics
 
@@ -63,12 +65,16 @@ class Runtime:
         self.ood_detector = classifier.ood_detector
         self.ood_note = public_reason(classifier.ood_note, snapshot.source, name)
         self.batcher = None                   # the dynamic batcher over ``classifier``, started by the app
-        # The statistics extension's counters of this version, per OIP model (input kind).
-        self.statistics = {IMAGE_INPUT: InferenceStatistics(), BYTES_INPUT: InferenceStatistics()}
+        # The statistics extension's counters of this version, per OIP model (task and input kind: see stats).
+        self.statistics: dict[str, InferenceStatistics] = defaultdict(InferenceStatistics)
         self._lock = threading.Lock()
         self._torch_model = self._deconv = self._occlusion = None
         self.users = 0                        # requests holding this runtime now (on the event loop)
         self._idle: asyncio.Event | None = None
+
+    def stats(self, input_name: str, task: str = CLASSIFY) -> InferenceStatistics:
+        """The counters of the OIP model of ``task`` with ``input_name`` (zfserve.v1's RPCs count in them too)."""
+        return self.statistics[oip_model_name("", input_name, task)]
 
     def acquire(self) -> None:
         self.users += 1
@@ -201,11 +207,14 @@ class ModelRepository:
         self.models = {m.name: m for m in models}
         self.default = default
         for name in self.models:
-            if name + BYTES_MODEL_SUFFIX in self.models:
-                raise InvalidArgumentError(
-                    f"--model-repository: models {name!r} and {name + BYTES_MODEL_SUFFIX!r} collide: the Open "
-                    f"Inference Protocol name of {name!r}'s encoded-image input is {name + BYTES_MODEL_SUFFIX!r}; "
-                    f"rename one of them", field="model_repository")
+            for task in TASK_SUFFIXES:
+                for input_name in (IMAGE_INPUT, BYTES_INPUT):
+                    derived = oip_model_name(name, input_name, task)
+                    if derived != name and derived in self.models:
+                        raise InvalidArgumentError(
+                            f"--model-repository: models {name!r} and {derived!r} collide: {derived!r} is the Open "
+                            f"Inference Protocol name of {name!r}'s {task} with input {input_name!r}; rename one "
+                            f"of them", field="model_repository")
 
     @classmethod
     def open(cls, repository: str | None = None, model: str | None = None, **engine_options) -> "ModelRepository":

@@ -7,14 +7,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .._proto.inference import grpc_service_pb2 as pb
-from .http import (HEADER_LENGTH, HttpContext, HttpError, http_error, infer_response, int64, parse_infer, read_body,
-                   to_json)
+from .http import (HEADER_LENGTH, HttpContext, HttpError, copy_parameters, http_error, infer_response, parse_infer,
+                   read_body, to_json)
 from .http_body import CONTROL_BODY_BYTES, load_json
 from .http_guard import with_limit
 from .status import ServiceError
 
 
-def _endpoint(fn):
+def error_endpoint(fn):
     """A route handler whose HttpError becomes KServe's error body ``{"error": message}``."""
     async def endpoint(request):
         try:
@@ -38,22 +38,6 @@ async def _json_body(request) -> dict:
     if not isinstance(doc, dict):
         raise HttpError(400, "request body: must be a JSON object", "body")
     return doc
-
-
-def _parameters(message, params) -> None:
-    """Copy a REST ``parameters`` object into a repository request's parameter map."""
-    if not isinstance(params, dict):
-        raise HttpError(400, "parameters: must be a JSON object", "parameters")
-    for key, value in params.items():
-        slot = message.parameters[key]
-        if isinstance(value, bool):
-            slot.bool_param = value
-        elif isinstance(value, int):
-            slot.int64_param = int64(value, f"parameters.{key}")
-        elif isinstance(value, str):
-            slot.string_param = value
-        else:
-            raise HttpError(400, f"parameters.{key}: must be a boolean, an integer or a string", f"parameters.{key}")
 
 
 def _model(request) -> tuple[str, str]:
@@ -134,7 +118,7 @@ class OipRest:
     async def _control(self, request, method, message_type):
         doc = await _json_body(request)
         message = message_type(model_name=request.path_params["name"])
-        _parameters(message, doc.get("parameters") or {})
+        copy_parameters(message, doc.get("parameters") or {})
         await method(message, HttpContext.of(request))
         return JSONResponse({})
 
@@ -144,7 +128,7 @@ def oip_routes(oip, max_body_bytes: int, parse_pool, max_json_values: int) -> li
     rest = OipRest(oip, max_body_bytes, parse_pool, max_json_values)
 
     def route(path, handler, method="GET"):
-        made = Route(path, _endpoint(handler), methods=[method])
+        made = Route(path, error_endpoint(handler), methods=[method])
         return with_limit(made, max_body_bytes, "--max-message-bytes") if handler == rest.infer else made
 
     model_handlers = (("", rest.model_metadata, "GET"), ("/ready", rest.model_ready, "GET"),
@@ -165,4 +149,4 @@ def oip_routes(oip, max_body_bytes: int, parse_pool, max_json_values: int) -> li
     ]
 
 
-__all__ = ["oip_routes"]
+__all__ = ["error_endpoint", "oip_routes"]

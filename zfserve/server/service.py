@@ -14,17 +14,13 @@ from .. import render, wire
 from .._proto.v1 import zfserve_pb2 as pb
 from .._proto.v1 import zfserve_pb2_grpc as pb_grpc
 from ..config import training_data
-from ..engine.results import DEFAULT_DECONV_TOP_K, DEFAULT_TOP_K, TopK
+from ..engine.results import DEFAULT_TOP_K, TopK
 from ..errors import InvalidArgumentError
 from ..preprocess import to_display
+from . import explain
+from .explain import DEFAULT_MAX_OCCLUSION_POSITIONS
 from .handlers import deadline_of, peer_of, server_stream, unary
-from .occlusion import resolve_mode
 
-# Most occluder positions one sweep may take (64 x 64; the default 32/8 sweep is 25 x 25).
-DEFAULT_MAX_OCCLUSION_POSITIONS = 4096
-# Most units one DeconvProject may project (each is a 3 x 224 x 224 float32 map, 0.6 MB): bounds memory and
-# keeps a response with return_tensor under the message limit.
-MAX_DECONV_UNITS = 96
 # A streaming sweep sends at most this many progress events per second.
 PROGRESS_INTERVAL_S = 0.1
 
@@ -69,7 +65,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                                "top_k", 1, classes, what=f"unset = {min(DEFAULT_TOP_K, classes)}")
         # Counted in the statistics of the OIP model of the same input kind (NAME or NAME-bytes).
         kind = wire.BYTES_INPUT if request.images.encoded else wire.IMAGE_INPUT
-        with model.statistics[kind].measure() as measured:
+        with model.stats(kind).measure() as measured:
             images = await self._images(request.images, model, context)
             measured.inputs_done(len(images))
             deadline, _ = deadline_of(context)
@@ -89,60 +85,52 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
         layer = request.layer or model.config.last_conv
         checks.layer(layer, model.config.spatial_layers)
         args = wire.deconv_arguments(request)
-        images = await self._images(request.images, model, context)
-        units, maps = args["units"], args["maps"]
-        default_k = DEFAULT_DECONV_TOP_K if units is None and maps is None else 0
-        per_image = (args["top_k"] or default_k) + len(units or ()) + len(maps or ())
-        if per_image * len(images) > MAX_DECONV_UNITS:
-            what = "units" if units else "maps" if maps else "top_k"
-            raise InvalidArgumentError(f"{what}: {len(images)} images x {per_image} units = "
-                                       f"{per_image * len(images)} projections; at most {MAX_DECONV_UNITS} per "
-                                       f"request", field=what)
-        _, deadline_mono = deadline_of(context)
+        # Counted in the statistics of the OIP model NAME-deconv[-bytes] (see .explain).
+        kind = wire.BYTES_INPUT if request.images.encoded else wire.IMAGE_INPUT
+        with model.stats(kind, wire.DECONV).measure() as measured:
+            images = await self._images(request.images, model, context)
+            explain.check_deconv_size(len(images), args)
+            measured.inputs_done(len(images))
 
-        def work(job):
-            engine = model.deconv_engine()
-            job.check()
-            projected = engine.project(images, layer, **args)
-            for unit in projected:   # PNG encoding is CPU work too: on this worker, off the event loop
-                if request.return_png:
-                    unit.png = render.png_bytes(render.signed_to_rgb(unit.projection))
-                if request.return_patches:
-                    unit.patch_png = render.png_bytes(render.patch_to_rgb(unit.patch, model.config, unit.box))
-            return wire.deconv_response(model.name, projected, tensor=request.return_tensor, version=model.version,
-                                        ood=model.ood_of(images), ood_note=model.ood_note)
+            def work(job):
+                projected = explain.project(model, images, layer, job, **args)
+                for unit in projected:   # PNG encoding is CPU work too: on this worker, off the event loop
+                    if request.return_png:
+                        unit.png = render.png_bytes(render.signed_to_rgb(unit.projection))
+                    if request.return_patches:
+                        unit.patch_png = render.png_bytes(render.patch_to_rgb(unit.patch, model.config, unit.box))
+                return wire.deconv_response(model.name, projected, tensor=request.return_tensor,
+                                            version=model.version, ood=model.ood_of(images), ood_note=model.ood_note)
 
-        return await self.state.heavy.run(work, deadline_mono=deadline_mono, client=peer_of(context))
+            return await explain.run_measured(self.state, work, context, measured)
 
     # ------------------------------------------------------------------------------------------- Occlusion
-    async def _start_sweep(self, request, context, on_progress=None):
+    async def _sweep(self, request, context, on_progress=None):
         model = self._model(request.model, context)
         args = wire.sweep_arguments(request)
         args["max_positions"] = self.state.options.max_occlusion_positions
         asked, gated = wire.sweep_mode(request)
-        images = await self._images(request.images, model, context, exactly_one=True)
-        _, deadline_mono = deadline_of(context)
+        # Counted in the statistics of the OIP model NAME-occlusion[-bytes] (see .explain).
+        kind = wire.BYTES_INPUT if request.images.encoded else wire.IMAGE_INPUT
+        with model.stats(kind, wire.OCCLUSION).measure() as measured:
+            images = await self._images(request.images, model, context, exactly_one=True)
+            measured.inputs_done(1)
 
-        def work(job):
-            mode, note = resolve_mode(model, asked, gated, args["window"], args["stride"])
-            engines = model.occlusion_engines()
-            job.check()
-            result = engines.sweep(images[0], mode, progress=job.progress, **args)
-            result.gate = note
-            scores = model.ood_of(images[:1])
-            result.ood = scores[0] if scores else None
-            if request.return_png:   # rendering is CPU work too: keep it on this worker, off the event loop
-                pictures = render.occlusion_pictures(result, to_display(images[0], model.config),
-                                                     model.config.class_names)
-                result.png = {name: render.png_bytes(picture) for name, picture in pictures.items()}
-            return wire.occlusion_response(model.name, result, version=model.version, ood_note=model.ood_note)
+            def work(job):
+                result = explain.sweep(model, images[0], job, asked=asked, gated=gated, **args)
+                scores = model.ood_of(images[:1])
+                result.ood = scores[0] if scores else None
+                if request.return_png:   # rendering is CPU work too: keep it on this worker, off the event loop
+                    pictures = render.occlusion_pictures(result, to_display(images[0], model.config),
+                                                         model.config.class_names)
+                    result.png = {name: render.png_bytes(picture) for name, picture in pictures.items()}
+                return wire.occlusion_response(model.name, result, version=model.version, ood_note=model.ood_note)
 
-        return self.state.heavy.run(work, deadline_mono=deadline_mono, on_progress=on_progress,
-                                    client=peer_of(context))
+            return await explain.run_measured(self.state, work, context, measured, on_progress=on_progress)
 
     @unary("OcclusionSweep")
     async def OcclusionSweep(self, request, context):
-        return await (await self._start_sweep(request, context))
+        return await self._sweep(request, context)
 
     @server_stream("OcclusionSweepStream")
     async def OcclusionSweepStream(self, request, context):
@@ -156,7 +144,7 @@ class ZFServeServicer(pb_grpc.ZFServeServicer):
                 last[0] = now
                 loop.call_soon_threadsafe(events.put_nowait, (done, total))
 
-        task = asyncio.ensure_future(await self._start_sweep(request, context, on_progress))
+        task = asyncio.ensure_future(self._sweep(request, context, on_progress))
         getter = None
         try:
             while True:

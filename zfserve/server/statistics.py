@@ -1,12 +1,14 @@
 """Triton's statistics extension (``ModelStatistics``): request counts and durations per OIP model and version.
 
-Each runtime (one snapshot, so one version) keeps one :class:`InferenceStatistics` per input kind, i.e. per OIP
-model (``NAME`` for the FP32 tensor, ``NAME-bytes`` for encoded images). Every classification request of the
-model counts, ModelInfer and zfserve's own Classify alike. What each duration covers, per request:
+Each runtime (one snapshot, so one version) keeps one :class:`InferenceStatistics` per OIP model (``NAME`` for
+the FP32 tensor, ``NAME-bytes`` for encoded images, ``NAME-occlusion[-bytes]`` and ``NAME-deconv[-bytes]``). Every
+request of the model counts, ModelInfer and zfserve's own Classify, OcclusionSweep[Stream] and DeconvProject
+alike. What each duration covers, per request:
 
   compute_input   reading the input: checking the tensor, or decoding the encoded images
-  queue           waiting in the dynamic batcher's queue
-  compute_infer   the engine call of the batch the request was in (as Triton counts it: the batch's duration)
+  queue           waiting in the dynamic batcher's queue (explanations: for a worker of the heavy-work pool)
+  compute_infer   the engine call of the batch the request was in (as Triton counts it: the batch's duration;
+                  explanations: the sweep or projection, a call of its own)
   compute_output  building the response
   success         the whole request, from the handler's start to its response
   fail            requests that ended in an error after their model was found (whole duration)
@@ -23,11 +25,16 @@ from dataclasses import dataclass
 from .._proto.inference import grpc_service_pb2 as pb
 
 
+# The batch_id of a request that ran alone, outside the dynamic batcher (an explanation on the heavy-work pool):
+# one engine call of its own.
+OWN_EXECUTION = -1
+
+
 @dataclass
 class BatchTiming:
     """What the dynamic batcher reports back for one request: filled in before its result is set."""
 
-    batch_id: int = 0          # the batcher's running count of engine calls (1, 2, ...)
+    batch_id: int = 0          # the batcher's running count of engine calls (1, 2, ...); OWN_EXECUTION: none
     batch_size: int = 0        # images in that engine call
     queue_ns: int = 0          # queued -> the batch started
     compute_ns: int = 0        # the engine call
@@ -74,8 +81,8 @@ class InferenceStatistics:
         d["compute_output"].add(ended - m.computed)
         self.inference_count += m.images
         # The requests of one batch resolve one after another, batches in order: count each engine call once.
-        if t.batch_id > self._last_batch_id:
-            self._last_batch_id = t.batch_id
+        if t.batch_id == OWN_EXECUTION or t.batch_id > self._last_batch_id:
+            self._last_batch_id = max(self._last_batch_id, t.batch_id)
             self.execution_count += 1
             self.batches.setdefault(t.batch_size, _Duration()).add(t.compute_ns)
         self.last_inference_ms = time.time_ns() // 1_000_000
@@ -121,4 +128,4 @@ class Measurement:
         return False
 
 
-__all__ = ["BatchTiming", "InferenceStatistics", "Measurement"]
+__all__ = ["OWN_EXECUTION", "BatchTiming", "InferenceStatistics", "Measurement"]
