@@ -1,7 +1,8 @@
 """The explanations through unmodified standard clients: tritonclient.grpc and tritonclient.http get occlusion
 heatmaps (NAME-occlusion) equal to a brute-force eager PyTorch occlusion within 1e-5, and deconv projections
 (NAME-deconv) equal to the local deconv engine within 1e-5, for zfnet-demo and an imported AlexNet (torchvision
-layout, random weights); KServe's own SDK v1 client (in a child process: kserve and tritonclient.grpc cannot share
+layout, random weights), and NAME-occlusion for an imported ONNX classifier (160 px input; it has no NAME-deconv);
+KServe's own SDK v1 client (in a child process: kserve and tritonclient.grpc cannot share
 one) gets predictions and heatmaps over ``/v1``; the settings are checked; the statistics count zfserve.v1's
 OcclusionSweep and DeconvProject with the OIP models'; and a cancelled OIP occlusion call stops the sweep.
 """
@@ -21,15 +22,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import onnx_models as om
 from test_interop import _jpeg
 from torchvision_reference import randomize, reference
+from zfserve.import_onnx import import_onnx
 from zfserve.import_torchvision import import_torchvision
 from zfserve.preprocess import load_image
 from zfserve.server import BackgroundServer, ServerOptions
 from zfserve.weights import EMBEDDED_DIR, read_snapshot
 
-MODELS = ("zfnet-demo", "alexnet")
+MODELS = ("zfnet-demo", "alexnet")          # the models with layers (deconv)
+ONNX_MODEL = "small160"                        # an opaque ONNX classifier: occlusion only
 WINDOW, STRIDE = 56, 28          # 7 x 7 positions that tile the 224 x 224 image exactly
+# Window and stride per input size, so the windows tile the image (160 px: 7 x 7 positions).
+TILING = {224: (WINDOW, STRIDE), 160: (40, 20)}
 KSERVE_SCRIPT = Path(__file__).with_name("_kserve_v1.py")
 
 
@@ -44,7 +50,24 @@ def repository(tmp_path_factory):
     net = randomize(reference("alexnet", 5, shrink=8, fc=64), seed=41)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "alexnet.safetensors"))
     import_torchvision(root / "alexnet.safetensors", "alexnet", root / "classes.txt", repo / "alexnet")
+    spec = om.SPECS[ONNX_MODEL]
+    _, path = om.export_named(ONNX_MODEL, root, seed=3)
+    import_onnx(path, om.classes_file(root, spec.num_classes), repo / ONNX_MODEL, output=spec.output,
+                preprocess={"resize": spec.resize})
     return repo
+
+
+def _probabilities_model(directory):
+    """The PyTorch model behind a served model, giving probabilities: the snapshot's own for the layered models,
+    the ONNX test model's PyTorch definition (same seed) for the ONNX one."""
+    name = Path(directory).name
+    if name == ONNX_MODEL:
+        model = om.build(ONNX_MODEL, seed=3)
+        if om.SPECS[name].output == "probabilities":
+            return model
+    else:
+        model = read_snapshot(directory).model().eval()
+    return lambda x: torch.softmax(model(x).double(), 1)
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +98,14 @@ def _brute_force_heatmaps(directory, images: np.ndarray, window: int, stride: in
     """Captum's Occlusion by brute force in eager PyTorch: every occluded image (fill 0, the mean in input units)
     forwarded, each pixel the mean drop of the target's probability over the windows covering it; the target is
     each image's top-1. Returns (heatmaps, probabilities, targets)."""
-    model = read_snapshot(directory).model().eval()
+    model = _probabilities_model(directory)
     size = images.shape[-1]
     starts = range(0, size - window + 1, stride)
     assert (size - window) % stride == 0   # the windows tile the image: no partial window to define
     heatmaps, probabilities, targets = [], [], []
     with torch.no_grad():
         for image in torch.from_numpy(images):
-            base = torch.softmax(model(image[None]).double(), 1)[0]
+            base = model(image[None]).double()[0]
             target = int(base.argmax())
             occluded = []
             for y in starts:
@@ -90,7 +113,7 @@ def _brute_force_heatmaps(directory, images: np.ndarray, window: int, stride: in
                     copy = image.clone()
                     copy[:, y:y + window, x:x + window] = 0
                     occluded.append(copy)
-            probs = torch.softmax(model(torch.stack(occluded)).double(), 1)[:, target]
+            probs = model(torch.stack(occluded)).double()[:, target]
             total, count = torch.zeros(size, size, dtype=torch.float64), torch.zeros(size, size, dtype=torch.float64)
             for drop, (y, x) in zip(base[target] - probs, ((y, x) for y in starts for x in starts)):
                 total[y:y + window, x:x + window] += drop
@@ -112,15 +135,16 @@ def _inputs(module, x: np.ndarray | None, jpegs: list[bytes] | None):
 
 
 # ------------------------------------------------------------------------------------------------ occlusion
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS + (ONNX_MODEL,))
 def test_tritonclients_get_the_brute_force_occlusion_heatmaps(server, triton, triton_http, repository, name):
     import tritonclient.grpc as tc
     import tritonclient.http as th
     config = read_snapshot(repository / name).config
     jpegs = [_jpeg(seed) for seed in (1, 2)]
     x = np.stack([load_image(j, config) for j in jpegs])
-    want, probabilities, targets = _brute_force_heatmaps(repository / name, x, WINDOW, STRIDE)
-    settings = {"window": WINDOW, "stride": STRIDE}
+    window, stride = TILING[config.preprocess.crop]
+    want, probabilities, targets = _brute_force_heatmaps(repository / name, x, window, stride)
+    settings = {"window": window, "stride": stride}
     answers = {"grpc tensor": triton.infer(f"{name}-occlusion", _inputs(tc, x, None), parameters=settings),
                "grpc bytes": triton.infer(f"{name}-occlusion-bytes", _inputs(tc, None, jpegs), parameters=settings),
                "http tensor": triton_http.infer(f"{name}-occlusion", _inputs(th, x, None), parameters=settings)}
@@ -132,7 +156,7 @@ def test_tritonclients_get_the_brute_force_occlusion_heatmaps(server, triton, tr
     params = answers["grpc tensor"].get_response().parameters
     runtime = server.server.repository.get(name).runtime
     assert params["model_version"].string_param == runtime.version
-    assert (params["window"].int64_param, params["stride"].int64_param) == (WINDOW, STRIDE)
+    assert (params["window"].int64_param, params["stride"].int64_param) == (window, stride)
     assert answers["http tensor"].get_response()["parameters"]["model_version"] == runtime.version
 
 
@@ -221,19 +245,19 @@ def test_bad_settings_are_refused_naming_the_field(triton, triton_http, model, p
     assert info.value.status() == "400" and message in info.value.message()
 
 
-def test_deconv_only_where_the_model_has_layers(server, triton):
+def test_deconv_only_where_the_model_has_layers(server, triton, triton_http):
+    """The ONNX classifier has its occlusion models but no deconv models: absent from the index, NOT_FOUND."""
     from tritonclient.utils import InferenceServerException
-    runtime = server.server.repository.get("alexnet").runtime
-    runtime.has_layers = False   # as an opaque ONNX classifier says it
-    try:
-        names = {m.name for m in triton.get_model_repository_index().models}
-        assert "alexnet-occlusion" in names and not any(n.startswith("alexnet-deconv") for n in names)
-        with pytest.raises(InferenceServerException) as info:
-            triton.get_model_metadata("alexnet-deconv")
-        assert info.value.status() == "StatusCode.NOT_FOUND"
-    finally:
-        del runtime.has_layers
-    assert triton.is_model_ready("alexnet-deconv")
+    names = {m.name for m in triton.get_model_repository_index().models}
+    assert {f"{ONNX_MODEL}-occlusion", f"{ONNX_MODEL}-occlusion-bytes", "alexnet-deconv"} <= names
+    assert not any(n.startswith(f"{ONNX_MODEL}-deconv") for n in names)
+    with pytest.raises(InferenceServerException) as info:
+        triton.get_model_metadata(f"{ONNX_MODEL}-deconv")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as info:
+        triton_http.get_model_metadata(f"{ONNX_MODEL}-deconv")
+    assert info.value.status() == "404"
+    assert triton.is_model_ready("alexnet-deconv") and triton.is_model_ready(f"{ONNX_MODEL}-occlusion")
 
 
 def test_statistics_count_the_zfserve_v1_calls_too(server, triton, repository):
@@ -285,11 +309,33 @@ def test_kserve_v1_client_gets_predictions_and_explanations(server, repository, 
         assert got["target"] == target and (got["window"], got["stride"]) == (WINDOW, STRIDE)
 
 
+def test_kserve_v1_explains_the_onnx_model(server, repository):
+    """KServe v1's documented format over plain HTTP: the ONNX classifier's predictions and heatmaps equal the
+    brute force."""
+    import base64
+    jpegs = [_jpeg(11), _jpeg(12)]
+    config = read_snapshot(repository / ONNX_MODEL).config
+    x = np.stack([load_image(j, config) for j in jpegs])
+    window, stride = TILING[config.preprocess.crop]
+    heatmaps, probabilities, targets = _brute_force_heatmaps(repository / ONNX_MODEL, x, window, stride)
+    instances = [{"b64": base64.b64encode(j).decode()} for j in jpegs]
+    with httpx.Client(base_url=f"http://{server.http}", timeout=300) as web:
+        assert web.get(f"/v1/models/{ONNX_MODEL}").json() == {"name": ONNX_MODEL, "ready": True}
+        predicted = web.post(f"/v1/models/{ONNX_MODEL}:predict", json={"instances": instances})
+        np.testing.assert_allclose(predicted.json()["predictions"], probabilities, atol=1e-5, rtol=0)
+        explained = web.post(f"/v1/models/{ONNX_MODEL}:explain",
+                             json={"instances": instances, "parameters": {"window": window, "stride": stride}})
+    assert explained.status_code == 200, explained.text
+    for got, heatmap, target in zip(explained.json()["explanations"], heatmaps, targets):
+        np.testing.assert_allclose(got["heatmap"], heatmap, atol=1e-5, rtol=0)
+        assert got["target"] == target
+
+
 def test_kserve_v1_errors_and_limits(server):
     import base64
     base = f"http://{server.http}"
     with httpx.Client(base_url=base, timeout=120) as web:
-        assert web.get("/v1/models").json() == {"models": ["alexnet", "zfnet-demo"]}
+        assert web.get("/v1/models").json() == {"models": ["alexnet", ONNX_MODEL, "zfnet-demo"]}
         assert web.get("/v1/models/alexnet").json() == {"name": "alexnet", "ready": True}
         # zfnet-demo answers ModelInfer with its out-of-distribution tensors too; v1 predicts the probabilities.
         jpeg = base64.b64encode(_jpeg(10)).decode()
