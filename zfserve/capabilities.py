@@ -32,6 +32,10 @@ CAPABILITIES = {
     "incremental_occlusion": ("the activity map of a layer during occlusion", {LAYERED: "yes"}),
     "server": ("server: zfserve.v1 Classify and OcclusionSweep (streaming, cancel), both OIP models, statistics, "
                "reload", {LAYERED: "yes", ONNX: "yes"}),
+    "explanation_models": ("explanations through the standard clients: OIP models NAME-occlusion[-bytes] and "
+                           "NAME-deconv[-bytes], KServe v1 :predict and :explain",
+                           {LAYERED: "yes: NAME-occlusion, NAME-deconv, :explain",
+                            ONNX: "NAME-occlusion and :explain (NAME-deconv needs the layers)"}),
     "audit": ("zfserve audit (local, --server, --ray)", {LAYERED: "yes", ONNX: "yes"}),
     "faithfulness": ("zfserve faithfulness: pointing game, deletion/insertion, model randomisation, RandomLogit",
                      {LAYERED: "yes: occlusion, deconvnet, gradient, Grad-CAM, random map, centre baseline",
