@@ -426,14 +426,14 @@ def _expect(results, tag: str, timeout: float):
     raise TimeoutError(tag)
 
 
-def run_attack(name: str, model: str, rest_s: float, image: Path) -> dict:
-    """One attack on a fresh server; its row of figures."""
+def run_attack(name: str, model: str, rest_s: float, image: Path, serve_args: tuple = ()) -> dict:
+    """One attack on a fresh server (``serve_args``: more `zfserve serve` flags); its row of figures."""
     from zfserve.weights import resolve_model_dir
     ctx = mp.get_context("spawn")
     _, extra, limit = ATTACKS[name]
     work = Path(tempfile.mkdtemp(prefix="zf-edge-"))
     metrics_port = _free_port()
-    args = ["--http-port", "0", "--metrics-port", str(metrics_port)]
+    args = ["--http-port", "0", "--metrics-port", str(metrics_port), *serve_args]
     token = TOKEN if "--auth-token-file" in extra else None
     if token:
         (work / "token").write_text(token)
@@ -476,7 +476,19 @@ def run_attack(name: str, model: str, rest_s: float, image: Path) -> dict:
             "start_rss_mb": round(start_rss), "peak_over_start_mb": round(peak - start_rss),
             "rest_over_start_mb": round(rest_rss - start_rss), "rest_s": rest_s,
             "server_fds": {"start": fds_start, "after": fds_after, "rest": fds_rest},
-            "tracebacks_in_log": text.count("Traceback"), "outcome": outcome}
+            "tracebacks_in_log": text.count("Traceback"), "first_traceback": _first_traceback(text),
+            "outcome": outcome}
+
+
+def _first_traceback(log: str) -> list[str]:
+    """The first traceback in the server's log (its first and last 6 lines), to say what failed."""
+    start = log.find("Traceback")
+    if start < 0:
+        return []
+    lines = log[max(0, log.rfind("\n", 0, start - 1) + 1):].splitlines()
+    end = next((i for i, line in enumerate(lines[1:], 1) if line and not line.startswith((" ", "Traceback"))), 1)
+    block = lines[:end + 1]
+    return block if len(block) <= 12 else block[:6] + ["..."] + block[-6:]
 
 
 def _table(row: dict) -> str:
@@ -498,6 +510,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--rest-s", type=float, default=30.0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--serve-args", default="", help="more `zfserve serve` flags for every server, e.g. "
+                        "'--max-batch-size 16' (split on spaces)")
     args = parser.parse_args(argv)
     unknown = set(args.attacks.split(",")) - set(ATTACKS)
     if unknown:
@@ -507,7 +521,7 @@ def main(argv=None) -> int:
     image.write_bytes(_jpeg(256, 99))
     rows = []
     for name in args.attacks.split(","):
-        rows.append(run_attack(name, args.model, args.rest_s, image))
+        rows.append(run_attack(name, args.model, args.rest_s, image, tuple(args.serve_args.split())))
         print(_table(rows[-1]), flush=True)
         if args.json:   # written after each attack: a long run keeps what it measured
             Path(args.json).write_text(json.dumps({"machine": os.uname().nodename, "cpus": os.cpu_count(),
