@@ -441,6 +441,7 @@ def run_attack(name: str, model: str, rest_s: float, image: Path, serve_args: tu
     if name == "reload":   # a copy of the model whose weights the attack may change
         model = str(shutil.copytree(resolve_model_dir(model), work / "model"))
     log = open(work / "server.log", "w")
+    load_before = os.getloadavg()   # the machine's load (other work shares the cores): before and after
     server = Server(model, *args, stderr=log)
     try:
         time.sleep(2.0)
@@ -472,6 +473,7 @@ def run_attack(name: str, model: str, rest_s: float, image: Path, serve_args: tu
     text = (work / "server.log").read_text()
     shutil.rmtree(work, ignore_errors=True)
     return {"attack": name, "limit": limit, "attack_s": round(wall_end - wall_start, 1),
+            "load_average": {"before": load_before, "after": os.getloadavg()},
             "probe": _latency(classify, wall_start, wall_end), "health": _latency(health, wall_start, wall_end),
             "start_rss_mb": round(start_rss), "peak_over_start_mb": round(peak - start_rss),
             "rest_over_start_mb": round(rest_rss - start_rss), "rest_s": rest_s,
@@ -499,7 +501,8 @@ def _table(row: dict) -> str:
              f"   RSS start {row['start_rss_mb']} MB, peak +{row['peak_over_start_mb']} MB, "
              f"{row['rest_s']:g} s later +{row['rest_over_start_mb']} MB; tracebacks in the log: "
              f"{row['tracebacks_in_log']}; server fds {row['server_fds']['start']} at start, "
-             f"{row['server_fds']['after']} as the attack ends, {row['server_fds']['rest']} after the rest",
+             f"{row['server_fds']['after']} as the attack ends, {row['server_fds']['rest']} after the rest; "
+             f"load average {row['load_average']['before']} before, {row['load_average']['after']} after",
              "   attackers: " + json.dumps(row["outcome"], default=str)]
     return "\n".join(lines)
 
