@@ -166,8 +166,8 @@ class LargeGate(Engine):
 
 def test_single_images_run_beside_a_batch_of_a_larger_request(np_rng):
     """The express lane: while a batch holding part of a 64-image request runs (held here), single-image
-    requests of two clients are answered one by one, in fair order, each with its own rows; the large
-    request then completes in full and in order. Single images behind a batch of single images still wait."""
+    requests of two other clients are answered one by one, each with its own rows; the large request then
+    completes in full and in order."""
     engine = LargeGate()
     engine.gate.clear()
     big, singles = _rows(np_rng, 64), [_rows(np_rng, 1) for _ in range(4)]
@@ -188,6 +188,29 @@ def test_single_images_run_beside_a_batch_of_a_larger_request(np_rng):
         assert got[0, 0] == pytest.approx(float(x.sum()), rel=1e-5)
     np.testing.assert_allclose(out[:, 0], big.reshape(64, -1).sum(1), rtol=1e-5)
     assert stats.express_batches == 4 and stats.completed == 5 and sum(engine.sizes) == 68
+
+
+def test_express_lane_passes_other_clients_batch_never_ones_own(np_rng):
+    """Behind a running batch of four clients' single images (held), a fifth client's single image runs beside
+    it; a second image of a client in that batch waits for it (a client's requests keep their order)."""
+    engine = LargeGate()
+    engine.gate.clear()
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=8, max_queue_delay_us=50_000))
+        first = [asyncio.ensure_future(b.submit(_rows(np_rng, 1), client=c)) for c in "abcd"]
+        await asyncio.sleep(0.2)                     # one batch of 4, held
+        other = await b.submit(_rows(np_rng, 1), client="e")
+        own = asyncio.ensure_future(b.submit(_rows(np_rng, 1), client="a"))
+        await asyncio.sleep(0.1)
+        assert engine.sizes == [1] and not own.done() and not any(f.done() for f in first)
+        engine.gate.set()
+        await asyncio.gather(own, *first)
+        await b.close()
+        return other, b.stats
+
+    other, stats = _run(main())
+    assert other.shape == (1, 1) and engine.sizes == [1, 4, 1] and stats.express_batches == 1
 
 
 def test_memory_is_released_once_idle_after_a_large_batch(np_rng, monkeypatch):

@@ -363,8 +363,8 @@ def add_serve(sub) -> None:
     add_precision_options(p, serving=True)
     g = p.add_argument_group("dynamic batching (Triton's knobs; shared by Classify and ModelInfer)")
     g.add_argument("--max-batch-size", type=int, default=None,
-                   help=f"most images per engine call, and so the longest wait of a single image behind a running "
-                        f"batch; 1 turns batching off (default {CPU_MAX_BATCH_SIZE}, {GPU_MAX_BATCH_SIZE} with "
+                   help=f"most images per engine call (so, what a request may wait for behind the batch running); 1 "
+                        f"turns batching off (default {CPU_MAX_BATCH_SIZE}, {GPU_MAX_BATCH_SIZE} with "
                         f"--device cuda)")
     g.add_argument("--max-queue-delay-us", type=int, default=b.max_queue_delay_us,
                    help="longest wait after the oldest queued request before a partial batch leaves "

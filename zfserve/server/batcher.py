@@ -25,9 +25,10 @@ One batch runs at a time, in one dedicated thread (ONNX Runtime releases the GIL
 threads); the next batch gathers while the current one runs. ``max_batch_size`` bounds how long a request
 waits for the batch already running: on CPU the default is 8 (per-image time is flat from 8 images up there,
 so larger batches only lengthen that wait), 32 on a GPU (``--device cuda``). A single-image request does not
-wait for a batch that holds a part of a larger request at all: while such a batch runs, single-image requests
-(in fair order among them) run beside it, one at a time, in a second thread (the express lane; the engine is
-safe to call from two threads, and one image costs little beside a batch).
+wait at all for a running batch of several images that holds nothing of its client's (a part of another's
+64-image request, other clients' images): it runs beside it, in a second thread (the express lane: one image
+at a time, in fair order; the engine is safe to call from two threads, and one image costs little beside a
+batch). A client's own requests never pass each other that way.
 
 Memory: the engine keeps what its largest batch made it take (ONNX Runtime's arena). After a batch of more than
 ``release_above`` images, once no work has arrived for :data:`RELEASE_IDLE_S`, the batcher calls ``release``
@@ -94,7 +95,7 @@ class BatcherStats:
     submitted: int = 0
     batches: int = 0
     images_computed: int = 0
-    express_batches: int = 0     # of ``batches``: run beside a batch holding part of a larger request
+    express_batches: int = 0     # of ``batches``: single images run beside a batch of several
     releases: int = 0            # the engine's memory given back after large batches
     completed: int = 0
     rejected_full: int = 0
@@ -173,7 +174,7 @@ class DynamicBatcher:
         self._express_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"express-{name}")
         self._worker: asyncio.Task | None = None
         self._express: asyncio.Task | None = None     # the express batch now running
-        self._large_running = False   # the main batch holds a part of a request larger than EXPRESS_IMAGES
+        self._running_clients: frozenset | None = None   # of the main batch now running, when it has several images
         self.in_flight = 0    # images in the engine calls now running
 
     def start(self) -> None:
@@ -320,9 +321,11 @@ class DynamicBatcher:
         heapq.heapify(self._heap)
 
     # -------------------------------------------------------------------------------------- batches
-    def _take_batch(self, now: float, limit: int | None = None, small: int | None = None) -> list[_Part]:
+    def _take_batch(self, now: float, limit: int | None = None, small: int | None = None,
+                    exclude: frozenset = frozenset()) -> list[_Part]:
         """Pop parts in fair order up to ``limit`` (max_batch_size) images, skipping those of dead requests and,
-        with ``small``, leaving those of requests larger than ``small`` images where they are."""
+        with ``small``, leaving those of requests larger than ``small`` images or of the ``exclude`` clients
+        where they are."""
         limit = limit or self.config.max_batch_size
         batch, images, passed = [], 0, []
         while self._heap:
@@ -334,7 +337,7 @@ class DynamicBatcher:
                 if reason:
                     self._drop(request, reason)
                 continue
-            if small is not None and len(request.inputs) > small:
+            if small is not None and (len(request.inputs) > small or request.client in exclude):
                 passed.append(heapq.heappop(self._heap))
                 continue
             if batch and images + part.size > limit:
@@ -352,10 +355,11 @@ class DynamicBatcher:
         return batch
 
     def _start_express(self, loop) -> None:
-        """While a batch holding part of a larger request runs, start the next single-image request beside it."""
-        if not self._large_running or self._express is not None or self._closing:
+        """While a batch of several images runs, start the next single-image request of a client with nothing in
+        it beside it."""
+        if self._running_clients is None or self._express is not None or self._closing:
             return
-        batch = self._take_batch(loop.time(), EXPRESS_IMAGES, small=EXPRESS_IMAGES)
+        batch = self._take_batch(loop.time(), EXPRESS_IMAGES, small=EXPRESS_IMAGES, exclude=self._running_clients)
         if batch:
             self._express = loop.create_task(self._run_express(loop, batch), name=f"express-{self.name}")
 
@@ -400,12 +404,13 @@ class DynamicBatcher:
             await self._gather(loop)
             batch = self._take_batch(loop.time())
             if batch:
-                self._large_running = any(len(part.request.inputs) > EXPRESS_IMAGES for part in batch)
-                self._start_express(loop)
+                if sum(part.size for part in batch) > EXPRESS_IMAGES:
+                    self._running_clients = frozenset(part.request.client for part in batch)
+                    self._start_express(loop)
                 try:
                     await self._compute(loop, batch, self._executor)
                 finally:
-                    self._large_running = False
+                    self._running_clients = None
 
     async def _release_memory(self, loop) -> None:
         self._largest = 0
