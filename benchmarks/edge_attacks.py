@@ -426,14 +426,14 @@ def _expect(results, tag: str, timeout: float):
     raise TimeoutError(tag)
 
 
-def run_attack(name: str, model: str, rest_s: float, image: Path) -> dict:
-    """One attack on a fresh server; its row of figures."""
+def run_attack(name: str, model: str, rest_s: float, image: Path, serve_args: tuple = ()) -> dict:
+    """One attack on a fresh server (``serve_args``: more `zfserve serve` flags); its row of figures."""
     from zfserve.weights import resolve_model_dir
     ctx = mp.get_context("spawn")
     _, extra, limit = ATTACKS[name]
     work = Path(tempfile.mkdtemp(prefix="zf-edge-"))
     metrics_port = _free_port()
-    args = ["--http-port", "0", "--metrics-port", str(metrics_port)]
+    args = ["--http-port", "0", "--metrics-port", str(metrics_port), *serve_args]
     token = TOKEN if "--auth-token-file" in extra else None
     if token:
         (work / "token").write_text(token)
@@ -441,6 +441,7 @@ def run_attack(name: str, model: str, rest_s: float, image: Path) -> dict:
     if name == "reload":   # a copy of the model whose weights the attack may change
         model = str(shutil.copytree(resolve_model_dir(model), work / "model"))
     log = open(work / "server.log", "w")
+    load_before = os.getloadavg()   # the machine's load (other work shares the cores): before and after
     server = Server(model, *args, stderr=log)
     try:
         time.sleep(2.0)
@@ -472,11 +473,24 @@ def run_attack(name: str, model: str, rest_s: float, image: Path) -> dict:
     text = (work / "server.log").read_text()
     shutil.rmtree(work, ignore_errors=True)
     return {"attack": name, "limit": limit, "attack_s": round(wall_end - wall_start, 1),
+            "load_average": {"before": load_before, "after": os.getloadavg()},
             "probe": _latency(classify, wall_start, wall_end), "health": _latency(health, wall_start, wall_end),
             "start_rss_mb": round(start_rss), "peak_over_start_mb": round(peak - start_rss),
             "rest_over_start_mb": round(rest_rss - start_rss), "rest_s": rest_s,
             "server_fds": {"start": fds_start, "after": fds_after, "rest": fds_rest},
-            "tracebacks_in_log": text.count("Traceback"), "outcome": outcome}
+            "tracebacks_in_log": text.count("Traceback"), "first_traceback": _first_traceback(text),
+            "outcome": outcome}
+
+
+def _first_traceback(log: str) -> list[str]:
+    """The first traceback in the server's log (its first and last 6 lines), to say what failed."""
+    start = log.find("Traceback")
+    if start < 0:
+        return []
+    lines = log[max(0, log.rfind("\n", 0, start - 1) + 1):].splitlines()
+    end = next((i for i, line in enumerate(lines[1:], 1) if line and not line.startswith((" ", "Traceback"))), 1)
+    block = lines[:end + 1]
+    return block if len(block) <= 12 else block[:6] + ["..."] + block[-6:]
 
 
 def _table(row: dict) -> str:
@@ -487,7 +501,8 @@ def _table(row: dict) -> str:
              f"   RSS start {row['start_rss_mb']} MB, peak +{row['peak_over_start_mb']} MB, "
              f"{row['rest_s']:g} s later +{row['rest_over_start_mb']} MB; tracebacks in the log: "
              f"{row['tracebacks_in_log']}; server fds {row['server_fds']['start']} at start, "
-             f"{row['server_fds']['after']} as the attack ends, {row['server_fds']['rest']} after the rest",
+             f"{row['server_fds']['after']} as the attack ends, {row['server_fds']['rest']} after the rest; "
+             f"load average {row['load_average']['before']} before, {row['load_average']['after']} after",
              "   attackers: " + json.dumps(row["outcome"], default=str)]
     return "\n".join(lines)
 
@@ -498,6 +513,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--rest-s", type=float, default=30.0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--serve-args", default="", help="more `zfserve serve` flags for every server, e.g. "
+                        "'--max-batch-size 16' (split on spaces)")
     args = parser.parse_args(argv)
     unknown = set(args.attacks.split(",")) - set(ATTACKS)
     if unknown:
@@ -507,7 +524,7 @@ def main(argv=None) -> int:
     image.write_bytes(_jpeg(256, 99))
     rows = []
     for name in args.attacks.split(","):
-        rows.append(run_attack(name, args.model, args.rest_s, image))
+        rows.append(run_attack(name, args.model, args.rest_s, image, tuple(args.serve_args.split())))
         print(_table(rows[-1]), flush=True)
         if args.json:   # written after each attack: a long run keeps what it measured
             Path(args.json).write_text(json.dumps({"machine": os.uname().nodename, "cpus": os.cpu_count(),

@@ -7,7 +7,8 @@
 Method (perf_analyzer's, shortened to keep the run to a few minutes):
 1. Offline: the classifier engine alone, in this process, batch 16 (median of several calls) -> images/s.
 2. For each mode, a server process (``zfserve serve``): "on" = the default dynamic batcher
-   (--max-batch-size 32, --max-queue-delay-us 5000), "off" = --max-batch-size 1 (every request alone).
+   (--max-batch-size 8 on CPU, 32 with --device cuda; --max-queue-delay-us 5000), "off" = --max-batch-size 1
+   (every request alone).
 3. Clients are separate processes (up to 8; each runs several concurrent closed-loop requesters on grpc.aio:
    send one preprocessed image as a raw float32 tensor, wait for the answer, send the next). For each
    concurrency c: a warm-up, then a measurement window; throughput = answers completed inside the window /

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the embedded zfnet-demo model on a lent GPU (no network needed) and bring it back through $OUT.
+# Train the embedded zfnet-demo model on a GPU machine (no network needed) and bring it back through $OUT.
 #
 #   bash scripts/gpu_train_demo.sh          # from the repository root; 8 minutes at most (ZFSERVE_TRAIN_BUDGET_S)
 #

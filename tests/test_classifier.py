@@ -63,6 +63,30 @@ def test_probabilities_and_top_k_match_eager(model_dir, classifier):
     assert isinstance(top[0][0], Prediction)
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's RSS from /proc")
+def test_release_memory_gives_back_what_a_large_batch_took(model_dir):
+    """ONNX Runtime's arena keeps what a batch of 32 grew it by; release_memory returns most of it, and the
+    answers after it are the same (and eager PyTorch's)."""
+    model, directory = model_dir
+    c = Classifier(directory, max_batch_size=32, ood=False)
+    small = batch(1, seed=5)
+    before = c.probabilities(small)
+    start = _rss_mb()
+    c.probabilities(batch(32, seed=6))
+    grown = _rss_mb() - start
+    c.release_memory()
+    kept = _rss_mb() - start
+    assert grown > 100, f"the premise: a batch of 32 grows the process by more than 100 MB, got {grown:.0f}"
+    assert kept < grown / 3, f"grown {grown:.0f} MB, still {kept:.0f} MB after release_memory"
+    np.testing.assert_array_equal(c.probabilities(small), before)
+    np.testing.assert_allclose(before, eager_probabilities(model, small), rtol=0, atol=1e-5)
+
+
 def test_top_k_orders_ties_by_index(classifier):
     probs = np.full((1, 10), 0.05, np.float32)
     probs[0, [7, 2]] = 0.3

@@ -441,11 +441,12 @@ def test_deadline_shorter_than_the_work_is_never_computed(server, stub, oip_stub
         while batcher.in_flight != 16 and time.monotonic() < deadline:  # the blocker's first part holds the engine
             time.sleep(0.002)
         before = (batcher.stats.images_computed, batcher.stats.submitted)
-        err = _status(stub.Classify, pb.ClassifyRequest(images=_tensor_images(_images(1, seed=20))), timeout=0.05)
+        # Two images each: a single image would not wait, it runs beside a large request's batch (express lane).
+        err = _status(stub.Classify, pb.ClassifyRequest(images=_tensor_images(_images(2, seed=20))), timeout=0.05)
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # The OIP "timeout" parameter (microseconds) lowers the queue timeout: UNAVAILABLE, as in Triton.
-        infer = oip.ModelInferRequest(model_name="tiny", raw_input_contents=[_images(1, seed=41).tobytes()])
-        infer.inputs.add(name="image", datatype="FP32", shape=[1, 3, 224, 224])
+        infer = oip.ModelInferRequest(model_name="tiny", raw_input_contents=[_images(2, seed=41).tobytes()])
+        infer.inputs.add(name="image", datatype="FP32", shape=[2, 3, 224, 224])
         infer.parameters["timeout"].int64_param = 1000
         err = _status(oip_stub.ModelInfer, infer)
         assert err.code() == grpc.StatusCode.UNAVAILABLE and "queue timeout" in err.details()

@@ -128,12 +128,13 @@ def test_a_split_request_of_scored_batches_is_joined_row_for_row(np_rng):
     assert [v.out_of_distribution for v in out.ood] == [bool(v > 0) for v in want]
 
 
-def test_a_single_image_caller_is_served_next_behind_large_requests(np_rng):
-    """Fair queuing in images: 3 clients queue 64-image requests (parts of 8); a single-image request from a
-    fourth client, arriving last, goes into the first batch after the one already running."""
+def test_a_small_caller_is_served_next_behind_large_requests(np_rng):
+    """Fair queuing in images: 3 clients queue 64-image requests (parts of 8); a two-image request from a
+    fourth client, arriving last, goes into the first batch after the one already running. (A single image does
+    not even wait for that batch: the next test.)"""
     engine = Engine()
     engine.gate.clear()
-    probe = _rows(np_rng, 1)
+    probe = _rows(np_rng, 2)
 
     async def main():
         b = await _started(engine, BatcherConfig(max_batch_size=8, max_queue_delay_us=0))
@@ -148,9 +149,94 @@ def test_a_single_image_caller_is_served_next_behind_large_requests(np_rng):
         await b.close()
 
     _run(main())
-    assert sum(engine.sizes) == 8 + 3 * 64 + 1
+    assert sum(engine.sizes) == 8 + 3 * 64 + 2
     position = next(i for i, batch in enumerate(engine.batches) if any(np.array_equal(r, probe[0]) for r in batch))
     assert position == 1, engine.sizes
+
+
+class LargeGate(Engine):
+    """Holds batches of more than one image at the gate; single images pass."""
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 1:
+            self.batches.append(x.copy())
+            return x.reshape(len(x), -1).sum(axis=1, keepdims=True)
+        return super().__call__(x)
+
+
+def test_single_images_run_beside_a_batch_of_a_larger_request(np_rng):
+    """The express lane: while a batch holding part of a 64-image request runs (held here), single-image
+    requests of two other clients are answered one by one, each with its own rows; the large request then
+    completes in full and in order."""
+    engine = LargeGate()
+    engine.gate.clear()
+    big, singles = _rows(np_rng, 64), [_rows(np_rng, 1) for _ in range(4)]
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=8, max_queue_delay_us=0))
+        hog = asyncio.ensure_future(b.submit(big, client="hog"))
+        await asyncio.sleep(0.05)                    # its first part is in the (held) engine
+        outs = await asyncio.gather(*(b.submit(x, client=f"c{i % 2}") for i, x in enumerate(singles)))
+        assert not hog.done() and engine.sizes == [1, 1, 1, 1]
+        engine.gate.set()
+        out = await hog
+        await b.close()
+        return outs, out, b.stats
+
+    outs, out, stats = _run(main())
+    for x, got in zip(singles, outs):
+        assert got[0, 0] == pytest.approx(float(x.sum()), rel=1e-5)
+    np.testing.assert_allclose(out[:, 0], big.reshape(64, -1).sum(1), rtol=1e-5)
+    assert stats.express_batches == 4 and stats.completed == 5 and sum(engine.sizes) == 68
+
+
+def test_express_lane_passes_other_clients_batch_never_ones_own(np_rng):
+    """Behind a running batch of four clients' single images (held), a fifth client's single image runs beside
+    it; a second image of a client in that batch waits for it (a client's requests keep their order)."""
+    engine = LargeGate()
+    engine.gate.clear()
+
+    async def main():
+        b = await _started(engine, BatcherConfig(max_batch_size=8, max_queue_delay_us=50_000))
+        first = [asyncio.ensure_future(b.submit(_rows(np_rng, 1), client=c)) for c in "abcd"]
+        await asyncio.sleep(0.2)                     # one batch of 4, held
+        other = await b.submit(_rows(np_rng, 1), client="e")
+        own = asyncio.ensure_future(b.submit(_rows(np_rng, 1), client="a"))
+        await asyncio.sleep(0.1)
+        assert engine.sizes == [1] and not own.done() and not any(f.done() for f in first)
+        engine.gate.set()
+        await asyncio.gather(own, *first)
+        await b.close()
+        return other, b.stats
+
+    other, stats = _run(main())
+    assert other.shape == (1, 1) and engine.sizes == [1, 4, 1] and stats.express_batches == 1
+
+
+def test_memory_is_released_once_idle_after_a_large_batch(np_rng, monkeypatch):
+    """``release`` runs in the batch thread once the batcher has been idle RELEASE_IDLE_S after a batch of more
+    than ``release_above`` images, once per burst; never after small batches only."""
+    import zfserve.server.batcher as batcher
+    monkeypatch.setattr(batcher, "RELEASE_IDLE_S", 0.05)
+    engine, threads = Engine(), []
+
+    async def main():
+        b = DynamicBatcher(engine, BatcherConfig(max_batch_size=8, max_queue_delay_us=0),
+                           release=lambda: threads.append(threading.current_thread().name), release_above=4)
+        b.start()
+        await b.submit(_rows(np_rng, 2))
+        await asyncio.sleep(0.2)
+        small_only = list(threads)
+        await asyncio.gather(b.submit(_rows(np_rng, 8)), b.submit(_rows(np_rng, 8)))
+        await asyncio.sleep(0.2)
+        out = await b.submit(_rows(np_rng, 1))      # served as usual after the release
+        await asyncio.sleep(0.2)
+        await b.close()
+        return small_only, out, b.stats
+
+    small_only, out, stats = _run(main())
+    assert small_only == [] and len(threads) == 1 and threads[0].startswith("batch-")
+    assert stats.releases == 1 and out.shape == (1, 1)
 
 
 def test_a_full_image_queue_sheds_the_largest_client_for_a_small_one(np_rng):

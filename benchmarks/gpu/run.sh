@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU (H100/H200, no network): install the project, run the GPU tests
+# The one prepared script for a GPU machine (H100/H200, no network needed): install the project, run the GPU tests
 # and the GPU benchmarks of the whole suite, and leave logs, JSON and a markdown table in $OUT.
 #
 #   bash benchmarks/gpu/run.sh            # from the repository root; about 7.5 minutes at most

@@ -375,6 +375,7 @@ def _classify_remote(args, output: _ClassifyOutput) -> int:
 
 # ---------------------------------------------------------------------------------------------------- serve
 def add_serve(sub) -> None:
+    from ..server.batcher import CPU_MAX_BATCH_SIZE, GPU_MAX_BATCH_SIZE
     from ..server.options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, MODEL_CONTROL_MODES, ServerOptions
 
     o = ServerOptions()
@@ -390,8 +391,10 @@ def add_serve(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     add_precision_options(p, serving=True)
     g = p.add_argument_group("dynamic batching (Triton's knobs; shared by Classify and ModelInfer)")
-    g.add_argument("--max-batch-size", type=int, default=b.max_batch_size,
-                   help=f"most images per engine call; 1 turns batching off (default {b.max_batch_size})")
+    g.add_argument("--max-batch-size", type=int, default=None,
+                   help=f"most images per engine call (so, what a request may wait for behind the batch running); 1 "
+                        f"turns batching off (default {CPU_MAX_BATCH_SIZE}, {GPU_MAX_BATCH_SIZE} with "
+                        f"--device cuda)")
     g.add_argument("--max-queue-delay-us", type=int, default=b.max_queue_delay_us,
                    help="longest wait after the oldest queued request before a partial batch leaves "
                         f"(default {b.max_queue_delay_us})")
@@ -490,9 +493,11 @@ def cmd_serve(args) -> int:
     import asyncio
 
     from ..server.app import ServerOptions, configure_logging, serve
-    from ..server.batcher import BatcherConfig
+    from ..server.batcher import CPU_MAX_BATCH_SIZE, GPU_MAX_BATCH_SIZE, BatcherConfig
 
     configure_logging(args.log_level)
+    if args.max_batch_size is None:
+        args.max_batch_size = GPU_MAX_BATCH_SIZE if args.device == "cuda" else CPU_MAX_BATCH_SIZE
     options = ServerOptions(
         host=args.host, port=args.port, model_repository=args.model_repository, model=args.model,
         device=args.device, threads=args.threads, precision=args.precision, engine=args.engine,

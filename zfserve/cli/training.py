@@ -36,7 +36,10 @@ def cmd_data_synth(args) -> int:
 def add_train(sub) -> None:
     from ..config import TrainConfig
     d = TrainConfig(out="")
-    p = sub.add_parser("train", help="train a ZFNet with the paper's recipe (torchrun for DDP)")
+    what = "train a ZFNet with the paper's recipe (torchrun for DDP)"
+    p = sub.add_parser("train", help=what, description=(
+        what + ". It trains the ZFNet architecture only; AlexNet and VGG models come in through "
+        "`zfserve import torchvision`."))
     p.add_argument("--data", default="synthetic", help="ImageFolder directory or 'synthetic' (default)")
     p.add_argument("--val-data", default=None, help="ImageFolder for validation (default: held-out seed / split)")
     p.add_argument("--out", required=True, help="model directory to write (checkpoints under OUT/checkpoint)")

@@ -171,6 +171,14 @@ class Classifier:
         return [[Prediction(int(i), self.class_names[i], float(row[i])) for i in idx]
                 for row, idx in zip(probabilities, order)]
 
+    def release_memory(self) -> None:
+        """Give back to the system what the largest batch so far made the runtime hold: ONNX Runtime's CPU arena
+        keeps every region a batch grew it by (about 8 MB per image of the batch for ZFNet) until a run asks it
+        to shrink; this is one 1-image run that does (OpenVINO: its pooled idle requests are dropped). For
+        servers, once they go idle after large batches; a batch after it grows the arena again."""
+        s = self.input_size
+        self.backend.release_memory(np.zeros((1, 3, s, s), np.float32))
+
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (``profile_prefix``) and return the trace file's path."""
         return self.backend.end_profiling()

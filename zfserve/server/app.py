@@ -112,6 +112,13 @@ class AppState:
             runtime.release()
 
 
+def _release_memory(classifier) -> None:
+    """After large batches: the engine's arena shrunk, then the freed heap (the batches' inputs and outputs
+    included) returned to the system."""
+    classifier.release_memory()
+    malloc_trim()
+
+
 def _register_in_pool(module) -> None:
     """Copy a descriptor from protobuf's default pool into ours, so reflection can describe it too."""
     from google.protobuf import descriptor_pb2
@@ -144,7 +151,8 @@ class ZFServer:
         # The HTTP side's body budget (shared by --http-port and --metrics-port) and its body parsing lane.
         self.http_budget = ByteBudget(self.options.http.max_buffered_bytes)
         self.http_parse = BoundedPool(HTTP_PARSE_WORKERS, HTTP_PARSE_QUEUE, name="http-parse",
-                                      what="REST request bodies being parsed", flags=("parse threads", "waiting"))
+                                      what="REST request bodies being parsed", flags=("parse threads", "waiting"),
+                                      background=True)
         self.metrics_listener = None
         self._models_lock = asyncio.Lock()   # reloads, loads and unloads, one at a time
         self._retiring: dict[asyncio.Task, Runtime] = {}   # replaced runtimes waiting for their last request
@@ -278,7 +286,8 @@ class ZFServer:
         runtime.batcher = DynamicBatcher(
             classify, self.options.batching, name=model.name,
             on_batch=self.metrics.batch_size.labels(model=model.name).observe,
-            on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set, join=ScoredBatch.concatenate)
+            on_queue_depth=self.metrics.queue_depth.labels(model=model.name).set, join=ScoredBatch.concatenate,
+            release=functools.partial(_release_memory, runtime.classifier))
         runtime.batcher.start()
         old, model.runtime, model.error = model.runtime, runtime, None
         if announce:

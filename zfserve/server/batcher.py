@@ -22,7 +22,17 @@ Fairness, counted in images (one client's many-image requests must not starve si
   would; otherwise the newcomer is rejected.
 
 One batch runs at a time, in one dedicated thread (ONNX Runtime releases the GIL and uses its own intra-op
-threads); the next batch gathers while the current one runs.
+threads); the next batch gathers while the current one runs. ``max_batch_size`` bounds how long a request
+waits for the batch already running: on CPU the default is 8 (per-image time is flat from 8 images up there,
+so larger batches only lengthen that wait), 32 on a GPU (``--device cuda``). A single-image request does not
+wait at all for a running batch of several images that holds nothing of its client's (a part of another's
+64-image request, other clients' images): it runs beside it, in a second thread (the express lane: one image
+at a time, in fair order; the engine is safe to call from two threads, and one image costs little beside a
+batch). A client's own requests never pass each other that way.
+
+Memory: the engine keeps what its largest batch made it take (ONNX Runtime's arena). After a batch of more than
+``release_above`` images, once no work has arrived for :data:`RELEASE_IDLE_S`, the batcher calls ``release``
+in its thread (the server's: the classifier's ``release_memory`` and glibc's ``malloc_trim``).
 """
 
 from __future__ import annotations
@@ -46,6 +56,12 @@ from .status import ServiceError
 
 log = logging.getLogger("zfserve.server")
 
+CPU_MAX_BATCH_SIZE = 8       # the default --max-batch-size on CPU (see the module docstring)
+GPU_MAX_BATCH_SIZE = 32      # ... and with --device cuda
+RELEASE_ABOVE_IMAGES = 4     # a batch larger than this grows the engine's memory enough to give it back
+RELEASE_IDLE_S = 1.0         # ... once the batcher has had no work for this long
+EXPRESS_IMAGES = 1           # requests of at most this many images take the express lane (module docstring)
+
 
 class QueueFull(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
@@ -65,7 +81,7 @@ class ShuttingDown(ServiceError):
 
 @dataclass
 class BatcherConfig:
-    max_batch_size: int = 32
+    max_batch_size: int = CPU_MAX_BATCH_SIZE
     max_queue_delay_us: int = 5000
     max_queue_size: int = 256          # requests; 0 = unbounded
     max_queue_images: int = 512        # images; 0 = unbounded
@@ -79,6 +95,8 @@ class BatcherStats:
     submitted: int = 0
     batches: int = 0
     images_computed: int = 0
+    express_batches: int = 0     # of ``batches``: single images run beside a batch of several
+    releases: int = 0            # the engine's memory given back after large batches
     completed: int = 0
     rejected_full: int = 0
     shed: int = 0
@@ -126,14 +144,19 @@ class DynamicBatcher:
     """Queue + batch worker around ``run(batch) -> outputs`` (a blocking function; rows follow the inputs).
 
     ``outputs`` are sliced by rows (``outputs[a:b]``) to hand each request its rows back; a request split into
-    parts gets its parts' outputs joined by ``join`` (``np.concatenate`` for arrays)."""
+    parts gets its parts' outputs joined by ``join`` (``np.concatenate`` for arrays). ``release``: called in the
+    batch thread when the batcher goes idle after a batch of more than ``release_above`` images (see the module
+    docstring)."""
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], config: BatcherConfig, *, name: str = "model",
                  on_batch: Callable[[int], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None,
-                 join: Callable[[list], object] = np.concatenate):
+                 join: Callable[[list], object] = np.concatenate,
+                 release: Callable[[], None] | None = None, release_above: int = RELEASE_ABOVE_IMAGES):
         self._run = run
         self._join = join
+        self._release, self._release_above = release, release_above
+        self._largest = 0     # the largest batch computed since the last release
         self.config = config
         self.name = name
         self.stats = BatcherStats()
@@ -148,8 +171,11 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._closing = False
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+        self._express_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"express-{name}")
         self._worker: asyncio.Task | None = None
-        self.in_flight = 0    # images in the engine call now running
+        self._express: asyncio.Task | None = None     # the express batch now running
+        self._running_clients: frozenset | None = None   # of the main batch now running, when it has several images
+        self.in_flight = 0    # images in the engine calls now running
 
     def start(self) -> None:
         if self._worker is None:
@@ -190,6 +216,7 @@ class DynamicBatcher:
         request.outputs = [None] * request.parts_left
         self._count(request, size)
         self._arrived.set()
+        self._start_express(loop)
         # A cancelled caller (client gone, deadline hit) cancels this future: the worker then skips the request.
         return await request.future
 
@@ -294,9 +321,13 @@ class DynamicBatcher:
         heapq.heapify(self._heap)
 
     # -------------------------------------------------------------------------------------- batches
-    def _take_batch(self, now: float) -> list[_Part]:
-        """Pop parts in fair order up to max_batch_size images, skipping those of dead requests."""
-        batch, images = [], 0
+    def _take_batch(self, now: float, limit: int | None = None, small: int | None = None,
+                    exclude: frozenset = frozenset()) -> list[_Part]:
+        """Pop parts in fair order up to ``limit`` (max_batch_size) images, skipping those of dead requests and,
+        with ``small``, leaving those of requests larger than ``small`` images or of the ``exclude`` clients
+        where they are."""
+        limit = limit or self.config.max_batch_size
+        batch, images, passed = [], 0, []
         while self._heap:
             part = self._heap[0]
             request = part.request
@@ -306,7 +337,10 @@ class DynamicBatcher:
                 if reason:
                     self._drop(request, reason)
                 continue
-            if batch and images + part.size > self.config.max_batch_size:
+            if small is not None and (len(request.inputs) > small or request.client in exclude):
+                passed.append(heapq.heappop(self._heap))
+                continue
+            if batch and images + part.size > limit:
                 break
             heapq.heappop(self._heap)
             self._order.served(part.tag)
@@ -314,9 +348,28 @@ class DynamicBatcher:
             self._count(request, -part.size)
             batch.append(part)
             images += part.size
-            if images >= self.config.max_batch_size:
+            if images >= limit:
                 break
+        for part in passed:
+            heapq.heappush(self._heap, part)
         return batch
+
+    def _start_express(self, loop) -> None:
+        """While a batch of several images runs, start the next single-image request of a client with nothing in
+        it beside it."""
+        if self._running_clients is None or self._express is not None or self._closing:
+            return
+        batch = self._take_batch(loop.time(), EXPRESS_IMAGES, small=EXPRESS_IMAGES, exclude=self._running_clients)
+        if batch:
+            self._express = loop.create_task(self._run_express(loop, batch), name=f"express-{self.name}")
+
+    async def _run_express(self, loop, batch: list[_Part]) -> None:
+        try:
+            await self._compute(loop, batch, self._express_executor)
+            self.stats.express_batches += 1
+        finally:
+            self._express = None
+        self._start_express(loop)
 
     async def _gather(self, loop) -> None:
         """Wait until a full batch is queued or the next part has waited max_queue_delay_us."""
@@ -340,20 +393,41 @@ class DynamicBatcher:
                 if self._closing:
                     return
                 self._arrived.clear()
+                if self._release is not None and self._largest > self._release_above:
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), RELEASE_IDLE_S)
+                    except asyncio.TimeoutError:
+                        await self._release_memory(loop)
+                    continue
                 await self._arrived.wait()
                 continue
             await self._gather(loop)
             batch = self._take_batch(loop.time())
             if batch:
-                await self._compute(loop, batch)
+                if sum(part.size for part in batch) > EXPRESS_IMAGES:
+                    self._running_clients = frozenset(part.request.client for part in batch)
+                    self._start_express(loop)
+                try:
+                    await self._compute(loop, batch, self._executor)
+                finally:
+                    self._running_clients = None
 
-    async def _compute(self, loop, batch: list[_Part]) -> None:
+    async def _release_memory(self, loop) -> None:
+        self._largest = 0
+        try:
+            await loop.run_in_executor(self._executor, self._release)
+        except Exception:  # memory not given back is no reason to stop serving  # noqa: BLE001
+            log.exception("giving back model %s's memory failed", self.name)
+            return
+        self.stats.releases += 1
+
+    async def _compute(self, loop, batch: list[_Part], executor) -> None:
         rows = [part.request.inputs[part.start:part.stop] for part in batch]
         inputs = rows[0] if len(rows) == 1 else np.concatenate(rows)
         started = time.perf_counter_ns()
-        self.in_flight = len(inputs)
+        self.in_flight += len(inputs)
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            outputs = await loop.run_in_executor(executor, self._run, inputs)
         except Exception as exc:  # an engine failure fails this batch only, never the server
             log.exception("batch of %d for model %s failed", len(inputs), self.name)
             for part in batch:
@@ -362,8 +436,9 @@ class DynamicBatcher:
                     self._end(part.request, exc)
             return
         finally:
-            self.in_flight = 0
+            self.in_flight -= len(inputs)
         compute_ns = time.perf_counter_ns() - started
+        self._largest = max(self._largest, len(inputs))
         self.stats.batches += 1
         self.stats.images_computed += len(inputs)
         self._on_batch(len(inputs))
@@ -392,4 +467,7 @@ class DynamicBatcher:
         self._arrived.set()
         if self._worker is not None:
             await self._worker
+        if self._express is not None:
+            await asyncio.shield(self._express)
         self._executor.shutdown(wait=True)
+        self._express_executor.shutdown(wait=True)

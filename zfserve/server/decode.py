@@ -7,7 +7,8 @@
    request brings: requests whose images hold at most :data:`SMALL_REQUEST_PIXELS` in all (a phone photo is
    more; a few thumbnails or crops are not) decode on the small lane, others on the large lane
    (``--decode-workers`` threads, ``--decode-queue-size`` waiting). One big upload, or one request of 64 small
-   images, never queues a small request behind it; a full lane answers UNAVAILABLE at once.
+   images, never queues a small request behind it; a full lane answers UNAVAILABLE at once. The large lane's
+   threads run at a lower OS priority (a background pool), so they do not slow small requests' work either.
 3. The request's deadline and its cancellation are checked between images and between the steps of each
    decode (``zfserve.preprocess.decode_image``'s ``check``): after a client's deadline, at most the step in
    progress finishes. Large images are decoded at a working size (see :mod:`zfserve.preprocess`), never as
@@ -61,7 +62,8 @@ class DecodeStage:
                                  what="small requests decoding", flags=("(small lane)", "queue"))
         self.large = BoundedPool(workers, queue_size, on_admitted, name="decode-large",
                                  what="large requests (over 4 MP in all) decoding",
-                                 flags=("--decode-workers", "--decode-queue-size"), after=malloc_trim)
+                                 flags=("--decode-workers", "--decode-queue-size"), after=malloc_trim,
+                                 background=True)
 
     async def decode(self, encoded: Sequence[bytes], config, *, field: str, deadline_mono: float | None = None,
                      client: str = "") -> np.ndarray:

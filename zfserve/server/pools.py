@@ -12,7 +12,10 @@ Why one kind of work cannot starve another:
   is free, in fair order between clients, so one client's large jobs do not hold a small one of another's
   behind them;
 - a job checks (its ``Job.check``, also called by its progress reports) whether its client has gone or its
-  deadline has passed, and stops there; a request that expires or is cancelled while waiting never starts.
+  deadline has passed, and stops there; a request that expires or is cancelled while waiting never starts;
+- a background pool (``background=True``: large decodes, REST body parsing) runs its threads at a lower OS
+  priority (:data:`BACKGROUND_NICE` more), so when the cores are short the engine's threads and the event loop,
+  which a single-image request needs, go first.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import heapq
+import os
+import sys
 import threading
 import time
 from typing import Callable
@@ -28,6 +33,21 @@ from ..errors import ZFServeError
 from .batcher import DeadlineExpired
 from .fair import FairOrder
 from .status import Cancelled, Unavailable
+
+
+BACKGROUND_NICE = 10    # added to a background pool's threads' nice value: CFS gives them about a tenth of a core
+#                         against one of normal priority
+
+
+def _lower_priority(step: int) -> None:
+    """Lower the calling thread's OS priority by ``step`` nice levels (Linux, where nice is per thread)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except OSError:   # not permitted here (a sandbox): the pool still works, at normal priority
+        pass
 
 
 class Aborted(Exception):
@@ -63,12 +83,14 @@ class BoundedPool:
     def __init__(self, workers: int = 1, queue_size: int = 4, on_admitted: Callable[[int], None] | None = None,
                  *, name: str = "heavy", what: str = "deconv/occlusion requests",
                  flags: tuple[str, str] = ("--heavy-workers", "--heavy-queue-size"),
-                 after: Callable[[], None] | None = None):
+                 after: Callable[[], None] | None = None, background: bool = False):
         self.workers = workers
         self.queue_size = queue_size
         self.what, self.flags = what, flags
         self._after = after or (lambda: None)
-        self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix=name, initializer=_lower_priority if background else None,
+            initargs=(BACKGROUND_NICE,) if background else ())
         self._order = FairOrder()
         self._waiting: list[tuple[float, int, asyncio.Future]] = []   # (tag, arrival, its turn) per queued job
         self._seq = self._running = 0
