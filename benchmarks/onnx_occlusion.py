@@ -114,11 +114,9 @@ def speed(model, engines, modes, xs, targets, rounds: int) -> dict:
 def agreement(engines, modes, xs, targets) -> dict:
     """Per fast mode: the share of images whose largest-drop window is fp32's (strictly, and allowing windows
     whose fp32 drop ties with the largest within 1e-3)."""
-    exact_mode = modes["zfserve onnxruntime fp32 (exact)"]
     maps = {name: [engines.sweep(x, mode, window=WINDOW, stride=STRIDE, target=int(t), outputs=("probability",))
                    .probability for x, t in zip(xs, targets)] for name, mode in modes.items()}
     exact = maps.pop("zfserve onnxruntime fp32 (exact)")
-    del exact_mode
     out = {}
     for name, fast in maps.items():
         strict = [int(np.argmin(e)) == int(np.argmin(f)) for e, f in zip(exact, fast)]

@@ -19,7 +19,6 @@ from zfserve.engine.classifier import Classifier
 from zfserve.errors import ModelKindError, ModelLoadError
 from zfserve.weights import read_snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("resnet18", "mobilenet", "small160", "softmax")
 
 
