@@ -117,6 +117,11 @@ class Classifier:
             raise ModelLoadError(f"{self.onnx_path}: expected output {PROBABILITIES!r} with {self.num_classes} "
                                  f"classes, found {outputs}")
         self.ood_detector, self.ood_note = _detector(snapshot, outputs) if ood else (None, "score turned off")
+        if self.ood_detector is not None and self.precision != "fp32":
+            # int8 and bf16 score a little differently: their own threshold keeps the asked acceptance.
+            from .ood_fit import precision_threshold
+            self.ood_detector = precision_threshold(snapshot, self.ood_detector, self.precision, self.engine,
+                                                    self.backend, read_metadata(onnx_bytes))
         if warmup:
             # The first run allocates the arena and picks kernels; pay that here, not in a request.
             self._run(np.zeros((1, 3, self.input_size, self.input_size), np.float32))
