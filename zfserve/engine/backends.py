@@ -14,6 +14,8 @@ safe to call from several threads at once.
 
 from __future__ import annotations
 
+import os
+
 import queue
 import threading
 
@@ -29,6 +31,14 @@ BF16_ON_ORT = ("precision 'bf16' runs on --engine openvino only: ONNX Runtime's 
 
 _core = None
 _core_lock = threading.Lock()
+
+
+def available_threads() -> int:
+    """The cores this process may run on (affinity aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def openvino_core():

@@ -27,18 +27,10 @@ from ..export import META_WEIGHTS_HASH, PROBABILITIES, ensure_onnx, read_metadat
 from ..model import LayeredCNN
 from ..weights import Snapshot, read_snapshot
 from . import ood as ood_score
-from .backends import OnnxRuntimeBackend, OpenVinoBackend, check_combination
+from .backends import OnnxRuntimeBackend, OpenVinoBackend, available_threads, check_combination
 from .results import DEFAULT_TOP_K, Prediction, ScoredBatch, TopK
 
 MAX_BATCH_SIZE_LIMIT = 4096
-
-
-def available_threads() -> int:
-    """The cores this process may run on (affinity aware), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class Classifier:

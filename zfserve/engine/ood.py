@@ -416,11 +416,17 @@ def locations(snapshot) -> list[Path]:
     return beside + [cache_root() / f"{snapshot.config.name}-{snapshot.sha256[:16]}"]
 
 
+def knows_its_data(config) -> bool:
+    """Whether held-out images of the model's own data are known without being given: its provenance says it was
+    trained on the synthetic set, of which any other seed is held out."""
+    data = (config.provenance or {}).get("data") or {}
+    return data.get("kind") == "synthetic"
+
+
 def fit_command(snapshot) -> str:
     """The command that fits a model's statistics: an embedded model by its name, a directory as a placeholder (the
     note reads the same wherever the model runs, a server's paths are not a client's business)."""
     from ..weights import EMBEDDED_DIR
-    from .ood_fit import knows_its_data
     embedded = snapshot.directory is None or snapshot.directory.resolve().is_relative_to(EMBEDDED_DIR)
     images = "" if knows_its_data(snapshot.config) else " --calibration DIR"   # held-out images only the user has
     return f"zfserve export --model {snapshot.name if embedded else '<its directory>'}{images}"
@@ -447,6 +453,7 @@ def find(snapshot) -> tuple[OodDetector | None, str]:
 
 
 __all__ = ["DEFAULT_ACCEPTANCE", "Gaussian", "KINDS", "Knn", "OOD_META", "OOD_TENSORS", "OodDetector", "Vim",
-           "calibrate", "find", "find_precision_threshold", "fit_command", "graph_identity", "is_current", "load",
+           "calibrate", "find", "find_precision_threshold", "fit_command", "graph_identity", "is_current", "knows_its_data",
+           "load",
            "locations", "precision_file", "preprocess_hash", "read_meta", "save", "save_precision_threshold",
            "threshold_of"]

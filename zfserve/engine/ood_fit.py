@@ -123,19 +123,22 @@ def backend_features(backend, data: HeldOut, names: list[str]) -> dict[str, np.n
 def fit(snapshot, settings: OodSettings | None = None, *, data: tuple[HeldOut, HeldOut] | None = None,
         log=None) -> ood.OodDetector:
     """Fit and threshold the detectors on held-out images of ``snapshot``'s model (``data`` overrides them)."""
-    from .classifier import Classifier
+    from ..export import ensure_onnx
+    from .backends import OnnxRuntimeBackend, available_threads
     settings = (settings or OodSettings()).validate()
     started = time.perf_counter()
     model = snapshot.model()
     spec = feature_spec(model)
     weight, bias = head(model)
     del model
-    classifier = Classifier(snapshot, precision="fp32", engine="onnxruntime", warmup=False, ood=False)
+    # The fp32 graph on ONNX Runtime, as the classifier serves it (the classifier itself reads these statistics).
+    backend = OnnxRuntimeBackend(ensure_onnx(snapshot).read_bytes(), threads=available_threads())
     fitted, threshold = data or held_out_halves(settings, snapshot.config)
     names = [spec.penultimate, LOGITS, spec.low_level_output]
     if log:
         log(f"out-of-distribution fit: features of {fitted.count} + {threshold.count} held-out images")
-    fit_features, threshold_features = features(classifier, fitted, names), features(classifier, threshold, names)
+    fit_features, threshold_features = backend_features(backend, fitted, names), backend_features(backend, threshold,
+                                                                                                  names)
     if len(fit_features[LOGITS]) < ood.MIN_IMAGES:
         raise InvalidArgumentError(f"fitted images: {len(fit_features[LOGITS])}; at least {ood.MIN_IMAGES} are "
                                    f"needed", field="calibration_images")
@@ -211,11 +214,7 @@ def writable_location(snapshot) -> Path:
                          f"(set ZFSERVE_CACHE_DIR)")
 
 
-def knows_its_data(config) -> bool:
-    """Whether held-out images of the model's own data are known without being given: its provenance says it was
-    trained on the synthetic set, of which any other seed is held out."""
-    data = (config.provenance or {}).get("data") or {}
-    return data.get("kind") == "synthetic"
+knows_its_data = ood.knows_its_data
 
 
 def ensure(snapshot, settings: OodSettings | None = None, *, refit: bool = False, log=None) -> tuple[str, Path | None]:
