@@ -218,12 +218,13 @@ def test_without_its_threshold_images_a_precision_keeps_fp32s_with_a_warning(imp
 def test_the_embedded_model_ships_its_precisions_thresholds():
     """zfnet-demo's int8 (default calibration) and bf16 thresholds are committed beside its statistics, current
     for them, each the quantile that accepts 95% of the threshold images in that precision."""
+    from zfserve.engine.quantize import INT8_FORMAT, META_CALIBRATION, META_INT8_FORMAT, Int8Settings
     from zfserve.weights import EMBEDDED_DIR, read_snapshot
     snapshot = read_snapshot("zfnet-demo")
     detector, _ = ood.find(snapshot)
+    default_int8 = {META_INT8_FORMAT: INT8_FORMAT, META_CALIBRATION: json.dumps(Int8Settings().calibration_record())}
     for precision, engine in (("int8", "onnxruntime"), ("int8", "openvino"), ("bf16", "openvino")):
         meta = json.loads((EMBEDDED_DIR / "zfnet-demo" / ood.precision_file(precision, engine)).read_text())
-        identity = ood.graph_identity(precision, {"zfserve.int8_format": "2", "zfserve.calibration": json.dumps(
-            {"source": "synthetic", "images": 256, "method": "entropy"})})
+        identity = ood.graph_identity(precision, default_int8)
         assert ood.find_precision_threshold(snapshot, detector, precision, engine, identity) == meta
         assert meta["threshold_images"] == 2200 and abs(meta["accepted_on_threshold_images"] - 0.95) < 1e-3
