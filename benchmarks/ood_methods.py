@@ -14,9 +14,11 @@ the threshold that accepts 95% of the threshold images (FPR at 95% TPR), and the
    per-channel statistics of conv/pool layers, their combination over layers, KNN on L2-normalised fc6/fc7 (Sun
    et al. 2022), ViM (Wang et al. 2022), Gram-matrix deviations (Sastry & Oore 2020), input statistics, and
    combinations of detectors (each normalised by its median and 95% quantile on the threshold images, summed).
-2. **What is served**: ``Classifier("zfnet-demo")`` (ONNX Runtime, the features from the same graph, the
-   statistics committed beside the model) on the same images: the acceptance figures, per photo and per shape;
-   top-1 and ID acceptance on the 2,000 held-out images, in fp32 and int8.
+2. **What is served**: ``Classifier("zfnet-demo")`` (the features from the same graph, the statistics committed
+   beside the model, each precision's own threshold) on the same images: the acceptance figures, per photo and
+   per shape; top-1 and ID acceptance on the 2,000 held-out images, in fp32 and int8 on ONNX Runtime, bf16 and
+   int8 on OpenVINO. ``--served-only`` measures this part alone and replaces the ``served`` rows of ``--out``
+   (an earlier run's file), keeping its table and latency.
 3. **Cost**: classification latency at batch 1 and 32 with the score on (``Classifier.scored``) vs off (the graph
    exported without the feature outputs, probabilities only), in one process on the same inputs, medians of
    alternating rounds, and the ratio.
@@ -55,10 +57,14 @@ SETS = ("threshold", "test", "photo", "novel")
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def image_sets() -> dict:
-    """uint8 (N, 256, 256, 3) per set, with labels (ID) or names (OOD)."""
-    fit = render_images(FIT_SEED, range(FIT_N))
-    threshold = render_images(FIT_SEED, range(FIT_N, FIT_N + THRESHOLD_N))
+SERVED = (("fp32", "onnxruntime"), ("int8", "onnxruntime"), ("bf16", "openvino"), ("int8", "openvino"))
+
+
+def image_sets(fitting: bool = True) -> dict:
+    """uint8 (N, 256, 256, 3) per set, with labels (ID) or names (OOD); without ``fitting``, no fit and threshold
+    sets (what is served reads its committed statistics)."""
+    fit = render_images(FIT_SEED, range(FIT_N if fitting else 0))
+    threshold = render_images(FIT_SEED, range(FIT_N, FIT_N + (THRESHOLD_N if fitting else 0)))
     test = render_images(TEST_SEED, range(TEST_N))
     crops, photo_names = photo_crops(photos(), PHOTO_N, PHOTO_SEED)
     novel, shape_names = novel_images(NOVEL_SEED, NOVEL_N)
@@ -183,30 +189,31 @@ def candidate_scores(f: dict, head) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- served
-def served_scores(images: dict, precision: str) -> tuple[dict, dict]:
-    """The served classifier's scores and top-1 per set (its graph, its committed statistics)."""
+def served_scores(images: dict, precision: str, engine: str = "onnxruntime") -> tuple[dict, dict, object]:
+    """The served classifier's scores and top-1 per set (its graph, its committed statistics), and its detector."""
     from zfserve.engine.classifier import Classifier
-    classifier = Classifier(MODEL, precision=precision, warmup=False)
+    classifier = Classifier(MODEL, precision=precision, engine=engine, warmup=False)
     if classifier.ood_detector is None:
         raise SystemExit(f"{MODEL}: {classifier.ood_note}")
     scores, top1 = {}, {}
-    for key in SETS:
+    for key in ("test", "photo", "novel"):
         data = images[key][0]
         parts = [classifier.scored(np.stack([to_input(img, classifier.config) for img in data[i:i + 32]]))
                  for i in range(0, len(data), 32)]
         scores[key] = np.array([v.score for p in parts for v in p.ood])
         top1[key] = np.concatenate([p.probabilities.argmax(axis=1) for p in parts])
-    return scores, top1
+    return scores, top1, classifier.ood_detector
 
 
-def served_report(images: dict, precision: str) -> dict:
-    scores, top1 = served_scores(images, precision)
-    detector = read_snapshot(MODEL)
-    from zfserve.engine.ood import find
-    found, _ = find(detector)
-    threshold = found.threshold
+def served_report(images: dict, precision: str, engine: str = "onnxruntime") -> dict:
+    scores, top1, found = served_scores(images, precision, engine)
+    threshold = found.threshold     # the precision's own (fp32's for fp32)
     tested = scores["test"]
-    report = {"precision": precision, "threshold": threshold, "method": found.method,
+    report = {"precision": precision, "engine": engine, "threshold": threshold,
+              "threshold_precision": found.describe()["threshold_precision"],
+              "fp32_threshold": found.record.get("fp32_threshold", threshold),
+              "accepted_at_fp32_threshold": float(np.mean(tested <= found.record.get("fp32_threshold", threshold))),
+              "method": found.method,
               "test_top1": float(np.mean(top1["test"] == images["test"][1])),
               "test_accepted": float(np.mean(tested <= threshold)), "test_images": len(tested),
               "photo_auroc": auroc(tested, scores["photo"]), "photo_accepted": float(np.mean(scores["photo"] <= threshold)),
@@ -255,9 +262,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="results JSON (default: print only)")
     p.add_argument("--rounds", type=int, default=40, help="timed rounds at batch 1 (a quarter at batch 32)")
+    p.add_argument("--served-only", action="store_true",
+                   help="measure what is served only, per precision, and replace the served rows of --out")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
+    if args.served_only:
+        return served_only(args.out, started)
     images = image_sets()
     snapshot = read_snapshot(MODEL)
     model = snapshot.model()
@@ -270,9 +281,7 @@ def main(argv=None) -> int:
     for name, row in sorted(table.items(), key=lambda kv: -kv[1]["photo_auroc"]):
         print(f"{name:64s} photos AUROC {row['photo_auroc']:.4f} accepted {row['photo_accepted']:6.1%} | novel "
               f"AUROC {row['novel_auroc']:.4f} accepted {row['novel_accepted']:6.1%} | ID {row['id_accepted']:.1%}")
-    served = {precision: served_report(images, precision) for precision in ("fp32", "int8")}
-    for precision, row in served.items():
-        print(f"served {precision}: " + json.dumps({k: v for k, v in row.items() if not k.startswith("per_")}))
+    served = served_rows(images)
     cost = latency(args.rounds)
     print("latency: " + json.dumps(cost))
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -286,6 +295,29 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
+    return 0
+
+
+def served_rows(images: dict) -> dict:
+    """One row per served precision and engine (``int8`` and ``int8-openvino``, ...)."""
+    served = {}
+    for precision, engine in SERVED:
+        default_engine = "openvino" if precision == "bf16" else "onnxruntime"   # the one engine bf16 runs on
+        key = precision if engine == default_engine else f"{precision}-{engine}"
+        served[key] = served_report(images, precision, engine)
+        print(f"served {key}: " + json.dumps({k: v for k, v in served[key].items() if not k.startswith("per_")}))
+    return served
+
+
+def served_only(out: str | None, started: float) -> int:
+    """Measure what is served, per precision, and replace the ``served`` rows of ``out`` (an earlier full run)."""
+    served = served_rows(image_sets(fitting=False))
+    if out:
+        result = json.loads(Path(out).read_text()) if Path(out).is_file() else {}
+        result["served"] = served
+        result["served_seconds"] = round(time.perf_counter() - started, 1)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
     return 0
 
 

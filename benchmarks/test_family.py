@@ -5,7 +5,11 @@ occlusion, ours vs Captum in the same process, on the same inputs, correctness c
   of one image. Each projection is checked against autograd's deconvnet rule on the independent reference
   network of ``tests/torchvision_reference.py`` (relative error <= 1e-5); then ours (all 9 in one pass,
   ``DeconvEngine.project``) against Captum ``NeuronDeconvolution`` called once per unit (as Captum is used),
-  5 rounds each, alternating (so load from other work falls on both alike), medians.
+  5 rounds each, alternating (so load from other work falls on both alike), medians of wall-clock time and of
+  the process's CPU time (the latter moves less with other work on the machine). Also the arithmetic both sides
+  do, in multiply-adds (load-free): ours one forward to the layer plus each unit's transposed convolutions on its
+  window; Captum per unit a forward through the network plus the input gradient from the layer down. Their ratio
+  bounds what an exact dense walk can gain at equal efficiency.
 - occlusion: window 32, stride 16 (13 x 13 = 169 positions), the mean fill (0), probability of the unoccluded
   top-1. Ours (``OcclusionEngine``, exact incremental) against Captum ``Occlusion(softmax(model))`` at each of
   ``perturbations_per_eval`` 16 / 32 / 64 on the whole sweep (its best is the baseline); ours runs before, between
@@ -55,6 +59,22 @@ def vgg16(tmp_path_factory):
     return net, model, image
 
 
+def multiply_adds(model, layer: str, units: int) -> tuple[float, float]:
+    """(ours, Captum's) multiply-adds for ``units`` units of ``layer``: see the module's note."""
+    chain = model.layer_chain()
+    top = [g.name for g in chain].index(layer)
+    conv = lambda g: g.out_size ** 2 * g.in_channels * g.out_channels * g.kernel ** 2  # noqa: E731
+    forward_to_layer = sum(conv(g) for g in chain[:top + 1] if g.kind == "conv")
+    walk, width = 0, 1
+    for g in reversed(chain[:top + 1]):
+        if g.kind == "conv":   # the transposed conv reads the window (width x width) and writes the one below
+            walk += width ** 2 * g.in_channels * g.out_channels * g.kernel ** 2
+        width = (width - 1) * g.stride + g.kernel
+    fc = sum(p.numel() for name, p in model.named_parameters() if name.startswith("fc") and name.endswith("weight"))
+    whole_forward = sum(conv(g) for g in chain if g.kind == "conv") + fc
+    return forward_to_layer + units * walk, units * (whole_forward + forward_to_layer)
+
+
 def _median(fn, rounds: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(rounds):
@@ -80,19 +100,26 @@ def test_vgg16_deconv_vs_captum(benchmark, vgg16, layer):
     mine = torch.stack([torch.from_numpy(u.projection) for u in units])
     captum_error = float(((mine - theirs).flatten(1).norm(dim=1) / theirs.flatten(1).norm(dim=1)).max())
     assert captum_error <= 1e-5
-    ours_runs, captum_runs = [], []
+    ours_runs, captum_runs, ours_cpu, captum_cpu = [], [], [], []
     for _ in range(ROUNDS):   # alternating, so that a burst of load from elsewhere falls on both
-        captum_runs.append(_median(captum, 1)[0])
-        ours_runs.append(_median(ours, 1)[0])
+        for fn, wall, cpu in ((captum, captum_runs, captum_cpu), (ours, ours_runs, ours_cpu)):
+            started = time.process_time()
+            wall.append(_median(fn, 1)[0])
+            cpu.append(time.process_time() - started)
     captum_s, ours_s = statistics.median(captum_runs), statistics.median(ours_runs)
+    cpu_ratio = statistics.median(captum_cpu) / statistics.median(ours_cpu)
+    ours_macs, captum_macs = multiply_adds(model, layer, len(units))
     benchmark.pedantic(ours, rounds=1, iterations=1)   # the JSON record of one more run of ours
     benchmark.extra_info.update(layer=layer, units=len(units), max_relative_error_vs_autograd=max(errors),
                                 max_relative_error_vs_captum=captum_error, captum_median_s=captum_s,
                                 ours_median_s=ours_s, speedup=captum_s / ours_s, captum_runs_s=captum_runs,
-                                ours_runs_s=ours_runs)
+                                ours_runs_s=ours_runs, captum_cpu_s=captum_cpu, ours_cpu_s=ours_cpu,
+                                speedup_cpu_time=cpu_ratio, ours_gmac=ours_macs / 1e9,
+                                captum_gmac=captum_macs / 1e9, arithmetic_ratio=captum_macs / ours_macs)
     print(f"\n[vgg16 deconv {layer}] 9 units: ours {ours_s:.3f} s (one pass), Captum NeuronDeconvolution "
-          f"{captum_s:.3f} s (9 calls) -> {captum_s / ours_s:.1f}x; largest error vs autograd {max(errors):.1e}, "
-          f"vs Captum {captum_error:.1e}")
+          f"{captum_s:.3f} s (9 calls) -> {captum_s / ours_s:.1f}x (CPU time {cpu_ratio:.1f}x; arithmetic "
+          f"{ours_macs / 1e9:.1f} vs {captum_macs / 1e9:.1f} GMAC, {captum_macs / ours_macs:.1f}x); largest error "
+          f"vs autograd {max(errors):.1e}, vs Captum {captum_error:.1e}")
 
 
 def _captum_occlusion(model, image, ppe: int, target: int):

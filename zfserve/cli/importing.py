@@ -35,6 +35,9 @@ def add_torchvision(kinds) -> None:
     p.add_argument("--version", default="1", help="model version recorded in config.json (default 1)")
     _preprocess_options(p, f"centre crop = input size (default {TV['crop']}; the classifier needs 224)", TV["resize"],
                         TV["crop"])
+    from .inference import add_held_out_options, add_ood_options
+    add_held_out_options(p.add_argument_group("held-out images (the out-of-distribution fit)"), int8=False)
+    add_ood_options(p)
     p.set_defaults(func=cmd_torchvision)
 
 
@@ -115,15 +118,30 @@ def cmd_torchvision(args) -> int:
     the weights in zfserve's layout (BatchNorm folded into the convs), the class names and the preprocessing
     (torchvision's by default: resize 256, centre crop 224, pixels / 255, ImageNet mean and std). Conv widths,
     fc width and classes are read from the tensors. A wrong shape, a missing or extra key or an architecture that
-    does not fit the tensors is one line naming the key and the expected shape, exit status 2, nothing written."""
+    does not fit the tensors is one line naming the key and the expected shape, exit status 2, nothing written.
+
+    With --calibration DIR (an ImageFolder of held-out images of the model's own data) the out-of-distribution
+    statistics are fitted too, on that graph (ONNX export written into the directory); a fit that fails leaves
+    nothing either. Without it the model serves, and every answer says it has no out-of-distribution score and
+    names the command that fits it."""
+    import shutil
+
+    from ..errors import ZFServeError
     from ..import_torchvision import import_torchvision
     from ..weights import read_snapshot
+    from .inference import _ensure_ood, ood_settings
     preprocess = dict(resize=args.resize, crop=args.crop, scale=_number(args.scale, "--scale"),
                       mean=_three(args.mean, "--mean"), std=_three(args.std, "--std"))
+    ood_settings(args)   # bad OOD flags: refused before anything is written
     out = import_torchvision(args.weights, args.arch, args.classes, args.out, model_name=args.name,
                              version=args.version, preprocess=preprocess)
     snap = read_snapshot(out)
     config = snap.config
     print(f"imported {args.arch} as {config.name} {snap.version} ({config.architecture}, widths "
           f"{','.join(map(str, config.widths))}, fc {config.fc_width}, {config.num_classes} classes) into {out}")
+    try:
+        _ensure_ood(args, snap)
+    except (ZFServeError, OSError) as exc:
+        shutil.rmtree(out, ignore_errors=True)   # the import and its statistics are one step: nothing is left
+        raise CommandError(f"{exc} (the import is undone: nothing written)", field=getattr(exc, "field", None) or "calibration") from None
     return 0

@@ -130,14 +130,7 @@ def add_int8_options(p) -> None:
                                    DEFAULT_CALIBRATION_METHOD, DEFAULT_MAX_ACCURACY_DROP)
     g = p.add_argument_group("held-out images (int8 calibration with --precision int8, and the out-of-distribution "
                              "fit)")
-    g.add_argument("--calibration", default=None, metavar="SOURCE",
-                   help="held-out images of the model's own data: synthetic (seed 5; the embedded model trained on "
-                        "1), synthetic:SEED, or an ImageFolder directory (int8: an evenly spaced subset, the rest is "
-                        "the accuracy gate's; out of distribution: alternate images fit and threshold). Default: "
-                        "synthetic for a model trained on it; a model trained on other data needs its own")
-    g.add_argument("--calibration-images", type=int, default=None, metavar="N",
-                   help=f"calibration images (int8 default {DEFAULT_CALIBRATION_IMAGES}; out of distribution: both "
-                        f"halves together, default 4,400 synthetic or every image of the folder)")
+    add_held_out_options(g, int8=True)
     g.add_argument("--calibration-method", default=None, choices=CALIBRATION_METHODS,
                    help=f"activation ranges from min-max, entropy or percentile (default {DEFAULT_CALIBRATION_METHOD})")
     g.add_argument("--max-accuracy-drop", type=float, default=DEFAULT_MAX_ACCURACY_DROP, metavar="PT",
@@ -146,6 +139,22 @@ def add_int8_options(p) -> None:
     g.add_argument("--accuracy-images", type=int, default=DEFAULT_ACCURACY_IMAGES, metavar="N",
                    help=f"held-out images of the accuracy gate (default {DEFAULT_ACCURACY_IMAGES}; synthetic seed 3, "
                         f"or the ImageFolder's images not used for calibration)")
+
+
+def add_held_out_options(g, *, int8: bool) -> None:
+    """``--calibration`` and ``--calibration-images``: the held-out images of the model's own data that int8's
+    calibration (``int8``) and the out-of-distribution fit read (:func:`_ensure_ood`)."""
+    from ..engine.quantize import DEFAULT_CALIBRATION_IMAGES
+    int8_use = "int8: an evenly spaced subset, the rest is the accuracy gate's; " if int8 else ""
+    g.add_argument("--calibration", default=None, metavar="SOURCE",
+                   help=f"held-out images of the model's own data: synthetic (seed 5; the embedded model trained on "
+                        f"1), synthetic:SEED, or an ImageFolder directory ({int8_use}out of distribution: alternate "
+                        f"images fit and threshold). Default: synthetic for a model trained on it; a model trained "
+                        f"on other data needs its own")
+    g.add_argument("--calibration-images", type=int, default=None, metavar="N",
+                   help=(f"calibration images (int8 default {DEFAULT_CALIBRATION_IMAGES}; out of distribution: "
+                         if int8 else "images of the out-of-distribution fit (") +
+                        "both halves together, default 4,400 synthetic or every image of the folder up to 20,000)")
 
 
 def int8_settings(args):
@@ -188,16 +197,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def ood_settings(args):
+    """The OodSettings the flags ask for, or None when no flag asks for a fit (validated before any work)."""
+    from ..engine import ood, ood_fit
+    explicit = any(v is not None for v in (args.calibration, args.calibration_images, args.ood_acceptance))
+    return ood_fit.OodSettings(calibration=args.calibration or "synthetic", images=args.calibration_images,
+                               acceptance=ood.DEFAULT_ACCEPTANCE if args.ood_acceptance is None
+                               else args.ood_acceptance).validate() if explicit and not args.no_ood else None
+
+
 def _ensure_ood(args, snapshot) -> None:
-    """After an export: make sure the model has out-of-distribution statistics (fit them on the --calibration
-    images when it has none, or when calibration flags ask for another fit), and say where they are."""
+    """After an export or an import: make sure the model has out-of-distribution statistics (fit them on the
+    --calibration images when it has none, or when calibration flags ask for another fit), and say where they are."""
     from ..engine import ood, ood_fit
     if args.no_ood:
         return
-    explicit = any(v is not None for v in (args.calibration, args.calibration_images, args.ood_acceptance))
-    settings = ood_fit.OodSettings(calibration=args.calibration or "synthetic", images=args.calibration_images,
-                                   acceptance=ood.DEFAULT_ACCEPTANCE if args.ood_acceptance is None
-                                   else args.ood_acceptance).validate() if explicit else None
+    settings = ood_settings(args)
+    explicit = settings is not None
     outcome, folder = ood_fit.ensure(snapshot, settings, refit=explicit,
                                      log=lambda line: print(line, file=sys.stderr, flush=True))
     if folder is None:

@@ -15,6 +15,8 @@ the runtime hold (a server calls it when it goes idle after large batches).
 
 from __future__ import annotations
 
+import os
+
 import queue
 import threading
 
@@ -30,6 +32,14 @@ BF16_ON_ORT = ("precision 'bf16' runs on --engine openvino only: ONNX Runtime's 
 
 _core = None
 _core_lock = threading.Lock()
+
+
+def available_threads() -> int:
+    """The cores this process may run on (affinity aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def openvino_core():

@@ -27,18 +27,10 @@ from ..export import META_WEIGHTS_HASH, PROBABILITIES, ensure_onnx, read_metadat
 from ..model import LayeredCNN
 from ..weights import Snapshot, read_snapshot
 from . import ood as ood_score
-from .backends import OnnxRuntimeBackend, OpenVinoBackend, check_combination
+from .backends import OnnxRuntimeBackend, OpenVinoBackend, available_threads, check_combination
 from .results import DEFAULT_TOP_K, Prediction, ScoredBatch, TopK
 
 MAX_BATCH_SIZE_LIMIT = 4096
-
-
-def available_threads() -> int:
-    """The cores this process may run on (affinity aware), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class Classifier:
@@ -117,6 +109,11 @@ class Classifier:
             raise ModelLoadError(f"{self.onnx_path}: expected output {PROBABILITIES!r} with {self.num_classes} "
                                  f"classes, found {outputs}")
         self.ood_detector, self.ood_note = _detector(snapshot, outputs) if ood else (None, "score turned off")
+        if self.ood_detector is not None and self.precision != "fp32":
+            # int8 and bf16 score a little differently: their own threshold keeps the asked acceptance.
+            from .ood_fit import precision_threshold
+            self.ood_detector = precision_threshold(snapshot, self.ood_detector, self.precision, self.engine,
+                                                    self.backend, read_metadata(onnx_bytes))
         if warmup:
             # The first run allocates the arena and picks kernels; pay that here, not in a request.
             self._run(np.zeros((1, 3, self.input_size, self.input_size), np.float32))

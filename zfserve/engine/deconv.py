@@ -260,18 +260,22 @@ class DeconvEngine:
         top, left, width = units.y.clone(), units.x.clone(), 1  # window of the current level, per unit
         rectified = False
         for name in reversed(self.layers[:self.layers.index(layer) + 1]):
-            if self._geometry[name].kind == "pool":
-                kernel, stride = self._geometry[name].kernel, self._geometry[name].stride
-                sw = self._window(switches[name], units.image_index, top, left, width)
+            g = self._geometry[name]
+            if g.kind == "pool":
+                kernel, stride = g.kernel, g.stride
                 width_in = (width - 1) * stride + kernel
-                # The ReLU of the conv below is fused into the unpool.
-                value = unpool_sum(value, sw, (width_in, width_in), relu=True, kernel=kernel, stride=stride)
+                if kernel == stride:   # VGG's 2x2/2: windows do not overlap, no sums
+                    sw = self._window(switches[name], units.image_index, top, left, width, channels_last=True)
+                    value = self._unpool_disjoint(value, sw, kernel)
+                else:
+                    sw = self._window(switches[name], units.image_index, top, left, width)
+                    # The ReLU of the conv below is fused into the unpool.
+                    value = unpool_sum(value, sw, (width_in, width_in), relu=True, kernel=kernel, stride=stride)
                 top, left, width = top * stride, left * stride, width_in
                 rectified = True
             else:
                 if not rectified:
                     value = value.relu_()  # every value here is a fresh tensor of ours
-                g = self._geometry[name]
                 kernel, stride, pad = g.kernel, g.stride, g.padding
                 # Padding 0 keeps the full support of the transposed conv; the rows and columns that land on
                 # the forward pass's zero padding are dropped by the mask (or the final crop).
@@ -279,9 +283,23 @@ class DeconvEngine:
                                            stride=stride)
                 top, left, width = top * stride - pad, left * stride - pad, (width - 1) * stride + kernel
                 if name != self.layers[0]:
-                    value.mul_(self._inside(top, left, width, g.in_size))
+                    self._zero_outside(value, top, left, g.in_size)
                 rectified = False
         return self._paste(value, top, left, self.input_size)
+
+    @staticmethod
+    def _unpool_disjoint(value, switches, kernel) -> torch.Tensor:
+        """Unpool of a kernel == stride pool (each input position in one window, so no sums), rectified:
+        ``value`` (K, C, w, w), ``switches`` (K, w, w, C) -> (K, C, w*kernel, w*kernel), channels-last. Each pooled
+        value goes to the one offset its switch names, so ReLU before the unpool is ReLU after it; built channels-
+        last in one pass (the general unpool works on NCHW maps, and the conversion for the transposed conv below
+        then costs a second copy of the largest maps of the walk)."""
+        k, c, w, _ = value.shape
+        pooled = value.relu().permute(0, 2, 3, 1)                                # (K, w, w, C)
+        offsets = torch.arange(kernel * kernel, device=value.device, dtype=switches.dtype)
+        spread = pooled.unsqueeze(3) * (switches.unsqueeze(3) == offsets[:, None])   # (K, w, w, k*k, C)
+        spread = spread.view(k, w, w, kernel, kernel, c).permute(0, 1, 3, 2, 4, 5)
+        return spread.reshape(k, w * kernel, w * kernel, c).permute(0, 3, 1, 2)
 
     def _weight(self, name: str) -> torch.Tensor:
         """A conv's weight in the walk's memory layout, converted again whenever the weight changed (the engine
@@ -294,25 +312,29 @@ class DeconvEngine:
         return cached[1]
 
     @staticmethod
-    def _inside(top, left, width, size) -> torch.Tensor:
-        """(K, 1, width, width) mask of the window positions that lie inside a size x size map."""
-        steps = torch.arange(width, device=top.device)
-        r = top[:, None] + steps
-        c = left[:, None] + steps
-        rin = (r >= 0) & (r < size)
-        cin = (c >= 0) & (c < size)
-        return (rin[:, :, None] & cin[:, None, :]).unsqueeze(1)
+    def _zero_outside(value, top, left, size) -> None:
+        """Zero, in place, the positions of each unit's (C, w, w) window that lie outside the size x size map (the
+        forward pass's zero padding). Only those rows and columns are written: most windows lie inside."""
+        width = value.shape[-1]
+        spatial = value.permute(0, 2, 3, 1)   # (K, w, w, C): row and column runs are contiguous channels-last
+        for i, (t, l) in enumerate(zip(top.tolist(), left.tolist())):
+            for start, axis in ((t, 0), (l, 1)):
+                if start < 0:
+                    spatial[i].narrow(axis, 0, min(-start, width)).zero_()
+                if start + width > size:
+                    keep = max(size - start, 0)
+                    spatial[i].narrow(axis, keep, width - keep).zero_()
 
     @staticmethod
-    def _window(switches, image_index, top, left, width) -> torch.Tensor:
+    def _window(switches, image_index, top, left, width, *, channels_last: bool = False) -> torch.Tensor:
         """Each unit's (C, width, width) window of its own image's switches (clamped at the border, where the
-        values are zero anyway)."""
+        values are zero anyway); (width, width, C) with ``channels_last``."""
         _, _, h, w = switches.shape
         steps = torch.arange(width, device=top.device)
         r = (top[:, None] + steps).clamp(0, h - 1)
         c = (left[:, None] + steps).clamp(0, w - 1)
         win = switches[image_index[:, None, None], :, r[:, :, None], c[:, None, :]]  # (K, width, width, C)
-        return win.permute(0, 3, 1, 2).contiguous()
+        return win if channels_last else win.permute(0, 3, 1, 2).contiguous()
 
     @staticmethod
     def _paste(window, top, left, size) -> torch.Tensor:

@@ -18,6 +18,13 @@ quantile ``q`` of its scores on the threshold images (not the fitted ones: a fit
 neighbour); the score is their sum, and ``threshold`` is the ``acceptance`` quantile of that sum on the same
 images, so that share of in-distribution images is accepted. Higher means further from the model's data.
 
+The threshold is the fp32 graph's. An int8 or bf16 graph computes the same features a little differently (the
+8-bit fc7 moves the ViM term), so at the fp32 threshold it accepts fewer in-distribution images (93.8% instead of
+95% for the embedded model in int8). Each other precision therefore gets its own threshold, the ``acceptance``
+quantile of the scores that precision's graph gives the same threshold images (the normalisation stays the fp32
+one, so scores of all precisions are on one scale), stored beside the statistics as ``ood.<precision>.<engine>.json``
+(:func:`save_precision_threshold`) and keyed by the statistics and by what makes that graph (int8's calibration).
+
 The detector reads named feature arrays (``features[name]``, float (N, D)), whatever computed them: the
 classification graph's extra outputs for a ZFNet (:mod:`.ood_features`), or any graph's intermediate output.
 Fitted statistics are stored beside the model as ``ood.safetensors`` (arrays) and ``ood.json`` (everything
@@ -216,7 +223,27 @@ class OodDetector:
         """What ``zfserve info``, ModelInfo and ModelConfig say of it."""
         return {"method": self.method, "threshold": float(self.threshold), "acceptance": float(self.acceptance),
                 "data": self.record.get("data", ""), "fitted_images": self.record.get("fitted_images"),
-                "threshold_images": self.record.get("threshold_images")}
+                "threshold_images": self.record.get("threshold_images"),
+                "threshold_precision": self.record.get("threshold_precision", "fp32")}
+
+    def digest(self) -> str:
+        """SHA-256 of what defines the score (detectors, normalisation, fp32 threshold): a per-precision threshold
+        is current only for the statistics it was calibrated with."""
+        import hashlib
+        described = {"detectors": [{"kind": d.kind, **d.params()} for d in self.detectors],
+                     "centres": self.centres.tolist(), "scales": self.scales.tolist(),
+                     "threshold": float(self.record.get("fp32_threshold", self.threshold)),
+                     "acceptance": float(self.acceptance), "data": self.record.get("data", "")}
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+    def with_threshold(self, threshold: float, precision: str, accepted: float | None = None) -> "OodDetector":
+        """The same detector with ``precision``'s own threshold (the fp32 one kept in the record)."""
+        from dataclasses import replace
+        record = dict(self.record, fp32_threshold=self.record.get("fp32_threshold", float(self.threshold)),
+                      threshold_precision=precision)
+        if accepted is not None:
+            record["accepted_on_threshold_images"] = float(accepted)
+        return replace(self, threshold=float(threshold), record=record)
 
 
 def calibrate(detectors: list, threshold_data: dict, acceptance: float = DEFAULT_ACCEPTANCE,
@@ -232,10 +259,16 @@ def calibrate(detectors: list, threshold_data: dict, acceptance: float = DEFAULT
     centres = np.median(raw, axis=0)
     scales = np.maximum(np.quantile(raw, acceptance, axis=0) - centres, 1e-12)
     total = ((raw - centres) / scales).sum(axis=1)
-    threshold = float(np.quantile(total, acceptance))
+    threshold, accepted = threshold_of(total, acceptance)
     record = dict(record or {})
-    record.update(threshold_images=len(raw), accepted_on_threshold_images=float(np.mean(total <= threshold)))
+    record.update(threshold_images=len(raw), accepted_on_threshold_images=accepted)
     return OodDetector(detectors, centres, scales, threshold, float(acceptance), record)
+
+
+def threshold_of(scores: np.ndarray, acceptance: float) -> tuple[float, float]:
+    """(the ``acceptance`` quantile of held-out in-distribution ``scores``, the share of them it accepts)."""
+    threshold = float(np.quantile(np.asarray(scores, np.float64), acceptance))
+    return threshold, float(np.mean(np.asarray(scores) <= threshold))
 
 
 # ---------------------------------------------------------------------------------------------------- storage
@@ -313,6 +346,66 @@ def load(directory: str | Path) -> OodDetector:
         raise ModelLoadError(f"{directory / OOD_META}: does not describe {path.name} ({exc!r})") from None
 
 
+# ---------------------------------------------------------------------------------------------------- per precision
+PRECISION_FORMAT = "1"
+
+
+def precision_file(precision: str, engine: str) -> str:
+    """The file name of a precision's threshold: ``ood.int8.onnxruntime.json``."""
+    return f"ood.{precision}.{engine}.json"
+
+
+def graph_identity(precision: str, metadata: dict) -> dict:
+    """What makes a precision's graph, from its ONNX metadata: for int8 its recipe version and calibration (source,
+    image count, method), not its bytes (the same calibration on another ONNX Runtime build gives a graph that
+    differs in the last bits, and scores as this one does); for bf16 nothing beyond the weights."""
+    if precision != "int8":
+        return {}
+    from .quantize import META_CALIBRATION, META_INT8_FORMAT
+    try:
+        calibration = json.loads(metadata.get(META_CALIBRATION) or "{}")
+    except json.JSONDecodeError:
+        calibration = {}
+    return {"int8_format": metadata.get(META_INT8_FORMAT),
+            "calibration": {k: calibration.get(k) for k in ("source", "images", "method")}}
+
+
+def save_precision_threshold(directory: str | Path, precision: str, engine: str, detector: OodDetector,
+                             identity: dict, weights_sha256: str, preprocess_sha256: str, threshold: float,
+                             accepted: float, images: int) -> Path:
+    """Write ``precision`` on ``engine``'s threshold for ``detector`` (atomically; JSON, never pickle)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": PRECISION_FORMAT, "precision": precision, "engine": engine, "weights_sha256": weights_sha256,
+            "preprocess_sha256": preprocess_sha256, "statistics_sha256": detector.digest(), "graph": identity,
+            "threshold": float(threshold), "acceptance": float(detector.acceptance),
+            "accepted_on_threshold_images": float(accepted), "threshold_images": int(images),
+            "fp32_threshold": float(detector.record.get("fp32_threshold", detector.threshold))}
+    path = directory / precision_file(precision, engine)
+    tmp = directory / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def find_precision_threshold(snapshot, detector: OodDetector, precision: str, engine: str,
+                             identity: dict) -> dict | None:
+    """The stored threshold of ``precision`` on ``engine`` for these statistics and this graph, or None."""
+    wanted = {"format": PRECISION_FORMAT, "weights_sha256": snapshot.sha256,
+              "preprocess_sha256": preprocess_hash(snapshot.config), "statistics_sha256": detector.digest(),
+              "graph": identity}
+    for folder in locations(snapshot):
+        path = Path(folder) / precision_file(precision, engine)
+        try:
+            meta = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            meta = None   # unreadable: made again where it can be written
+        if meta and all(meta.get(key) == value for key, value in wanted.items()) \
+                and isinstance(meta.get("threshold"), (int, float)):
+            return meta
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- location
 def locations(snapshot) -> list[Path]:
     """Where a model's statistics may be, in the order they are read: beside its weights (embedded models ship
@@ -323,12 +416,20 @@ def locations(snapshot) -> list[Path]:
     return beside + [cache_root() / f"{snapshot.config.name}-{snapshot.sha256[:16]}"]
 
 
+def knows_its_data(config) -> bool:
+    """Whether held-out images of the model's own data are known without being given: its provenance says it was
+    trained on the synthetic set, of which any other seed is held out."""
+    data = (config.provenance or {}).get("data") or {}
+    return data.get("kind") == "synthetic"
+
+
 def fit_command(snapshot) -> str:
     """The command that fits a model's statistics: an embedded model by its name, a directory as a placeholder (the
     note reads the same wherever the model runs, a server's paths are not a client's business)."""
     from ..weights import EMBEDDED_DIR
     embedded = snapshot.directory is None or snapshot.directory.resolve().is_relative_to(EMBEDDED_DIR)
-    return f"zfserve export --model {snapshot.name if embedded else '<its directory>'}"
+    images = "" if knows_its_data(snapshot.config) else " --calibration DIR"   # held-out images only the user has
+    return f"zfserve export --model {snapshot.name if embedded else '<its directory>'}{images}"
 
 
 def find(snapshot) -> tuple[OodDetector | None, str]:
@@ -345,9 +446,14 @@ def find(snapshot) -> tuple[OodDetector | None, str]:
         if meta is not None:
             stale.append(folder)
     why = "were fitted for other weights or another format" if stale else "have not been fitted"
+    command = fit_command(snapshot)
+    images = "DIR: an ImageFolder of" if command.endswith(" DIR") else "--calibration:"
     return None, (f"model {snapshot.name}: no out-of-distribution score (its statistics {why}); fit them with "
-                  f"`{fit_command(snapshot)}` (held-out images of its own data: --calibration)")
+                  f"`{command}` ({images} held-out images of its own data)")
 
 
 __all__ = ["DEFAULT_ACCEPTANCE", "Gaussian", "KINDS", "Knn", "OOD_META", "OOD_TENSORS", "OodDetector", "Vim",
-           "calibrate", "find", "fit_command", "is_current", "load", "locations", "preprocess_hash", "read_meta", "save"]
+           "calibrate", "find", "find_precision_threshold", "fit_command", "graph_identity", "is_current", "knows_its_data",
+           "load",
+           "locations", "precision_file", "preprocess_hash", "read_meta", "save", "save_precision_threshold",
+           "threshold_of"]

@@ -8,6 +8,11 @@ principal subspace, the mean and covariance), the **threshold** images their nor
 fitted image would be its own nearest neighbour). Synthetic halves are index ranges of one seed (every image is a
 function of its seed and index); a folder's are alternate images of an evenly spaced subset.
 
+A precision other than fp32 gets its own threshold (:func:`precision_threshold`): the first time a classifier of
+that precision is built for the statistics, its graph scores the same threshold images (made again from what the
+record says: the source and the image count) and the ``acceptance`` quantile of those scores is kept beside the
+statistics, so every precision accepts the asked share of held-out images.
+
 Features come from the served graph itself (:class:`~.classifier.Classifier` in fp32 on ONNX Runtime, the extra
 outputs of :mod:`.ood_features`), so what is fitted is what is scored.
 """
@@ -22,7 +27,7 @@ import numpy as np
 
 from .. import __version__
 from .. import _checks as checks
-from ..errors import InvalidArgumentError, ModelLoadError
+from ..errors import InvalidArgumentError, ModelLoadError, ZFServeError
 from . import ood
 from .ood_features import LOGITS, feature_spec, head
 from .quantize import Batches, HeldOut, folder_held_out, parse_source, training_seeds
@@ -102,9 +107,14 @@ def held_out_halves(settings: OodSettings, config) -> tuple[HeldOut, HeldOut]:
 
 def features(classifier, data: HeldOut, names: list[str]) -> dict[str, np.ndarray]:
     """The named graph outputs of every image of ``data``, from ``classifier``'s own graph."""
+    return backend_features(classifier.backend, data, names)
+
+
+def backend_features(backend, data: HeldOut, names: list[str]) -> dict[str, np.ndarray]:
+    """The named graph outputs of every image of ``data``, from an inference backend (``run_outputs``)."""
     parts = {name: [] for name in names}
     for batch in data.inputs:
-        for name, value in zip(names, classifier.backend.run_outputs(np.ascontiguousarray(batch), names)):
+        for name, value in zip(names, backend.run_outputs(np.ascontiguousarray(batch), names)):
             parts[name].append(value)
     return {name: np.concatenate(values) for name, values in parts.items()}
 
@@ -113,16 +123,19 @@ def features(classifier, data: HeldOut, names: list[str]) -> dict[str, np.ndarra
 def fit(snapshot, settings: OodSettings | None = None, *, data: tuple[HeldOut, HeldOut] | None = None,
         log=None) -> ood.OodDetector:
     """Fit and threshold the detectors on held-out images of ``snapshot``'s model (``data`` overrides them)."""
-    from .classifier import Classifier
+    from ..export import ensure_onnx
+    from .backends import OnnxRuntimeBackend, available_threads
     settings = (settings or OodSettings()).validate()
     started = time.perf_counter()
     penultimate, low_level, weight, bias = _features_of(snapshot)
-    classifier = Classifier(snapshot, precision="fp32", engine="onnxruntime", warmup=False, ood=False)
+    # The fp32 graph on ONNX Runtime, as the classifier serves it (the classifier itself reads these statistics).
+    backend = OnnxRuntimeBackend(ensure_onnx(snapshot).read_bytes(), threads=available_threads())
     fitted, threshold = data or held_out_halves(settings, snapshot.config)
     names = [penultimate, LOGITS] + ([low_level] if low_level else [])
     if log:
         log(f"out-of-distribution fit: features of {fitted.count} + {threshold.count} held-out images")
-    fit_features, threshold_features = features(classifier, fitted, names), features(classifier, threshold, names)
+    fit_features, threshold_features = backend_features(backend, fitted, names), backend_features(backend, threshold,
+                                                                                                  names)
     if len(fit_features[LOGITS]) < ood.MIN_IMAGES:
         raise InvalidArgumentError(f"fitted images: {len(fit_features[LOGITS])}; at least {ood.MIN_IMAGES} are "
                                    f"needed", field="calibration_images")
@@ -130,6 +143,7 @@ def fit(snapshot, settings: OodSettings | None = None, *, data: tuple[HeldOut, H
         [ood.Knn.fit(penultimate, fit_features)] + ([ood.Gaussian.fit(low_level, fit_features)] if low_level else [])
     record = {"data": f"{fitted.description} (fitted); {threshold.description} (threshold)",
               "fitted_images": int(len(fit_features[LOGITS])), "source": settings.calibration,
+              "images": settings.images,
               "fitted_by": f"zfserve {__version__}", "seconds": None}
     detector = ood.calibrate(detectors, threshold_features, settings.acceptance, record)
     detector.record["seconds"] = round(time.perf_counter() - started, 1)
@@ -153,6 +167,54 @@ def _features_of(snapshot) -> tuple:
     return spec.penultimate, spec.low_level_output, weight.numpy(), bias.numpy()
 
 
+# ---------------------------------------------------------------------------------------------------- per precision
+def threshold_half(detector: ood.OodDetector, config) -> HeldOut:
+    """The threshold images ``detector`` was calibrated on, made again from its record (source and image count)."""
+    record = detector.record
+    if "source" not in record or "threshold_images" not in record:
+        raise ModelLoadError("the statistics do not record their held-out images (source, count)")
+    images = record.get("images") or int(record.get("fitted_images", 0)) + int(record["threshold_images"])
+    _, threshold = held_out_halves(OodSettings(calibration=record["source"], images=images,
+                                               acceptance=detector.acceptance), config)
+    if threshold.count != record["threshold_images"]:
+        raise ModelLoadError(f"the held-out images of {record['source']} changed: {threshold.count} threshold "
+                             f"images now, {record['threshold_images']} when fitted")
+    return threshold
+
+
+def precision_threshold(snapshot, detector: ood.OodDetector, precision: str, engine: str, backend,
+                        metadata: dict, *, log=None) -> ood.OodDetector:
+    """``detector`` with ``precision``'s own threshold on ``engine`` (``backend``: that graph's runtime,
+    ``metadata``: its ONNX metadata): stored, or found now by scoring the threshold images with that graph and
+    stored beside the statistics. fp32 keeps the fitted threshold. Where the threshold images cannot be made again
+    (a calibration folder moved away), the fp32 threshold stays, with a warning and a note in the record."""
+    import warnings
+    if precision == "fp32":
+        return detector
+    identity = ood.graph_identity(precision, metadata)
+    stored = ood.find_precision_threshold(snapshot, detector, precision, engine, identity)
+    if stored is not None:
+        return detector.with_threshold(stored["threshold"], precision, stored.get("accepted_on_threshold_images"))
+    try:
+        data = threshold_half(detector, snapshot.config)
+    except ZFServeError as exc:
+        warnings.warn(f"model {snapshot.name}: the out-of-distribution threshold of {precision} is fp32's ({exc})",
+                      RuntimeWarning, stacklevel=2)
+        return detector.with_threshold(detector.threshold, f"fp32 (no {precision} threshold: {exc})")
+    if log:
+        log(f"out-of-distribution threshold for {precision} on {engine}: scoring {data.count} threshold images")
+    scores = detector.score(backend_features(backend, data, detector.inputs))
+    threshold, accepted = ood.threshold_of(scores, detector.acceptance)
+    try:
+        ood.save_precision_threshold(writable_location(snapshot), precision, engine, detector, identity,
+                                     snapshot.sha256, ood.preprocess_hash(snapshot.config), threshold, accepted,
+                                     len(scores))
+    except (ModelLoadError, OSError) as exc:   # still served with it; found again next time
+        warnings.warn(f"model {snapshot.name}: the {precision} out-of-distribution threshold was not stored ({exc})",
+                      RuntimeWarning, stacklevel=2)
+    return detector.with_threshold(threshold, precision, accepted)
+
+
 def writable_location(snapshot) -> Path:
     """Where new statistics go: beside the weights when that folder is the user's and writable, else the cache."""
     from ..export import _writable
@@ -165,11 +227,7 @@ def writable_location(snapshot) -> Path:
                          f"(set ZFSERVE_CACHE_DIR)")
 
 
-def knows_its_data(config) -> bool:
-    """Whether held-out images of the model's own data are known without being given: its provenance says it was
-    trained on the synthetic set, of which any other seed is held out."""
-    data = (config.provenance or {}).get("data") or {}
-    return data.get("kind") == "synthetic"
+knows_its_data = ood.knows_its_data
 
 
 def ensure(snapshot, settings: OodSettings | None = None, *, refit: bool = False, log=None) -> tuple[str, Path | None]:
@@ -194,5 +252,5 @@ def _current_location(snapshot) -> Path | None:
                  if ood.is_current(ood.read_meta(folder), snapshot.sha256, digest)), None)
 
 
-__all__ = ["DEFAULT_FIT_IMAGES", "DEFAULT_THRESHOLD_IMAGES", "OodSettings", "ensure", "features", "fit",
-           "held_out_halves", "knows_its_data", "writable_location"]
+__all__ = ["DEFAULT_FIT_IMAGES", "DEFAULT_THRESHOLD_IMAGES", "OodSettings", "backend_features", "ensure", "features",
+           "fit", "held_out_halves", "knows_its_data", "precision_threshold", "threshold_half", "writable_location"]
