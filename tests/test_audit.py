@@ -341,8 +341,20 @@ def _stop_cluster(marker: str, grace_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
+def _forget_ray_auth() -> None:
+    """Drop what this process's Ray cached of the cluster's token authentication (its config and the token
+    loader's cache), so a later local ``ray.init`` in the same process (another test's) starts and joins its own
+    instance with the environment's settings, not this cluster's token."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:     # a Ray without token authentication caches nothing
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 @pytest.fixture
-def two_node_cluster(monkeypatch):
+def two_node_cluster():
     """A real Ray cluster on loopback, this test's own: a head and a second node, one CPU each, separate custom
     resources, its own temporary directory and ports (none of Ray's fixed defaults, so a cluster of the user's
     on this machine is neither reached nor disturbed), token authentication (Ray's default for local clusters
@@ -350,8 +362,9 @@ def two_node_cluster(monkeypatch):
     :func:`_stop_cluster`, which ends only the processes this cluster started."""
     import secrets
     import tempfile
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    _forget_ray_auth()     # a local instance of an earlier test may have left its own token cached
     marker = f"ZFSERVE_TEST_RAY_CLUSTER={secrets.token_hex(8)}"
     env = dict(os.environ, **dict([marker.split("=")]))
     temp = tempfile.mkdtemp(prefix="zfray-", dir="/tmp")   # short: Ray's socket paths live under it
@@ -376,6 +389,12 @@ def two_node_cluster(monkeypatch):
     finally:
         _stop_cluster(marker)
         shutil.rmtree(temp, ignore_errors=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _forget_ray_auth()
 
 
 def test_ray_on_a_two_node_cluster_gives_the_same_rows(two_node_cluster, model_dir, tmp_path):
