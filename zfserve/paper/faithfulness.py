@@ -174,6 +174,25 @@ def random_logit(saliency: SaliencyMaps, kept: dict, num_classes: int, seed: int
     return {"ssim": out, "other_class": others}
 
 
+def randomisation_step(kept: dict, maps_of, methods, spearman: dict, ssim: dict) -> dict:
+    """One step of a cascading randomisation: each kept image's maps under the randomised model (``maps_of(x,
+    target, index)``) against its original maps, the Spearman (absolute values) and SSIM of every method appended
+    as one row to ``spearman`` and ``ssim``. Returns the first kept image's maps."""
+    rows_r, rows_s = {m: [] for m in methods}, {m: [] for m in methods}
+    first_maps = None
+    for index, entry in kept.items():
+        maps = maps_of(entry["x"], entry["target"], index)
+        if first_maps is None:
+            first_maps = maps
+        for m in methods:
+            rows_r[m].append(sm.spearman_abs(entry["maps"][m], maps[m]))
+            rows_s[m].append(sm.map_ssim(entry["maps"][m], maps[m]))
+    for m in methods:
+        spearman[m].append(rows_r[m])
+        ssim[m].append(rows_s[m])
+    return first_maps
+
+
 def mprt(model: ZFNet, kept: dict, s, *, progress=None) -> dict:
     """Cascading randomisation fc8 -> the first conv: per step and method, the Spearman (absolute values) and SSIM of each
     kept image's map against the original model's; the maps of the first kept image at every step."""
@@ -184,17 +203,7 @@ def mprt(model: ZFNet, kept: dict, s, *, progress=None) -> dict:
     for step, (layer, twin) in enumerate(cascading_randomisation(model, seed=s.seed), 1):
         saliency = SaliencyMaps(twin, window=s.window, stride=s.faithfulness_stride, units=s.deconv_units,
                                 seed=s.seed)
-        rows_r, rows_s = {m: [] for m in METHODS}, {m: [] for m in METHODS}
-        for index, entry in kept.items():
-            maps = saliency.maps(entry["x"], entry["target"], index)
-            for m in METHODS:
-                rows_r[m].append(sm.spearman_abs(entry["maps"][m], maps[m]))
-                rows_s[m].append(sm.map_ssim(entry["maps"][m], maps[m]))
-            if index == first:
-                examples[layer] = maps
-        for m in METHODS:
-            spearman[m].append(rows_r[m])
-            ssim[m].append(rows_s[m])
+        examples[layer] = randomisation_step(kept, saliency.maps, METHODS, spearman, ssim)
         if progress is not None:
             progress(step, len(mprt_order(model)))
     return {"layers": list(mprt_order(model)), "spearman": spearman, "ssim": ssim, "example_index": first,

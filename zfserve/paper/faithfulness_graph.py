@@ -19,7 +19,8 @@ from ..engine.occlusion_runtime import RuntimeOcclusionEngine
 from ..export import INPUT_NAME, PROBABILITIES, ort_session
 from ..onnx_graph import parametrised_layers, redraw, served_graph, load
 from . import saliency_metrics as sm
-from .faithfulness import INSENSITIVE_SPEARMAN, localise, ood_count, random_logit, summary_table
+from .faithfulness import (INSENSITIVE_SPEARMAN, localise, ood_count, random_logit, randomisation_step,
+                           summary_table)
 from .figures import log, write_csv, write_json
 from .saliency import centre_map
 
@@ -81,16 +82,8 @@ def mprt_graph(snapshot, kept: dict, s, extra: dict | None = None, *, progress=N
     spearman, ssim = {m: [] for m in methods}, {m: [] for m in methods}
     for step, cut in enumerate(cuts, 1):
         graph = served_graph(redraw(snapshot.onnx_bytes, cut, seed=s.seed), snapshot.config, {})
-        maps_of = GraphMaps(GraphRuntime(graph, snapshot.config), s, extra)
-        rows_r, rows_s = {m: [] for m in methods}, {m: [] for m in methods}
-        for index, entry in kept.items():
-            maps = maps_of.maps(entry["x"], entry["target"], index)
-            for m in methods:
-                rows_r[m].append(sm.spearman_abs(entry["maps"][m], maps[m]))
-                rows_s[m].append(sm.map_ssim(entry["maps"][m], maps[m]))
-        for m in methods:
-            spearman[m].append(rows_r[m])
-            ssim[m].append(rows_s[m])
+        randomisation_step(kept, GraphMaps(GraphRuntime(graph, snapshot.config), s, extra).maps, methods, spearman,
+                           ssim)
         if progress is not None:
             progress(step, len(cuts))
     return {"layers": [f"last {cut} of {count} layers" for cut in cuts], "spearman": spearman, "ssim": ssim,
