@@ -254,7 +254,14 @@ def test_classifier_int8_and_refusals(demo, inputs):
 @needs_openvino
 @pytest.mark.parametrize("precision, atol", [("fp32", 1e-5), ("bf16", 0.05), ("int8", INT8_PROBABILITY_ATOL)])
 def test_openvino_agrees_with_eager_fp32(demo, inputs, precision, atol):
+    from zfserve.engine.backends import openvino_core
     from zfserve.engine.classifier import Classifier
+    if precision == "bf16" and "BF16" not in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        # A CPU without bf16 (e.g. AVX2 only): refused with one line naming the field, never emulated silently.
+        with pytest.raises(InvalidArgumentError, match="this CPU has no bf16 support") as info:
+            Classifier(demo[0], precision=precision, engine="openvino", threads=2, warmup=False)
+        assert info.value.field == "precision"
+        return
     clf = Classifier(demo[0], precision=precision, engine="openvino", threads=2, warmup=False)
     x, _, ref = inputs
     got = clf.probabilities(x)
