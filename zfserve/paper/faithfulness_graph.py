@@ -36,6 +36,7 @@ class GraphRuntime:
 
     def __init__(self, served: bytes, config, threads: int | None = None, batch: int = 64):
         self.session = ort_session(served, threads=threads)
+        self.onnx_bytes, self.threads = served, threads     # the occlusion engine splits the same graph
         self.config, self.batch = config, batch
         self.input_size, self.num_classes = config.input_size, config.num_classes
 
