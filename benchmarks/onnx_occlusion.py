@@ -5,14 +5,16 @@ Workload: a torchvision-layout ResNet-18 (tests/onnx_models.py) trained on the s
 (``zfserve.import_onnx``), input 224, window 32, stride 16 = 13 x 13 = 169 positions, fill 0 (the mean), the
 target the class predicted on the intact image. A trained network is what makes the int8 question meaningful: a
 random one's occlusion maps are flat (the largest drop is below int8's rounding noise). Contenders:
-- zfserve fp32: the exact sweep of an ONNX model (every position, ONNX Runtime fp32: brute force, batched);
+- zfserve fp32: the exact sweep of an ONNX model (every position, ONNX Runtime fp32, the graph split at the end of
+  its spatially local beginning: zfserve.engine.occlusion_split), and the same without the split (every copy a full
+  forward pass: brute force, batched), to show the split's share;
 - zfserve int8: the ONNX Runtime and OpenVINO int8 sweeps of the int8 graph (calibrated on held-out synthetic
-  images, which passed the accuracy gate) at every position, and the int8 mode the occlusion agreement gate
-  chooses (``zfserve occlusion-gate --precisions int8``: candidates fastest first, every position or an
-  approximation, until one agrees with exact on >= 98% of its 100 held-out images, seed 4), which is what an
-  audit runs; each is then checked against fp32 on ``--images`` other images (seed 3): the per-image location of
-  the largest probability drop, the same window (strict) or a window whose fp32 drop ties with the largest within
-  1e-3 (the gate's own rule);
+  images, which passed the accuracy gate; an ONNX model's last Gemm stays float) at every position, and the int8
+  mode the occlusion agreement gate chooses (``zfserve occlusion-gate --precisions int8``: candidates fastest
+  first, every position or an approximation, until one agrees with exact on >= 98% of its 100 held-out images,
+  seed 4), which is what an audit runs; each is then checked against fp32 on ``--images`` other images (seed 3):
+  the per-image location of the largest probability drop, the same window (strict) or a window whose fp32 drop
+  ties with the largest within 1e-3 (the gate's own rule);
 - Captum: ``Occlusion(softmax(model)).attribute`` with the best ``perturbations_per_eval`` of 16/32/64/169
   (chosen on the first image), ``torch.no_grad()``, the same threads.
 Speed: ``--rounds`` rounds over ``--speed-images`` images, each round running every contender in turn (so load
@@ -61,7 +63,7 @@ def setup(root: Path, threads: int, trained_in: Path):
     t0 = time.perf_counter()
     int8 = ensure_int8(ensure_onnx(snapshot), snapshot.config, Int8Settings(calibration="synthetic"))
     made = time.perf_counter() - t0
-    engines = OcclusionEngines(snapshot, threads=threads, batch_size=32)
+    engines = OcclusionEngines(snapshot, threads=threads)
     modes = {"zfserve onnxruntime fp32 (exact)": EXACT_MODE,
              "zfserve onnxruntime int8": OcclusionMode("onnxruntime", "int8"),
              "zfserve openvino int8": OcclusionMode("openvino", "int8")}
@@ -93,8 +95,27 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def speed(model, engines, modes, xs, targets, rounds: int) -> dict:
-    """Median seconds per image of every contender, rounds interleaved."""
+def full_passes(snapshot, threads: int):
+    """zfserve's fp32 sweep without the graph split (every copy a full forward pass), for the split's gain."""
+    from zfserve.engine.classifier import Classifier
+    from zfserve.engine.occlusion_runtime import RuntimeOcclusionEngine
+    return RuntimeOcclusionEngine(Classifier(snapshot, threads=1, max_batch_size=64), workers=threads, split=False)
+
+
+def cpu() -> dict:
+    """The CPU's model name and the vector extensions that decide int8 and fp32 speed (/proc/cpuinfo)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "flags": []}
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")  # noqa
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+    return {"model": field("model name"), "flags": sorted(f for f in field("flags").split() if f in wanted)}
+
+
+def speed(model, engines, modes, xs, targets, rounds: int, full=None) -> dict:
+    """Median seconds per image of every contender, rounds interleaved (``full``: the fp32 engine without the
+    split, beside them)."""
     best = {}
     for ppe in PPE:   # Captum's best batching, on the first image
         best[ppe] = timed(lambda: captum(model, xs[0], targets[0], ppe))[0]
@@ -104,19 +125,28 @@ def speed(model, engines, modes, xs, targets, rounds: int) -> dict:
     theirs = captum(model, xs[0], targets[0], ppe)
     diff = float(np.abs(ours.attribution - theirs.mean(0)).max())
     assert diff <= 1e-5, f"attribution differs from Captum's by {diff}"
-    for mode in modes.values():   # warm: sessions built, first-run allocations paid
-        engines.sweep(xs[0], mode, window=WINDOW, stride=STRIDE, target=int(targets[0]), outputs=OUTPUTS)
-    seconds = {name: [] for name in [*modes, f"captum ppe={ppe}"]}
+    runs = {name: (lambda x, t, mode=mode: engines.sweep(x, mode, window=WINDOW, stride=STRIDE, target=int(t),
+                                                           outputs=OUTPUTS)) for name, mode in modes.items()}
+    if full is not None:
+        runs["zfserve onnxruntime fp32, full passes (no split)"] = \
+            lambda x, t: full.sweep(x, WINDOW, STRIDE, target=int(t), outputs=OUTPUTS)
+        split_diff = float(np.abs(runs["zfserve onnxruntime fp32, full passes (no split)"](xs[0], targets[0])
+                                  .attribution - ours.attribution).max())
+        assert split_diff <= 1e-5, f"the split sweep differs from full passes by {split_diff}"
+    for run in runs.values():   # warm: sessions built, first-run allocations paid
+        run(xs[0], targets[0])
+    seconds = {name: [] for name in [*runs, f"captum ppe={ppe}"]}
     for _ in range(rounds):
         for x, target in zip(xs, targets):
-            for name, mode in modes.items():
-                seconds[name].append(timed(lambda: engines.sweep(x, mode, window=WINDOW, stride=STRIDE,
-                                                                  target=int(target), outputs=OUTPUTS))[0])
+            for name, run in runs.items():
+                seconds[name].append(timed(lambda: run(x, target))[0])
             seconds[f"captum ppe={ppe}"].append(timed(lambda: captum(model, x, target, ppe))[0])
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     baseline = medians[f"captum ppe={ppe}"]
     return {"captum_ppe_search_s": best, "captum_ppe": ppe, "attribution_max_diff_vs_captum": diff,
             "seconds_per_image": medians, "samples": seconds,
+            "split_notes": {f"{e.engine}-{e.precision}": note for e in engines._runtime.values()
+                            for (w, st), note in e.split_notes.items() if (w, st) == (WINDOW, STRIDE)},
             "speedup_vs_captum": {name: baseline / value for name, value in medians.items()}}
 
 
@@ -185,12 +215,12 @@ def main(argv=None) -> int:
                                "training": facts, "images": "synthetic, seed 3 (held out)",
                                "input": 224, "window": WINDOW, "stride": STRIDE, "positions": 169,
                                "threads": args.threads, "fill": 0.0, "target": "predicted class"},
-                  "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "machine": {"cpu": cpu(), "cores": os.cpu_count(),
                               "load_average_at_start": os.getloadavg()},
                   "int8": {"seconds_to_make": round(made, 1), "accuracy_gate": accuracy_gate},
                   "occlusion_gate": gate}
         result["speed"] = speed(model, engines, modes, xs[:args.speed_images], targets[:args.speed_images],
-                                args.rounds)
+                                args.rounds, full_passes(snapshot, args.threads))
         print(json.dumps(result["speed"]["speedup_vs_captum"], indent=2), flush=True)
         result["agreement"] = agreement(engines, modes, xs[:args.images], targets[:args.images])
         result["machine"]["load_average_at_end"] = os.getloadavg()

@@ -112,6 +112,23 @@ def test_int8_split_equals_int8_full_passes(models):
     np.testing.assert_allclose(got.probability, expected.probability, atol=1e-5, rtol=0)
 
 
+def test_onnx_int8_keeps_its_last_linear_layer_float(models):
+    """An ONNX model's int8 graph: the Gemm making the logits has float weights (an initializer, not a
+    DequantizeLinear output); every Conv's weights are dequantized int8."""
+    from zfserve.engine.quantize import ONNX_INT8_FORMAT, Int8Settings, ensure_int8
+    from zfserve.export import read_metadata
+    _, snapshot = models["resnet18"]
+    small = Int8Settings(calibration_images=8, accuracy_images=8, method="minmax", max_accuracy_drop=100.0)
+    path = ensure_int8(ensure_onnx(snapshot), snapshot.config, small)
+    graph = onnx.load(str(path)).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 1 and gemms[0].input[1] in {i.name for i in graph.initializer}
+    assert len(convs) == 20 and all(made_by.get(n.input[1]) == "DequantizeLinear" for n in convs)
+    assert read_metadata(path)["zfserve.int8_format"] == ONNX_INT8_FORMAT
+
+
 def test_a_split_failing_its_check_runs_full_passes(models, monkeypatch):
     """A wrong split (crops one position too short at each end) is caught by the check against full passes:
     the sweep runs full passes, still equal to brute force, and the engine says why."""

@@ -28,7 +28,8 @@ CAPABILITIES = {
              ONNX: "yes: ViM, KNN (the input of the last Gemm/MatMul)"}),
     "occlusion": ("occlusion maps (probability, argmax class, attribution): exact, and the fast modes with the "
                   "agreement gate", {LAYERED: "yes; exact: the incremental engine",
-                                     ONNX: "yes; exact: every position, batched forward passes (brute force)"}),
+                                     ONNX: "yes; exact: every position, batched, the graph split at its local "
+                                           "beginning"}),
     "incremental_occlusion": ("the activity map of a layer during occlusion", {LAYERED: "yes"}),
     "server": ("server: zfserve.v1 Classify and OcclusionSweep (streaming, cancel), both OIP models, statistics, "
                "reload", {LAYERED: "yes", ONNX: "yes"}),
