@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -95,22 +94,12 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def full_passes(snapshot, threads: int):
-    """zfserve's fp32 sweep without the graph split (every copy a full forward pass), for the split's gain."""
-    from zfserve.engine.classifier import Classifier
+def full_passes(engines):
+    """zfserve's fp32 sweep without the graph split (every copy a full forward pass), on the exact sweep's own
+    classifier, for the split's gain."""
     from zfserve.engine.occlusion_runtime import RuntimeOcclusionEngine
-    return RuntimeOcclusionEngine(Classifier(snapshot, threads=1, max_batch_size=64), workers=threads, split=False)
-
-
-def cpu() -> dict:
-    """The CPU's model name and the vector extensions that decide int8 and fp32 speed (/proc/cpuinfo)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return {"model": platform.processor() or platform.machine(), "flags": []}
-    field = lambda key: next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")  # noqa
-    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
-    return {"model": field("model name"), "flags": sorted(f for f in field("flags").split() if f in wanted)}
+    exact = engines.runtime_engine("onnxruntime", "fp32")
+    return RuntimeOcclusionEngine(exact.classifier, batch_size=exact.batch_size, workers=exact.workers, split=False)
 
 
 def speed(model, engines, modes, xs, targets, rounds: int, full=None) -> dict:
@@ -145,8 +134,8 @@ def speed(model, engines, modes, xs, targets, rounds: int, full=None) -> dict:
     baseline = medians[f"captum ppe={ppe}"]
     return {"captum_ppe_search_s": best, "captum_ppe": ppe, "attribution_max_diff_vs_captum": diff,
             "seconds_per_image": medians, "samples": seconds,
-            "split_notes": {f"{e.engine}-{e.precision}": note for e in engines._runtime.values()
-                            for (w, st), note in e.split_notes.items() if (w, st) == (WINDOW, STRIDE)},
+            "split_notes": {f"onnxruntime-{precision}": engines.runtime_engine("onnxruntime", precision)
+                            .split_notes.get((WINDOW, STRIDE)) for precision in ("fp32", "int8")},
             "speedup_vs_captum": {name: baseline / value for name, value in medians.items()}}
 
 
@@ -205,6 +194,7 @@ def main(argv=None) -> int:
         model, facts, snapshot, engines, modes, int8, made = setup(Path(tmp), args.threads, trained_in)
         xs = images(snapshot, max(args.images, args.speed_images))     # held out: seed 3
         targets = engines.runtime_engine("onnxruntime", "fp32").classifier.probabilities(xs).argmax(1)
+        from zfserve.evaluate import cpu_facts
         from zfserve.export import read_metadata
         accuracy_gate = json.loads(read_metadata(int8)["zfserve.accuracy"])
         chosen, gate = gated_int8(snapshot, engines, args.gate_images)
@@ -215,12 +205,12 @@ def main(argv=None) -> int:
                                "training": facts, "images": "synthetic, seed 3 (held out)",
                                "input": 224, "window": WINDOW, "stride": STRIDE, "positions": 169,
                                "threads": args.threads, "fill": 0.0, "target": "predicted class"},
-                  "machine": {"cpu": cpu(), "cores": os.cpu_count(),
+                  "machine": {"cpu": cpu_facts(), "cores": os.cpu_count(),
                               "load_average_at_start": os.getloadavg()},
                   "int8": {"seconds_to_make": round(made, 1), "accuracy_gate": accuracy_gate},
                   "occlusion_gate": gate}
         result["speed"] = speed(model, engines, modes, xs[:args.speed_images], targets[:args.speed_images],
-                                args.rounds, full_passes(snapshot, args.threads))
+                                args.rounds, full_passes(engines))
         print(json.dumps(result["speed"]["speedup_vs_captum"], indent=2), flush=True)
         result["agreement"] = agreement(engines, modes, xs[:args.images], targets[:args.images])
         result["machine"]["load_average_at_end"] = os.getloadavg()

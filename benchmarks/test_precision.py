@@ -34,6 +34,7 @@ import torch
 
 from zfserve.engine.classifier import Classifier
 from zfserve.engine.quantize import Int8Settings, agreement_report, ensure_int8
+from zfserve.evaluate import cpu_facts
 from zfserve.export import ensure_onnx
 from zfserve.weights import read_snapshot
 
@@ -97,17 +98,10 @@ def _interleaved(runs: dict, x: np.ndarray) -> dict:
 
 
 def _machine() -> dict:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "")
     import onnxruntime
-    return {"cpu": model, "usable_cores": len(os.sched_getaffinity(0)), "threads": THREADS,
-            "flags": sorted(flags & {"avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
-                                     "avx512_fp16"}),
+    cpu = cpu_facts()
+    return {"cpu": cpu["model"], "usable_cores": len(os.sched_getaffinity(0)), "threads": THREADS,
+            "flags": cpu["flags"],
             "onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__, "torch": torch.__version__}
 
 

@@ -118,17 +118,27 @@ def accuracy_report(logits: torch.Tensor, labels: np.ndarray, class_names: list[
             "top5_k": k, "loss": float(F.cross_entropy(logits, labels_t)), "per_class": per_class}
 
 
+# The CPU's vector extensions that decide fp32, bf16 and int8 speed (recorded beside CPU benchmark figures).
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+                "amx_int8")
+
+
+def cpu_facts() -> dict:
+    """The CPU's model name and which of :data:`VECTOR_FLAGS` it has (from /proc/cpuinfo where there is one)."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():   # the first processor's fields
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return {"model": fields.get("model name") or platform.processor() or platform.machine(),
+            "flags": sorted(set(fields.get("flags", "").split()) & set(VECTOR_FLAGS))}
+
+
 def hardware(device: torch.device | str = "cpu") -> str:
     """What ran the work: the GPU's name, or the CPU model and the torch threads used."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+    return f"CPU {cpu_facts()['model']}, {torch.get_num_threads()} threads"

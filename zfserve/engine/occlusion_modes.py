@@ -7,10 +7,11 @@ them for a model.
   PyTorch on CUDA). Maps agree with occlude-and-forward to float rounding. The default wherever a caller asks
   for nothing else. It takes no approximation: its stored per-layer outputs are never combined with drill-down.
 - ``ENGINE-PRECISION[+APPROXIMATION]``, e.g. ``openvino-int8``, ``onnxruntime-fp32+drilldown(coarse 2, refine 3)``:
-  full forward passes of occluded copies, batched, on that classification engine (:mod:`.occlusion_runtime`),
-  every position or an approximation (:mod:`.occlusion_plans`). ``onnxruntime-fp32`` with every position is
-  brute force: exact too, but slower than the incremental engine on the layered models it knows. An ONNX model
-  (an opaque graph, no layers to recompute) runs ``exact`` as this brute force.
+  forward passes of occluded copies, batched, on that classification engine (:mod:`.occlusion_runtime`; on ONNX
+  Runtime's CPU sessions only the part of the graph a window can change, :mod:`.occlusion_split`), every position
+  or an approximation (:mod:`.occlusion_plans`). ``onnxruntime-fp32`` with every position equals brute force:
+  exact too, but slower than the incremental engine on the layered models it knows. An ONNX model (an opaque
+  graph, no layers to recompute) runs ``exact`` as this sweep.
 
 Every :class:`~.results.OcclusionResult` says which engine, precision and mode drew it.
 """
@@ -126,8 +127,9 @@ class OcclusionEngines:
 
     @property
     def layered(self) -> bool:
-        """Whether the model's layers are known; an ONNX model's exact sweep is brute force on ONNX Runtime fp32
-        (every position, full forward passes: equal to occlude-and-forward to float rounding)."""
+        """Whether the model's layers are known; an ONNX model's exact sweep runs every position on ONNX Runtime
+        fp32 (the graph split at its spatially local beginning where it has one, checked against full passes:
+        equal to occlude-and-forward to float rounding)."""
         return self.snapshot.onnx_bytes is None
 
     def exact_engine(self):
